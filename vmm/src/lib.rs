@@ -1,0 +1,5 @@
+//! Duet's virtual machine monitor: a single-vCPU KVM machine whose every
+//! nondeterministic input passes through one door, the [`timeline`], so that
+//! a run can be recorded and replayed bit for bit.
+
+pub mod devices;
