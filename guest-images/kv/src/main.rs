@@ -24,6 +24,9 @@ use resp::Parsed;
 
 duet_rt::entry!(main, pit_hz = 100);
 
+/// Most bytes read from COM1 before the requests so far are answered.
+const DRAIN_BATCH: usize = 16 * 1024;
+
 /// The keyspace.
 type Db = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -32,9 +35,9 @@ fn main() {
     let mut rx: Vec<u8> = Vec::new();
     let mut tx: Vec<u8> = Vec::new();
     loop {
-        // Take everything the UART has before parsing, so a pipelined batch
-        // is answered in one write.
-        let got = serial::serial_drain(|b| rx.push(b));
+        // Take everything the UART has (up to a batch) before parsing, so a
+        // pipelined batch is answered in one write.
+        let got = serial::serial_drain(DRAIN_BATCH, |b| rx.push(b));
         if got == 0 {
             wait();
             continue;
