@@ -2,4 +2,12 @@
 //! nondeterministic input passes through one door, the [`timeline`], so that
 //! a run can be recorded and replayed bit for bit.
 
+pub mod boot;
+pub mod cli;
 pub mod devices;
+pub mod images;
+pub mod kvm;
+pub mod machine;
+pub mod serial_backend;
+pub mod timeline;
+pub mod vcpu;

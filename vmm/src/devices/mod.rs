@@ -1,5 +1,6 @@
 //! Deterministic device models. They do no I/O: values from the outside world are passed in by the caller, which takes them from the timeline.
 
+pub mod bus;
 pub mod pic;
 pub mod pit;
 pub mod pv;

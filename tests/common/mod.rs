@@ -1,0 +1,143 @@
+//! Shared harness for the end-to-end tests: starting `duet` as a real
+//! process, with bounded waits, and killing it on drop.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `duet` binary Cargo built for these tests.
+pub fn duet() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_duet"))
+}
+
+/// True if KVM is usable. Without `/dev/kvm` a test fails, unless
+/// `DUET_ALLOW_NO_KVM=1`, in which case it says loudly that it did not run.
+pub fn kvm_available(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var("DUET_ALLOW_NO_KVM").as_deref() == Ok("1") {
+        eprintln!("NOT RUN: {test} needs /dev/kvm (DUET_ALLOW_NO_KVM=1 is set)");
+        return false;
+    }
+    panic!("{test} needs /dev/kvm; set DUET_ALLOW_NO_KVM=1 to allow running without it");
+}
+
+/// A child process that is killed when dropped, so a failing test never
+/// leaves a VM running.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Guard {
+    /// Waits up to `limit` for the process to exit.
+    pub fn wait_timeout(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+/// Runs a command to completion with a time limit; panics on timeout.
+pub fn run_bounded(cmd: &mut Command, stdin: Option<&[u8]>, limit: Duration) -> Output {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    if let Some(data) = stdin {
+        use std::io::Write;
+        let mut pipe = child.stdin.take().unwrap();
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        });
+    }
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let mut guard = Guard(child);
+    let status = guard
+        .wait_timeout(limit)
+        .unwrap_or_else(|| panic!("command {cmd:?} did not finish within {limit:?}"));
+    Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Waits until something accepts connections at `addr`.
+pub fn wait_for_port(addr: SocketAddr, limit: Duration) {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listening on {addr} after {limit:?}");
+}
+
+/// Starts `duet run --image IMAGE --serial tcp:ADDR` and waits for the port.
+pub fn start_tcp_guest(image: &str, addr: SocketAddr) -> Guard {
+    let child = duet()
+        .args(["run", "--image", image, "--serial", &format!("tcp:{addr}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn duet");
+    let guard = Guard(child);
+    wait_for_port(addr, Duration::from_secs(10));
+    guard
+}
+
+/// Runs `redis-cli` against `addr` with the given arguments and stdin.
+pub fn redis_cli(addr: SocketAddr, args: &[&str], stdin: Option<&[u8]>, limit: Duration) -> Output {
+    let mut cmd = Command::new("redis-cli");
+    cmd.args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(args);
+    run_bounded(&mut cmd, stdin, limit)
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

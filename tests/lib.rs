@@ -1,1 +1,0 @@
-//! Shared harness for the end-to-end tests.

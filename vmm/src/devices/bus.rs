@@ -1,0 +1,400 @@
+//! The machine's devices and the one exit handler that routes port and MMIO
+//! accesses to them.
+//!
+//! Values from the world (time, entropy) are fetched from the timeline here,
+//! only for the accesses that need them, and passed into the models, which
+//! stay deterministic.
+
+use crate::kvm::Exit;
+use crate::timeline::{self, Demand, Input, Position, Timeline};
+
+use super::pic::Pic;
+use super::pit::Pit;
+use super::pv::{PvDevice, PvRead, PvRequest, PV_BASE, PV_SIZE};
+use super::rtc::Rtc;
+use super::serial::Com1;
+
+const COM1_BASE: u16 = 0x3f8;
+/// The IRQ lines the VMM drives.
+const IRQ_TIMER: u8 = 0;
+const IRQ_COM1: u8 = 4;
+
+/// Errors from handling an exit.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Timeline(#[from] timeline::Error),
+    #[error("serial device: {0}")]
+    Serial(String),
+}
+
+/// What the vCPU loop must do after an exit was handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Resume the guest.
+    Continue,
+    /// Resume with these bytes as the result of the read it exited on.
+    Read(Vec<u8>),
+    /// The guest is idle until an interrupt is injected.
+    Idle,
+    /// The guest asked for a state digest with this tag.
+    Digest(u64),
+    /// The guest powered off with this exit code.
+    PowerOff(u8),
+    /// The guest stopped in a way it cannot continue from.
+    Fatal(String),
+}
+
+/// All device models of the machine.
+#[derive(Default)]
+pub struct Devices {
+    pub pic: Pic,
+    pub pit: Pit,
+    pub rtc: Rtc,
+    pub com1: Com1,
+    pub pv: PvDevice,
+}
+
+impl Devices {
+    /// The exit handler: the only place that decides what an exit means.
+    pub fn handle_exit(
+        &mut self,
+        exit: &Exit,
+        at: &Position,
+        tl: &mut dyn Timeline,
+    ) -> Result<Action, Error> {
+        Ok(match exit {
+            Exit::IoIn { port, len } => {
+                let mut bytes = vec![0xff; *len];
+                for b in bytes.iter_mut() {
+                    *b = self.pio_read(*port, at, tl)?;
+                }
+                Action::Read(bytes)
+            }
+            Exit::IoOut { port, size, data } => {
+                // `rep outs` arrives as count * size bytes; byte-wide devices
+                // take them one by one.
+                for chunk in data.chunks((*size).max(1)) {
+                    self.pio_write(*port, chunk[0], at, tl)?;
+                }
+                Action::Continue
+            }
+            Exit::MmioRead { addr, len } => {
+                let value = match self.pv_offset(*addr) {
+                    Some(off) => match self.pv.read(off, *len) {
+                        PvRead::Clock => tl.clock_ns(at)?,
+                        PvRead::Entropy => tl.entropy(at)?,
+                        PvRead::Value(v) => v,
+                        PvRead::Unknown => u64::MAX,
+                    },
+                    None => u64::MAX,
+                };
+                Action::Read(value.to_le_bytes()[..(*len).min(8)].to_vec())
+            }
+            Exit::MmioWrite { addr, data } => match self.pv_offset(*addr) {
+                Some(off) => match self.pv.write(off, data) {
+                    PvRequest::PowerOff(code) => Action::PowerOff(code),
+                    PvRequest::Digest(tag) => Action::Digest(tag),
+                    PvRequest::Wait => Action::Idle,
+                    PvRequest::Ignored => Action::Continue,
+                },
+                None => Action::Continue,
+            },
+            Exit::Hlt => Action::Idle,
+            Exit::Interrupted => Action::Continue,
+            Exit::Shutdown => Action::Fatal("the guest shut down (triple fault)".into()),
+            Exit::Failed(why) => Action::Fatal(why.clone()),
+        })
+    }
+
+    fn pv_offset(&self, addr: u64) -> Option<u64> {
+        (PV_BASE..PV_BASE + PV_SIZE)
+            .contains(&addr)
+            .then(|| addr - PV_BASE)
+    }
+
+    fn pio_read(&mut self, port: u16, at: &Position, tl: &mut dyn Timeline) -> Result<u8, Error> {
+        Ok(match port {
+            0x20 | 0x21 | 0xa0 | 0xa1 => self.pic.read(port),
+            0x40..=0x43 | 0x61 => {
+                let now = if self.pit.uses_clock(port, false) {
+                    tl.clock_ns(at)?
+                } else {
+                    0
+                };
+                self.pit.read(port, now)
+            }
+            0x70 | 0x71 => {
+                let wall = if self.rtc.wants_wall_clock(port, false) {
+                    Some(tl.wall_clock(at)?)
+                } else {
+                    None
+                };
+                self.rtc.read(port, wall)
+            }
+            COM1_BASE..=0x3ff => self.com1.read((port - COM1_BASE) as u8),
+            _ => 0xff,
+        })
+    }
+
+    fn pio_write(
+        &mut self,
+        port: u16,
+        value: u8,
+        at: &Position,
+        tl: &mut dyn Timeline,
+    ) -> Result<(), Error> {
+        match port {
+            0x20 | 0x21 | 0xa0 | 0xa1 => self.pic.write(port, value),
+            0x40..=0x43 | 0x61 => {
+                let now = if self.pit.uses_clock(port, true) {
+                    tl.clock_ns(at)?
+                } else {
+                    0
+                };
+                self.pit.write(port, value, now)
+            }
+            0x70 | 0x71 => {
+                let wall = if self.rtc.wants_wall_clock(port, true) {
+                    Some(tl.wall_clock(at)?)
+                } else {
+                    None
+                };
+                self.rtc.write(port, value, wall)
+            }
+            COM1_BASE..=0x3ff => self
+                .com1
+                .write((port - COM1_BASE) as u8, value)
+                .map_err(|e| Error::Serial(e.to_string()))?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// What the machine can take from the world now.
+    pub fn demand(&self, idle: bool) -> Demand {
+        Demand {
+            timer_period_ns: self.pit.channel0_period_ns(),
+            serial_room: self.com1.rx_room(),
+            idle,
+        }
+    }
+
+    /// Applies inputs from the timeline and latches the interrupts they
+    /// raise into the PIC.
+    pub fn apply(&mut self, input: &Input) -> Result<(), Error> {
+        match input {
+            Input::TimerTick => self.pic.raise_irq(IRQ_TIMER),
+            Input::Serial(bytes) => {
+                self.com1
+                    .enqueue(bytes)
+                    .map_err(|e| Error::Serial(e.to_string()))?;
+            }
+        }
+        self.latch_irqs();
+        Ok(())
+    }
+
+    /// Moves edge-triggered device interrupts (COM1) into the PIC.
+    pub fn latch_irqs(&mut self) {
+        if self.com1.take_irq() {
+            self.pic.raise_irq(IRQ_COM1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::timeline::StateDigest;
+
+    /// A timeline that answers from constants and records what it was asked.
+    #[derive(Default)]
+    struct Fake {
+        asked: Vec<&'static str>,
+    }
+
+    impl Timeline for Fake {
+        fn clock_ns(&mut self, _: &Position) -> Result<u64, timeline::Error> {
+            self.asked.push("clock");
+            Ok(0x1122_3344_5566_7788)
+        }
+        fn wall_clock(&mut self, _: &Position) -> Result<i64, timeline::Error> {
+            self.asked.push("wall");
+            Ok(1_700_000_000)
+        }
+        fn entropy(&mut self, _: &Position) -> Result<u64, timeline::Error> {
+            self.asked.push("entropy");
+            Ok(42)
+        }
+        fn inputs(
+            &mut self,
+            _: &Position,
+            _: &Demand,
+            _: &mut Vec<Input>,
+        ) -> Result<(), timeline::Error> {
+            Ok(())
+        }
+        fn interrupt(&mut self, _: &Position, _: u8) -> Result<(), timeline::Error> {
+            Ok(())
+        }
+        fn wants_digest(&mut self, _at: &Position, _requested: bool) -> bool {
+            false
+        }
+        fn digest(&mut self, _: &Position, _: &StateDigest) -> Result<(), timeline::Error> {
+            Ok(())
+        }
+        fn serial_output(&mut self, _: &Position, _: Vec<u8>) -> Result<(), timeline::Error> {
+            Ok(())
+        }
+    }
+
+    fn handle(d: &mut Devices, tl: &mut Fake, exit: Exit) -> Action {
+        d.handle_exit(&exit, &Position::default(), tl).unwrap()
+    }
+
+    #[test]
+    fn clock_and_entropy_come_from_the_timeline() {
+        let mut d = Devices::default();
+        let mut tl = Fake::default();
+        let a = handle(
+            &mut d,
+            &mut tl,
+            Exit::MmioRead {
+                addr: PV_BASE,
+                len: 8,
+            },
+        );
+        assert_eq!(
+            a,
+            Action::Read(0x1122_3344_5566_7788u64.to_le_bytes().to_vec())
+        );
+        let a = handle(
+            &mut d,
+            &mut tl,
+            Exit::MmioRead {
+                addr: PV_BASE + 8,
+                len: 8,
+            },
+        );
+        assert_eq!(a, Action::Read(42u64.to_le_bytes().to_vec()));
+        assert_eq!(tl.asked, ["clock", "entropy"]);
+    }
+
+    #[test]
+    fn pv_writes_become_actions() {
+        let mut d = Devices::default();
+        let mut tl = Fake::default();
+        let w = |off: u64, v: u64| Exit::MmioWrite {
+            addr: PV_BASE + off,
+            data: v.to_le_bytes().to_vec(),
+        };
+        assert_eq!(handle(&mut d, &mut tl, w(0x10, 3)), Action::PowerOff(3));
+        assert_eq!(handle(&mut d, &mut tl, w(0x18, 9)), Action::Digest(9));
+        assert_eq!(handle(&mut d, &mut tl, w(0x20, 0)), Action::Idle);
+        assert_eq!(handle(&mut d, &mut tl, w(0x800, 0)), Action::Continue);
+    }
+
+    #[test]
+    fn unknown_ports_and_fatal_exits() {
+        let mut d = Devices::default();
+        let mut tl = Fake::default();
+        assert_eq!(
+            handle(
+                &mut d,
+                &mut tl,
+                Exit::IoIn {
+                    port: 0x1234,
+                    len: 2
+                }
+            ),
+            Action::Read(vec![0xff, 0xff])
+        );
+        assert_eq!(
+            handle(
+                &mut d,
+                &mut tl,
+                Exit::IoOut {
+                    port: 0x1234,
+                    size: 1,
+                    data: vec![1]
+                }
+            ),
+            Action::Continue
+        );
+        assert!(matches!(
+            handle(&mut d, &mut tl, Exit::Shutdown),
+            Action::Fatal(_)
+        ));
+        assert_eq!(handle(&mut d, &mut tl, Exit::Hlt), Action::Idle);
+        assert!(tl.asked.is_empty());
+    }
+
+    #[test]
+    fn serial_output_and_input_through_the_bus() {
+        let mut d = Devices::default();
+        let mut tl = Fake::default();
+        // rep outsb of "hi" to THR.
+        handle(
+            &mut d,
+            &mut tl,
+            Exit::IoOut {
+                port: 0x3f8,
+                size: 1,
+                data: b"hi".to_vec(),
+            },
+        );
+        assert_eq!(d.com1.take_output(), b"hi");
+        // Enable the RX interrupt, deliver input, and the PIC sees IRQ4.
+        handle(
+            &mut d,
+            &mut tl,
+            Exit::IoOut {
+                port: 0x3f9,
+                size: 1,
+                data: vec![1],
+            },
+        );
+        d.apply(&Input::Serial(b"z".to_vec())).unwrap();
+        assert!(d.pic.irr() & (1 << IRQ_COM1) != 0 || d.pic.pending_vector().is_some());
+        assert_eq!(
+            handle(
+                &mut d,
+                &mut tl,
+                Exit::IoIn {
+                    port: 0x3f8,
+                    len: 1
+                }
+            ),
+            Action::Read(b"z".to_vec())
+        );
+    }
+
+    #[test]
+    fn rtc_reads_ask_for_wall_clock_only_for_time_registers() {
+        let mut d = Devices::default();
+        let mut tl = Fake::default();
+        handle(
+            &mut d,
+            &mut tl,
+            Exit::IoOut {
+                port: 0x70,
+                size: 1,
+                data: vec![0x0b],
+            },
+        );
+        handle(&mut d, &mut tl, Exit::IoIn { port: 0x71, len: 1 });
+        assert!(tl.asked.is_empty());
+        handle(
+            &mut d,
+            &mut tl,
+            Exit::IoOut {
+                port: 0x70,
+                size: 1,
+                data: vec![0x00],
+            },
+        );
+        handle(&mut d, &mut tl, Exit::IoIn { port: 0x71, len: 1 });
+        assert_eq!(tl.asked, ["wall"]);
+    }
+}

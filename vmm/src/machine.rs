@@ -1,0 +1,40 @@
+//! Builds a machine from its configuration: guest memory, boot tables, the
+//! loaded image and the vCPU, wired to a timeline.
+
+use std::path::PathBuf;
+
+use crate::boot;
+use crate::kvm::{self, Vm};
+use crate::timeline::Timeline;
+use crate::vcpu::Vcpu;
+
+/// Errors building the machine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error(transparent)]
+    Kvm(#[from] kvm::Error),
+}
+
+/// Everything that defines the machine the guest sees. Two machines built
+/// from equal configs and fed the same timeline run identically.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// The guest ELF.
+    pub image: Vec<u8>,
+    /// Guest memory in bytes.
+    pub mem_size: u64,
+    /// The KVM device to open.
+    pub kvm_path: PathBuf,
+}
+
+/// Builds guest memory and the vCPU, ready to run at the image's entry.
+pub fn build(config: &MachineConfig, timeline: Box<dyn Timeline>) -> Result<Vcpu, Error> {
+    let mem = boot::allocate(config.mem_size)?;
+    boot::write_tables(&mem)?;
+    let entry = boot::load_elf(&mem, &config.image, config.mem_size)?;
+    let mut vm = Vm::new(&mem, &config.kvm_path)?;
+    vm.setup_long_mode(entry, boot::BOOT_STACK, config.mem_size)?;
+    Ok(Vcpu::new(vm, mem, timeline))
+}

@@ -1,0 +1,210 @@
+//! The host side of COM1: stdio, or a TCP listener that serves one client at
+//! a time. It runs on its own threads and meets the vCPU thread only through
+//! the bounded channels of a [`SerialLink`], so the device model never does
+//! I/O and a slow consumer back-pressures instead of losing bytes.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::str::FromStr;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use crate::timeline::live::SerialLink;
+
+/// Chunks in flight between the backend and the vCPU thread, each direction.
+const CHANNEL_DEPTH: usize = 16;
+/// Largest chunk read from the host at once.
+const CHUNK: usize = 4096;
+
+/// Errors starting the serial backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad serial spec {0:?}: expected stdio, none or tcp:HOST:PORT")]
+    Spec(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Where COM1 is connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialSpec {
+    /// The process's stdin and stdout.
+    Stdio,
+    /// A TCP listener; one client at a time.
+    Tcp(SocketAddr),
+    /// Nothing: input never arrives, output is discarded.
+    None,
+}
+
+impl FromStr for SerialSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "stdio" => Ok(SerialSpec::Stdio),
+            "none" => Ok(SerialSpec::None),
+            _ => s
+                .strip_prefix("tcp:")
+                .and_then(|a| a.parse().ok())
+                .map(SerialSpec::Tcp)
+                .ok_or_else(|| Error::Spec(s.to_string())),
+        }
+    }
+}
+
+/// Starts the backend's threads and returns the vCPU side of the link.
+/// A TCP address is bound here, before the guest boots, so that an address
+/// in use is reported at once.
+pub fn start(spec: &SerialSpec) -> Result<SerialLink, Error> {
+    let (in_tx, in_rx) = sync_channel(CHANNEL_DEPTH);
+    let (out_tx, out_rx) = sync_channel::<Vec<u8>>(CHANNEL_DEPTH);
+    match spec {
+        SerialSpec::Stdio => {
+            thread::Builder::new()
+                .name("serial-in".into())
+                .spawn(move || pump_in(std::io::stdin().lock(), &in_tx))
+                .expect("spawn serial-in");
+            thread::Builder::new()
+                .name("serial-out".into())
+                .spawn(move || {
+                    let mut out = std::io::stdout().lock();
+                    while let Ok(bytes) = out_rx.recv() {
+                        if out.write_all(&bytes).and_then(|_| out.flush()).is_err() {
+                            // stdout closed: keep draining so the guest runs on.
+                            while out_rx.recv().is_ok() {}
+                        }
+                    }
+                })
+                .expect("spawn serial-out");
+        }
+        SerialSpec::Tcp(addr) => {
+            let listener = TcpListener::bind(addr).map_err(|source| Error::Listen {
+                addr: *addr,
+                source,
+            })?;
+            tracing::info!(
+                "serial: listening on {}",
+                listener.local_addr().unwrap_or(*addr)
+            );
+            serve_tcp(listener, in_tx, out_rx);
+        }
+        SerialSpec::None => {
+            drop(in_tx);
+            thread::Builder::new()
+                .name("serial-out".into())
+                .spawn(move || while out_rx.recv().is_ok() {})
+                .expect("spawn serial-out");
+        }
+    }
+    Ok(SerialLink {
+        input: in_rx,
+        output: out_tx,
+    })
+}
+
+/// Copies a reader into the input channel until EOF; `send` blocks while
+/// the guest's FIFO is full, which is the back-pressure.
+fn pump_in(mut reader: impl Read, tx: &SyncSender<Vec<u8>>) -> bool {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => {
+                if tx.send(buf[..n].to_vec()).is_err() {
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Accepts one client at a time; the next is accepted when the last closes.
+/// Output produced while no client is connected is discarded, as on a
+/// serial line with nobody listening.
+fn serve_tcp(listener: TcpListener, in_tx: SyncSender<Vec<u8>>, out_rx: Receiver<Vec<u8>>) {
+    let client: Arc<Mutex<Option<TcpStream>>> = Arc::new(Mutex::new(None));
+    let writer_client = client.clone();
+    thread::Builder::new()
+        .name("serial-out".into())
+        .spawn(move || {
+            while let Ok(bytes) = out_rx.recv() {
+                let mut guard = writer_client.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(stream) = guard.as_mut() {
+                    if stream.write_all(&bytes).is_err() {
+                        *guard = None;
+                    }
+                }
+            }
+        })
+        .expect("spawn serial-out");
+    thread::Builder::new()
+        .name("serial-accept".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let _ = stream.set_nodelay(true);
+                let peer = stream.peer_addr().ok();
+                tracing::debug!("serial: client {peer:?} connected");
+                let Ok(writer) = stream.try_clone() else {
+                    continue;
+                };
+                *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
+                let alive = pump_in(&stream, &in_tx);
+                *client.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                tracing::debug!("serial: client {peer:?} closed");
+                if !alive {
+                    return;
+                }
+            }
+        })
+        .expect("spawn serial-accept");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_specs() {
+        assert_eq!("stdio".parse::<SerialSpec>().unwrap(), SerialSpec::Stdio);
+        assert_eq!("none".parse::<SerialSpec>().unwrap(), SerialSpec::None);
+        assert_eq!(
+            "tcp:127.0.0.1:6380".parse::<SerialSpec>().unwrap(),
+            SerialSpec::Tcp("127.0.0.1:6380".parse().unwrap())
+        );
+        assert!("tcp:nowhere".parse::<SerialSpec>().is_err());
+        assert!("udp:1.2.3.4:5".parse::<SerialSpec>().is_err());
+    }
+
+    #[test]
+    fn address_in_use_is_an_error() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let spec = SerialSpec::Tcp(taken.local_addr().unwrap());
+        assert!(matches!(start(&spec), Err(Error::Listen { .. })));
+    }
+
+    #[test]
+    fn tcp_round_trip_and_reconnect() {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let link = start(&SerialSpec::Tcp(addr)).unwrap();
+        for round in 0..2u8 {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.write_all(&[round; 3]).unwrap();
+            let got = link.input.recv().unwrap();
+            assert_eq!(got, vec![round; 3]);
+            // Give the acceptor a moment to register the writer.
+            link.output.send(b"ok".to_vec()).unwrap();
+            let mut buf = [0u8; 2];
+            c.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"ok");
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The vCPU loop: a small state machine around the one exit handler
+//! ([`Devices::handle_exit`]).
+//!
+//! Every synchronous exit is a position. At each, in this order and always
+//! on this thread with the vCPU stopped: the access is handled, output is
+//! handed to the timeline, the timeline's inputs are applied, and a pending
+//! interrupt is injected if the guest can take it. The order is part of the
+//! replay contract: record and replay both follow it.
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::devices::bus::{self, Action, Devices};
+use crate::kvm::{self, Exit, Vm};
+use crate::timeline::{self, Input, Position, StateDigest, Timeline};
+
+/// Errors that stop the vCPU loop (as opposed to the guest stopping).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Kvm(#[from] kvm::Error),
+    #[error(transparent)]
+    Device(#[from] bus::Error),
+    #[error(transparent)]
+    Timeline(#[from] timeline::Error),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off through `duet-pv` with this code.
+    PowerOff(u8),
+    /// The guest crashed or halted for good.
+    Crashed { reason: String, rip: u64 },
+}
+
+/// Where the loop is.
+enum State {
+    /// Run the guest to its next exit.
+    Running,
+    /// The guest waits for an interrupt at `at`.
+    Idle(Position),
+    /// Done.
+    Stopped(Outcome),
+}
+
+/// Counters a benchmark or status page can read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    pub exits: u64,
+    pub injections: u64,
+}
+
+/// The vCPU with the devices and the timeline it answers to.
+pub struct Vcpu {
+    vm: Vm,
+    mem: GuestMemoryMmap,
+    devices: Devices,
+    timeline: Box<dyn Timeline>,
+    /// An interrupt was injected since the guest's last paravirtual wait.
+    woke: bool,
+    inputs: Vec<Input>,
+    stats: Stats,
+}
+
+impl Vcpu {
+    pub fn new(vm: Vm, mem: GuestMemoryMmap, timeline: Box<dyn Timeline>) -> Self {
+        Vcpu {
+            vm,
+            mem,
+            devices: Devices::default(),
+            timeline,
+            woke: false,
+            inputs: Vec::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Runs until the guest powers off or crashes.
+    pub fn run(&mut self) -> Result<Outcome, Error> {
+        let mut state = State::Running;
+        loop {
+            state = match state {
+                State::Running => self.step()?,
+                State::Idle(at) => self.idle(&at)?,
+                State::Stopped(outcome) => return Ok(outcome),
+            };
+        }
+    }
+
+    /// Runs to the next exit and handles it.
+    fn step(&mut self) -> Result<State, Error> {
+        let exit = self.vm.run()?;
+        if !exit.is_synchronous() {
+            return Ok(match exit {
+                Exit::Interrupted => State::Running,
+                Exit::Shutdown | Exit::Failed(_) => {
+                    let rip = self.vm.full_regs().map(|(r, _)| r.rip).unwrap_or(0);
+                    let reason = match exit {
+                        Exit::Failed(why) => why,
+                        _ => "the guest shut down (triple fault)".to_string(),
+                    };
+                    State::Stopped(Outcome::Crashed { reason, rip })
+                }
+                _ => State::Running,
+            });
+        }
+        self.stats.exits += 1;
+        let at = self.position(&exit);
+        let action = self
+            .devices
+            .handle_exit(&exit, &at, self.timeline.as_mut())?;
+        let mut idle = false;
+        let requested_digest = matches!(action, Action::Digest(_));
+        match action {
+            Action::Continue => {}
+            Action::Read(bytes) => self.vm.complete_read(&bytes),
+            Action::Idle => {
+                // HLT always waits; the paravirtual wait returns at once if an
+                // interrupt came since the last one (no lost wake-ups).
+                idle = exit == Exit::Hlt || !self.woke;
+                self.woke = false;
+            }
+            Action::Digest(tag) => self.digest(&at, tag, true)?,
+            Action::PowerOff(code) => {
+                self.flush_output(&at)?;
+                return Ok(State::Stopped(Outcome::PowerOff(code)));
+            }
+            Action::Fatal(reason) => {
+                return Ok(State::Stopped(Outcome::Crashed {
+                    reason,
+                    rip: at.rip,
+                }))
+            }
+        }
+        if !requested_digest {
+            self.digest(&at, u64::MAX, false)?;
+        }
+        self.flush_output(&at)?;
+        self.devices.latch_irqs();
+        self.poll_and_inject(&at, false)?;
+        Ok(if idle {
+            State::Idle(at)
+        } else {
+            State::Running
+        })
+    }
+
+    /// The guest waits at `at`: take inputs (blocking) until an interrupt
+    /// can be injected.
+    fn idle(&mut self, at: &Position) -> Result<State, Error> {
+        if !self.vm.ready_for_injection() {
+            return Ok(State::Stopped(Outcome::Crashed {
+                reason: "the guest halted with interrupts disabled".into(),
+                rip: at.rip,
+            }));
+        }
+        Ok(if self.poll_and_inject(at, true)? {
+            State::Running
+        } else {
+            State::Idle(*at)
+        })
+    }
+
+    /// Applies the timeline's inputs at `at` and injects the PIC's pending
+    /// vector if the guest can take it. Returns whether it injected.
+    fn poll_and_inject(&mut self, at: &Position, idle: bool) -> Result<bool, Error> {
+        let pending = self.devices.pic.pending_vector().is_some();
+        let demand = self.devices.demand(idle && !pending);
+        self.inputs.clear();
+        self.timeline.inputs(at, &demand, &mut self.inputs)?;
+        for input in &self.inputs {
+            self.devices.apply(input)?;
+        }
+        if !self.vm.ready_for_injection() {
+            return Ok(false);
+        }
+        let Some(vector) = self.devices.pic.acknowledge() else {
+            return Ok(false);
+        };
+        self.timeline.interrupt(at, vector)?;
+        self.vm.inject(vector)?;
+        self.woke = true;
+        self.stats.injections += 1;
+        Ok(true)
+    }
+
+    fn flush_output(&mut self, at: &Position) -> Result<(), Error> {
+        let out = self.devices.com1.take_output();
+        if !out.is_empty() {
+            self.timeline.serial_output(at, out)?;
+        }
+        Ok(())
+    }
+
+    fn digest(&mut self, at: &Position, tag: u64, requested: bool) -> Result<(), Error> {
+        if !self.timeline.wants_digest(at, requested) {
+            return Ok(());
+        }
+        let digest = StateDigest {
+            regs_crc: at.regs_crc,
+            mem_crc: memory_crc(&self.mem),
+            tag,
+        };
+        self.timeline.digest(at, &digest)?;
+        Ok(())
+    }
+
+    fn position(&mut self, exit: &Exit) -> Position {
+        let r = self.vm.regs();
+        Position {
+            exit: self.stats.exits,
+            rip: r.rip,
+            regs_crc: regs_crc(&r),
+            kind: exit.kind_code(),
+        }
+    }
+}
+
+/// CRC-32 of the general registers, RIP and RFLAGS.
+pub fn regs_crc(r: &kvm_bindings::kvm_regs) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for v in [
+        r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12,
+        r.r13, r.r14, r.r15, r.rip, r.rflags,
+    ] {
+        h.update(&v.to_le_bytes());
+    }
+    h.finalize()
+}
+
+/// CRC-32 of all guest memory.
+pub fn memory_crc(mem: &GuestMemoryMmap) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for region in mem.iter() {
+        if let Ok(slice) =
+            region.get_slice(vm_memory::MemoryRegionAddress(0), region.len() as usize)
+        {
+            // SAFETY: the vCPU is stopped (we are on its thread between
+            // exits) and no other thread writes guest memory, so the bytes
+            // are stable while we read them.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr(), slice.len()) };
+            h.update(bytes);
+        }
+    }
+    h.finalize()
+}
