@@ -109,7 +109,8 @@ fn parse_multibulk(buf: &[u8]) -> Parsed {
     Parsed::Command(args, pos)
 }
 
-/// An inline command: one line, arguments separated by spaces or tabs.
+/// An inline command: one line, arguments separated by spaces or tabs,
+/// optionally quoted as Redis allows (`"a b\n"` with escapes, `'a b'`).
 fn parse_inline(buf: &[u8]) -> Parsed {
     let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
         return if buf.len() > MAX_LINE {
@@ -119,10 +120,80 @@ fn parse_inline(buf: &[u8]) -> Parsed {
         };
     };
     let line = buf[..nl].strip_suffix(b"\r").unwrap_or(&buf[..nl]);
-    let args = line
-        .split(|&b| b == b' ' || b == b'\t')
-        .filter(|w| !w.is_empty())
-        .map(|w| w.to_vec())
-        .collect();
-    Parsed::Command(args, nl + 1)
+    match split_inline(line) {
+        Some(args) => Parsed::Command(args, nl + 1),
+        None => Parsed::Error("Protocol error: unbalanced quotes in request"),
+    }
+}
+
+fn is_blank(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Splits an inline request into arguments; `None` if a quote is not
+/// closed or a closing quote is not followed by a blank.
+fn split_inline(line: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut args = Vec::new();
+    let mut i = 0;
+    loop {
+        while line.get(i).copied().is_some_and(is_blank) {
+            i += 1;
+        }
+        let Some(&first) = line.get(i) else {
+            return Some(args);
+        };
+        let mut arg = Vec::new();
+        if first == b'"' || first == b'\'' {
+            i += 1;
+            loop {
+                let c = *line.get(i)?;
+                i += 1;
+                if c == first {
+                    break;
+                }
+                if c != b'\\' {
+                    arg.push(c);
+                    continue;
+                }
+                let e = *line.get(i)?;
+                i += 1;
+                if first == b'\'' {
+                    // Single quotes only escape the quote itself.
+                    if e != b'\'' {
+                        arg.push(b'\\');
+                    }
+                    arg.push(e);
+                    continue;
+                }
+                let hex = (e == b'x')
+                    .then(|| Some((hex_value(*line.get(i)?)?, hex_value(*line.get(i + 1)?)?)))
+                    .flatten();
+                arg.push(match (e, hex) {
+                    (_, Some((hi, lo))) => {
+                        i += 2;
+                        hi << 4 | lo
+                    }
+                    (b'n', _) => b'\n',
+                    (b'r', _) => b'\r',
+                    (b't', _) => b'\t',
+                    (b'b', _) => 0x08,
+                    (b'a', _) => 0x07,
+                    (other, _) => other,
+                });
+            }
+            if line.get(i).is_some_and(|&b| !is_blank(b)) {
+                return None;
+            }
+        } else {
+            while let Some(&b) = line.get(i).filter(|&&b| !is_blank(b)) {
+                arg.push(b);
+                i += 1;
+            }
+        }
+        args.push(arg);
+    }
 }
