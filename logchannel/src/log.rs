@@ -246,6 +246,9 @@ pub enum Event {
         /// Exit code the guest gave.
         code: u8,
     },
+    /// The recording was stopped here by the operator (the guest was still
+    /// running); replay ends at this position too.
+    Stop,
 }
 
 impl Event {
@@ -257,6 +260,7 @@ impl Event {
             Event::WallClock { .. } => "wall clock",
             Event::Entropy { .. } => "entropy",
             Event::TimerTick => "timer tick",
+            Event::Stop => "stop",
             Event::SerialIn { .. } => "serial input",
             Event::NetFrame { .. } => "network frame",
             Event::DiskData { .. } => "disk data",
@@ -673,6 +677,7 @@ mod tests {
                 tag: 3,
             },
             Event::PowerOff { code: 7 },
+            Event::Stop,
         ]
     }
 
