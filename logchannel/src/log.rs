@@ -167,7 +167,7 @@ impl fmt::Display for FrameName {
 /// Where in the guest's execution an event applies: the `exit`-th
 /// synchronous VM exit since boot, cross-checked with RIP and a register
 /// checksum (see "Positions" in the design notes).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Position {
     /// Ordinal of synchronous VM exits (PIO, MMIO, HLT) since boot.
     pub exit: u64,
@@ -863,7 +863,7 @@ mod tests {
                 .collect();
             let mut w = LogWriter::new(Vec::new(), &h).unwrap();
             for (p, e) in &records {
-                w.append(p.clone(), e.clone()).unwrap();
+                w.append(*p, e.clone()).unwrap();
             }
             assert_eq!(w.next_seq(), records.len() as u64);
             let bytes = w.into_inner();

@@ -78,7 +78,7 @@ pub enum Error {
 
 /// Allocates zeroed guest memory of `size` bytes at guest-physical 0.
 pub fn allocate(size: u64) -> Result<GuestMemoryMmap, Error> {
-    if !(MEM_MIN..=MEM_MAX).contains(&size) || size % 4096 != 0 {
+    if !(MEM_MIN..=MEM_MAX).contains(&size) || !size.is_multiple_of(4096) {
         return Err(Error::MemorySize(size));
     }
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])

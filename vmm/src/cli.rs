@@ -1,20 +1,29 @@
 //! What the `duet` subcommands do, kept out of `main.rs` so that it is
 //! testable and `main` stays a thin parser.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use logchannel::{Header, LogReader, LogWriter};
 
 use crate::images;
 use crate::machine::{self, MachineConfig};
 use crate::serial_backend::{self, SerialSpec};
-use crate::timeline::live::Live;
+
+use crate::timeline;
+use crate::timeline::live::{install_stop_handler, Live, World};
+use crate::timeline::record::{FileSink, Record};
+use crate::timeline::replay::{LoadedLog, Replay};
 use crate::vcpu::Outcome;
 
 /// Exit status when duet itself fails (bad input, KVM trouble).
 pub const EXIT_ERROR: u8 = 1;
 /// Exit status when the guest crashed (triple fault, halted for good).
 pub const EXIT_GUEST_CRASH: u8 = 3;
+/// Exit status when replay diverged from the recording.
+pub const EXIT_DIVERGENCE: u8 = 4;
 
 /// Options of `duet run`.
 #[derive(Debug, Clone)]
@@ -23,6 +32,8 @@ pub struct RunOptions {
     pub mem_size: u64,
     pub serial: SerialSpec,
     pub kvm_path: PathBuf,
+    /// A file that receives a copy of all serial output.
+    pub transcript: Option<PathBuf>,
 }
 
 /// Logs go to stderr, filtered by `DUET_LOG` (default: warnings).
@@ -56,7 +67,9 @@ pub fn parse_mem_size(s: &str) -> Result<u64, String> {
     let bytes = n
         .checked_mul(1 << shift)
         .ok_or_else(|| format!("{s:?} is too large"))?;
-    if !(crate::boot::MEM_MIN..=crate::boot::MEM_MAX).contains(&bytes) || bytes % 4096 != 0 {
+    if !(crate::boot::MEM_MIN..=crate::boot::MEM_MAX).contains(&bytes)
+        || !bytes.is_multiple_of(4096)
+    {
         return Err(format!("{s:?} must be a multiple of 4K between 2M and 3G"));
     }
     Ok(bytes)
@@ -79,24 +92,171 @@ pub fn load_image(spec: &str) -> anyhow::Result<Vec<u8>> {
 
 /// `duet run`: boots the image solo and returns the process exit code.
 pub fn run(opts: &RunOptions) -> anyhow::Result<u8> {
-    let image = load_image(&opts.image)?;
-    let config = MachineConfig {
-        image,
-        mem_size: opts.mem_size,
-        kvm_path: opts.kvm_path.clone(),
-    };
-    let link = serial_backend::start(&opts.serial)?;
-    let mut vcpu = machine::build(&config, Box::new(Live::new(link)))
+    let config = machine_config(opts)?;
+    let world = open_world(opts)?;
+    let mut vcpu = machine::build(&config, Box::new(Live::new(world)))
         .with_context(|| format!("cannot boot {:?}", opts.image))?;
     let outcome = vcpu.run()?;
     tracing::info!("stats: {:?}", vcpu.stats());
     Ok(report(&outcome))
 }
 
+/// Options of `duet record`.
+#[derive(Debug, Clone)]
+pub struct RecordOptions {
+    pub run: RunOptions,
+    pub log: PathBuf,
+    /// Periodic state digests, in milliseconds of run time (0: none).
+    pub digest_interval_ms: u64,
+}
+
+/// `duet record`: runs like `duet run` and writes every nondeterministic
+/// event to the log.
+pub fn record(opts: &RecordOptions) -> anyhow::Result<u8> {
+    let config = machine_config(&opts.run)?;
+    let file = File::create(&opts.log)
+        .with_context(|| format!("cannot create log {}", opts.log.display()))?;
+    let header = Header::new(
+        logchannel::image_hash(&config.image),
+        config.mem_size,
+        machine::describe(&config),
+    );
+    let writer = LogWriter::new(BufWriter::new(file), &header)
+        .with_context(|| format!("cannot write log {}", opts.log.display()))?;
+    let world = open_world(&opts.run)?;
+    install_stop_handler();
+    let every = (opts.digest_interval_ms > 0)
+        .then(|| std::time::Duration::from_millis(opts.digest_interval_ms));
+    let timeline = Record::new(world, FileSink::new(writer), every);
+    let mut vcpu = machine::build(&config, Box::new(timeline))
+        .with_context(|| format!("cannot boot {:?}", opts.run.image))?;
+    let outcome = vcpu.run()?;
+    print_final_state(&vcpu.stats());
+    Ok(report(&outcome))
+}
+
+/// Options of `duet replay`.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    pub image: String,
+    pub log: PathBuf,
+    /// If given, must equal the recorded memory size.
+    pub mem_size: Option<u64>,
+    /// Where the replayed serial output goes (stdout if None).
+    pub output: Option<PathBuf>,
+    pub kvm_path: PathBuf,
+}
+
+/// `duet replay`: re-executes a recorded run from the log alone.
+pub fn replay(opts: &ReplayOptions) -> anyhow::Result<u8> {
+    let image = load_image(&opts.image)?;
+    let (header, records) = read_log(&opts.log)?;
+    let mem_size = opts.mem_size.unwrap_or(header.mem_size);
+    let config = MachineConfig {
+        image,
+        mem_size,
+        kvm_path: opts.kvm_path.clone(),
+    };
+    check_header(&header, &config)?;
+    let output: Box<dyn Write> = match &opts.output {
+        Some(p) => Box::new(BufWriter::new(
+            File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => Box::new(std::io::stdout()),
+    };
+    let timeline = Replay::new(LoadedLog::new(records), output);
+    let mut vcpu = machine::build(&config, Box::new(timeline))
+        .with_context(|| format!("cannot boot {:?}", opts.image))?;
+    let outcome = match vcpu.run() {
+        Err(crate::vcpu::Error::Timeline(e @ timeline::Error::Divergence { .. })) => {
+            eprintln!("duet: replay diverged: {e}");
+            return Ok(EXIT_DIVERGENCE);
+        }
+        other => other?,
+    };
+    print_final_state(&vcpu.stats());
+    Ok(report(&outcome))
+}
+
+/// Reads and validates a whole log file.
+pub fn read_log(path: &Path) -> anyhow::Result<(Header, Vec<logchannel::Record>)> {
+    let file = File::open(path).with_context(|| format!("cannot open log {}", path.display()))?;
+    let (mut reader, header) = LogReader::open(BufReader::new(file))
+        .with_context(|| format!("bad log {}", path.display()))?;
+    let mut records = Vec::new();
+    while let Some(r) = reader
+        .next_record()
+        .with_context(|| format!("bad log {}", path.display()))?
+    {
+        records.push(r);
+    }
+    Ok((header, records))
+}
+
+/// Refuses a log recorded from another image, memory size or machine.
+fn check_header(header: &Header, config: &MachineConfig) -> anyhow::Result<()> {
+    let hash = logchannel::image_hash(&config.image);
+    if header.image_hash != hash {
+        bail!(
+            "the log was recorded from a different image (log {}, this image {})",
+            hex(&header.image_hash[..8]),
+            hex(&hash[..8])
+        );
+    }
+    if header.mem_size != config.mem_size {
+        bail!(
+            "the log was recorded with {} bytes of memory, not {}",
+            header.mem_size,
+            config.mem_size
+        );
+    }
+    let machine = machine::describe(config);
+    if header.machine != machine {
+        bail!(
+            "the log was recorded on a different machine ({:?}, this is {:?})",
+            header.machine,
+            machine
+        );
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The final state line that tests and operators compare between runs.
+fn print_final_state(stats: &crate::vcpu::Stats) {
+    eprintln!(
+        "duet: final state exits={} regs={:08x} mem={:08x}",
+        stats.exits, stats.final_digest.regs_crc, stats.final_digest.mem_crc
+    );
+}
+
+fn machine_config(opts: &RunOptions) -> anyhow::Result<MachineConfig> {
+    Ok(MachineConfig {
+        image: load_image(&opts.image)?,
+        mem_size: opts.mem_size,
+        kvm_path: opts.kvm_path.clone(),
+    })
+}
+
+fn open_world(opts: &RunOptions) -> anyhow::Result<World> {
+    let transcript = match &opts.transcript {
+        Some(p) => Some(
+            File::create(p).with_context(|| format!("cannot create transcript {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let link = serial_backend::start(&opts.serial)?;
+    Ok(World::new(link, transcript))
+}
+
 /// Prints a crash report and maps the outcome to an exit code.
 pub fn report(outcome: &Outcome) -> u8 {
     match outcome {
         Outcome::PowerOff(code) => *code,
+        Outcome::Stopped => 0,
         Outcome::Crashed { reason, rip } => {
             eprintln!("duet: guest crashed at rip {rip:#x}: {reason}");
             EXIT_GUEST_CRASH

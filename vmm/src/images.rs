@@ -8,9 +8,10 @@
 //! | `ticker` | determinism torture test (timer at 1000 Hz, digests) |
 //! | `kv` | Redis-compatible server on COM1 |
 //! | `compute` | CPU-bound run for overhead measurements |
+//! | `bench` | exit, MMIO and interrupt-injection costs, timed by the guest |
 
 /// Names accepted by [`by_name`].
-pub const NAMES: &[&str] = &["hello", "ticker", "kv", "compute"];
+pub const NAMES: &[&str] = &["hello", "ticker", "kv", "compute", "bench"];
 
 /// The ELF of the image called `name`.
 pub fn by_name(name: &str) -> Option<&'static [u8]> {
@@ -19,6 +20,7 @@ pub fn by_name(name: &str) -> Option<&'static [u8]> {
         "ticker" => include_bytes!(concat!(env!("OUT_DIR"), "/images/ticker.elf")),
         "kv" => include_bytes!(concat!(env!("OUT_DIR"), "/images/kv.elf")),
         "compute" => include_bytes!(concat!(env!("OUT_DIR"), "/images/compute.elf")),
+        "bench" => include_bytes!(concat!(env!("OUT_DIR"), "/images/bench.elf")),
         _ => return None,
     };
     Some(elf)

@@ -38,3 +38,12 @@ pub fn build(config: &MachineConfig, timeline: Box<dyn Timeline>) -> Result<Vcpu
     vm.setup_long_mode(entry, boot::BOOT_STACK, config.mem_size)?;
     Ok(Vcpu::new(vm, mem, timeline))
 }
+
+/// The machine as the log header names it. Record and replay must agree on
+/// every part of it, so any change to the devices or the ABI changes it.
+pub fn describe(config: &MachineConfig) -> String {
+    format!(
+        "duet-pc/1 vcpus=1 mem={} pic=i8259x2 pit=i8254 rtc=mc146818 com1=16550 pv=duet-pv/1",
+        config.mem_size
+    )
+}

@@ -10,8 +10,6 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use crate::timeline::live::SerialLink;
-
 /// Chunks in flight between the backend and the vCPU thread, each direction.
 const CHANNEL_DEPTH: usize = 16;
 /// Largest chunk read from the host at once.
@@ -56,13 +54,40 @@ impl FromStr for SerialSpec {
     }
 }
 
+/// The host side of COM1 as the vCPU thread sees it: bounded channels to and
+/// from the backend's threads. Bounded, so that a full receive FIFO pushes
+/// back on the client instead of dropping bytes.
+pub struct SerialLink {
+    pub input: Receiver<Vec<u8>>,
+    pub output: SyncSender<Vec<u8>>,
+    /// The thread writing output to the world, joined by [`SerialLink::close`].
+    pub writer: Option<thread::JoinHandle<()>>,
+}
+
+impl SerialLink {
+    /// A link not connected to anything, for tests and replay.
+    pub fn detached() -> (SerialLink, SyncSender<Vec<u8>>, Receiver<Vec<u8>>) {
+        let (in_tx, in_rx) = sync_channel(CHANNEL_DEPTH);
+        let (out_tx, out_rx) = sync_channel(CHANNEL_DEPTH);
+        (
+            SerialLink {
+                input: in_rx,
+                output: out_tx,
+                writer: None,
+            },
+            in_tx,
+            out_rx,
+        )
+    }
+}
+
 /// Starts the backend's threads and returns the vCPU side of the link.
 /// A TCP address is bound here, before the guest boots, so that an address
 /// in use is reported at once.
 pub fn start(spec: &SerialSpec) -> Result<SerialLink, Error> {
     let (in_tx, in_rx) = sync_channel(CHANNEL_DEPTH);
     let (out_tx, out_rx) = sync_channel::<Vec<u8>>(CHANNEL_DEPTH);
-    match spec {
+    let writer = match spec {
         SerialSpec::Stdio => {
             thread::Builder::new()
                 .name("serial-in".into())
@@ -79,7 +104,7 @@ pub fn start(spec: &SerialSpec) -> Result<SerialLink, Error> {
                         }
                     }
                 })
-                .expect("spawn serial-out");
+                .expect("spawn serial-out")
         }
         SerialSpec::Tcp(addr) => {
             let listener = TcpListener::bind(addr).map_err(|source| Error::Listen {
@@ -90,19 +115,20 @@ pub fn start(spec: &SerialSpec) -> Result<SerialLink, Error> {
                 "serial: listening on {}",
                 listener.local_addr().unwrap_or(*addr)
             );
-            serve_tcp(listener, in_tx, out_rx);
+            serve_tcp(listener, in_tx, out_rx)
         }
         SerialSpec::None => {
             drop(in_tx);
             thread::Builder::new()
                 .name("serial-out".into())
                 .spawn(move || while out_rx.recv().is_ok() {})
-                .expect("spawn serial-out");
+                .expect("spawn serial-out")
         }
-    }
+    };
     Ok(SerialLink {
         input: in_rx,
         output: out_tx,
+        writer: Some(writer),
     })
 }
 
@@ -124,13 +150,18 @@ fn pump_in(mut reader: impl Read, tx: &SyncSender<Vec<u8>>) -> bool {
     }
 }
 
-/// Accepts one client at a time; the next is accepted when the last closes.
+/// Accepts one client at a time; the next is accepted when the last one has
+/// closed its side.
 /// Output produced while no client is connected is discarded, as on a
 /// serial line with nobody listening.
-fn serve_tcp(listener: TcpListener, in_tx: SyncSender<Vec<u8>>, out_rx: Receiver<Vec<u8>>) {
+fn serve_tcp(
+    listener: TcpListener,
+    in_tx: SyncSender<Vec<u8>>,
+    out_rx: Receiver<Vec<u8>>,
+) -> thread::JoinHandle<()> {
     let client: Arc<Mutex<Option<TcpStream>>> = Arc::new(Mutex::new(None));
     let writer_client = client.clone();
-    thread::Builder::new()
+    let writer = thread::Builder::new()
         .name("serial-out".into())
         .spawn(move || {
             while let Ok(bytes) = out_rx.recv() {
@@ -156,14 +187,18 @@ fn serve_tcp(listener: TcpListener, in_tx: SyncSender<Vec<u8>>, out_rx: Receiver
                 };
                 *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
                 let alive = pump_in(&stream, &in_tx);
-                *client.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                tracing::debug!("serial: client {peer:?} closed");
+                // The client may only have half-closed (sent everything and
+                // shut down its write side): it still reads the replies to
+                // what it sent, so the writer stays until a write fails or
+                // the next client takes its place.
+                tracing::debug!("serial: client {peer:?} finished sending");
                 if !alive {
                     return;
                 }
             }
         })
         .expect("spawn serial-accept");
+    writer
 }
 
 #[cfg(test)]

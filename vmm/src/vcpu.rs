@@ -11,7 +11,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::devices::bus::{self, Action, Devices};
 use crate::kvm::{self, Exit, Vm};
-use crate::timeline::{self, Input, Position, StateDigest, Timeline};
+use crate::timeline::record::FINAL_DIGEST_TAG;
+use crate::timeline::{self, Ending, Input, Position, StateDigest, Timeline};
 
 /// Errors that stop the vCPU loop (as opposed to the guest stopping).
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum Error {
 pub enum Outcome {
     /// The guest powered off through `duet-pv` with this code.
     PowerOff(u8),
+    /// The run was stopped (operator signal, or the recorded stop point).
+    Stopped,
     /// The guest crashed or halted for good.
     Crashed { reason: String, rip: u64 },
 }
@@ -48,6 +51,8 @@ enum State {
 pub struct Stats {
     pub exits: u64,
     pub injections: u64,
+    /// The state when the run ended (registers and memory).
+    pub final_digest: StateDigest,
 }
 
 /// The vCPU with the devices and the timeline it answers to.
@@ -93,6 +98,7 @@ impl Vcpu {
 
     /// Runs to the next exit and handles it.
     fn step(&mut self) -> Result<State, Error> {
+        self.timeline.before_run(self.stats.exits + 1)?;
         let exit = self.vm.run()?;
         if !exit.is_synchronous() {
             return Ok(match exit {
@@ -110,6 +116,9 @@ impl Vcpu {
         }
         self.stats.exits += 1;
         let at = self.position(&exit);
+        if self.timeline.stop_here(&at)? {
+            return self.finish(&at, Ending::Stopped);
+        }
         let action = self
             .devices
             .handle_exit(&exit, &at, self.timeline.as_mut())?;
@@ -127,7 +136,7 @@ impl Vcpu {
             Action::Digest(tag) => self.digest(&at, tag, true)?,
             Action::PowerOff(code) => {
                 self.flush_output(&at)?;
-                return Ok(State::Stopped(Outcome::PowerOff(code)));
+                return self.finish(&at, Ending::PowerOff(code));
             }
             Action::Fatal(reason) => {
                 return Ok(State::Stopped(Outcome::Crashed {
@@ -147,6 +156,22 @@ impl Vcpu {
         } else {
             State::Running
         })
+    }
+
+    /// Ends the run at `at`: the final digest goes to the timeline, which
+    /// logs or checks it and flushes everything.
+    fn finish(&mut self, at: &Position, ending: Ending) -> Result<State, Error> {
+        let digest = StateDigest {
+            regs_crc: at.regs_crc,
+            mem_crc: memory_crc(&self.mem),
+            tag: FINAL_DIGEST_TAG,
+        };
+        self.stats.final_digest = digest;
+        self.timeline.finish(at, ending, &digest)?;
+        Ok(State::Stopped(match ending {
+            Ending::PowerOff(code) => Outcome::PowerOff(code),
+            Ending::Stopped => Outcome::Stopped,
+        }))
     }
 
     /// The guest waits at `at`: take inputs (blocking) until an interrupt

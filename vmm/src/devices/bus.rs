@@ -247,6 +247,17 @@ mod tests {
         fn serial_output(&mut self, _: &Position, _: Vec<u8>) -> Result<(), timeline::Error> {
             Ok(())
         }
+        fn stop_here(&mut self, _: &Position) -> Result<bool, timeline::Error> {
+            Ok(false)
+        }
+        fn finish(
+            &mut self,
+            _: &Position,
+            _: timeline::Ending,
+            _: &StateDigest,
+        ) -> Result<(), timeline::Error> {
+            Ok(())
+        }
     }
 
     fn handle(d: &mut Devices, tl: &mut Fake, exit: Exit) -> Action {

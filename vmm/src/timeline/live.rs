@@ -1,21 +1,49 @@
-//! The solo timeline: every answer comes from the real world, nothing is
-//! logged.
+//! The world as a timeline sees it (clock, wall clock, entropy, timer ticks,
+//! serial input and output), and the solo timeline, which takes every answer
+//! from it and logs nothing.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::{Demand, Error, Input, Position, StateDigest, Timeline};
+use super::{Demand, Ending, Error, Input, Position, StateDigest, Timeline};
+use crate::serial_backend::SerialLink;
 
-/// The host side of COM1 as the vCPU thread sees it: bounded channels to and
-/// from the serial backend's threads. Bounded, so that a full receive FIFO
-/// pushes back on the client instead of dropping bytes.
-pub struct SerialLink {
-    pub input: Receiver<Vec<u8>>,
-    pub output: SyncSender<Vec<u8>>,
+/// Longest single blocking wait while idle, so that a stop request is seen
+/// even by a guest that programmed no timer.
+const MAX_IDLE_WAIT: Duration = Duration::from_millis(100);
+
+/// Set by SIGINT/SIGTERM; the vCPU loop ends the run at the next exit.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
 }
 
-/// Timer state shared by every timeline that takes time from the world.
+/// Makes SIGINT and SIGTERM end the run cleanly at the next exit (logs and
+/// transcripts flushed) instead of killing the process.
+pub fn install_stop_handler() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe; sigaction with a zeroed mask and no flags
+        // beyond the handler is a valid configuration.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_stop_signal as *const () as usize;
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// True once a stop signal arrived.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// Timer state for timelines that take time from the world.
 #[derive(Debug, Default)]
 pub struct TickClock {
     next_tick: Option<Instant>,
@@ -80,7 +108,8 @@ impl InputQueue {
     }
 
     /// Blocks until input is pending or `deadline` passes. Returns false if
-    /// the input is closed and nothing is pending (so waiting is pointless).
+    /// the input is closed, nothing is pending and there is no deadline (so
+    /// waiting is pointless).
     pub fn wait(&mut self, deadline: Option<Instant>) -> bool {
         if !self.pending.is_empty() {
             return true;
@@ -92,13 +121,11 @@ impl InputQueue {
             }
             return false;
         }
-        let got = match deadline {
-            Some(d) => self
-                .link
-                .recv_timeout(d.saturating_duration_since(Instant::now())),
-            None => self.link.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
-        match got {
+        let limit = deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(MAX_IDLE_WAIT)
+            .min(MAX_IDLE_WAIT);
+        match self.link.recv_timeout(limit) {
             Ok(chunk) => self.pending.extend(chunk),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
@@ -121,65 +148,114 @@ pub fn host_entropy() -> Result<u64, Error> {
     Ok(u64::from_le_bytes(buf))
 }
 
-/// Seconds since the Unix epoch from the host's wall clock.
-pub fn host_wall_clock() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+/// The output half of a [`SerialLink`].
+struct SerialOutput {
+    output: std::sync::mpsc::SyncSender<Vec<u8>>,
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Fills `out` from the world: a due tick and whatever input fits, blocking
-/// first if the guest is idle. Shared by every timeline that runs live.
-pub fn poll_world(
-    ticks: &mut TickClock,
-    input: &mut InputQueue,
-    demand: &Demand,
-    out: &mut Vec<Input>,
-) -> Result<(), Error> {
-    loop {
-        let now = Instant::now();
-        if ticks.due(demand.timer_period_ns, now) {
-            out.push(Input::TimerTick);
+/// Everything a live timeline takes from or gives to the outside world.
+/// The solo, record and (after go-live) backup timelines share it.
+pub struct World {
+    boot: Instant,
+    ticks: TickClock,
+    input: InputQueue,
+    output: Option<SerialOutput>,
+    transcript: Option<BufWriter<File>>,
+}
+
+impl World {
+    /// `transcript`, if given, receives a copy of all serial output.
+    pub fn new(serial: SerialLink, transcript: Option<File>) -> Self {
+        let SerialLink {
+            input,
+            output,
+            writer,
+        } = serial;
+        World {
+            boot: Instant::now(),
+            ticks: TickClock::default(),
+            input: InputQueue::new(input),
+            output: Some(SerialOutput { output, writer }),
+            transcript: transcript.map(BufWriter::new),
         }
-        if let Some(bytes) = input.take(demand.serial_room) {
-            out.push(Input::Serial(bytes));
+    }
+
+    pub fn clock_ns(&self) -> u64 {
+        self.boot.elapsed().as_nanos() as u64
+    }
+
+    pub fn wall_clock(&self) -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    }
+
+    /// Fills `out` with a due tick and whatever input fits, blocking first
+    /// if the guest is idle. Returns with nothing if a stop was requested.
+    pub fn poll(&mut self, demand: &Demand, out: &mut Vec<Input>) -> Result<(), Error> {
+        loop {
+            let now = Instant::now();
+            if self.ticks.due(demand.timer_period_ns, now) {
+                out.push(Input::TimerTick);
+            }
+            if let Some(bytes) = self.input.take(demand.serial_room) {
+                out.push(Input::Serial(bytes));
+            }
+            if !demand.idle || !out.is_empty() || stop_requested() {
+                return Ok(());
+            }
+            if !self.input.wait(self.ticks.deadline()) {
+                return Err(Error::Deadlock);
+            }
         }
-        if !demand.idle || !out.is_empty() {
-            return Ok(());
+    }
+
+    /// Sends serial output to the world (and the transcript).
+    pub fn output(&mut self, bytes: Vec<u8>) -> Result<(), Error> {
+        if let Some(t) = self.transcript.as_mut() {
+            t.write_all(&bytes).map_err(Error::Transcript)?;
         }
-        if !input.wait(ticks.deadline()) {
-            return Err(Error::Deadlock);
+        match self.output.as_ref() {
+            Some(o) => o.output.send(bytes).map_err(|_| Error::OutputClosed),
+            None => Err(Error::OutputClosed),
         }
+    }
+
+    /// Flushes the transcript and waits until all output was written.
+    pub fn close(&mut self) -> Result<(), Error> {
+        if let Some(t) = self.transcript.as_mut() {
+            t.flush().map_err(Error::Transcript)?;
+        }
+        if let Some(o) = self.output.take() {
+            drop(o.output);
+            if let Some(w) = o.writer {
+                let _ = w.join();
+            }
+        }
+        Ok(())
     }
 }
 
 /// The solo timeline.
 pub struct Live {
-    boot: Instant,
-    ticks: TickClock,
-    input: InputQueue,
-    output: SyncSender<Vec<u8>>,
+    world: World,
 }
 
 impl Live {
-    pub fn new(serial: SerialLink) -> Self {
-        Live {
-            boot: Instant::now(),
-            ticks: TickClock::default(),
-            input: InputQueue::new(serial.input),
-            output: serial.output,
-        }
+    pub fn new(world: World) -> Self {
+        Live { world }
     }
 }
 
 impl Timeline for Live {
     fn clock_ns(&mut self, _at: &Position) -> Result<u64, Error> {
-        Ok(self.boot.elapsed().as_nanos() as u64)
+        Ok(self.world.clock_ns())
     }
 
     fn wall_clock(&mut self, _at: &Position) -> Result<i64, Error> {
-        Ok(host_wall_clock())
+        Ok(self.world.wall_clock())
     }
 
     fn entropy(&mut self, _at: &Position) -> Result<u64, Error> {
@@ -192,7 +268,7 @@ impl Timeline for Live {
         demand: &Demand,
         out: &mut Vec<Input>,
     ) -> Result<(), Error> {
-        poll_world(&mut self.ticks, &mut self.input, demand, out)
+        self.world.poll(demand, out)
     }
 
     fn interrupt(&mut self, _at: &Position, _vector: u8) -> Result<(), Error> {
@@ -208,7 +284,15 @@ impl Timeline for Live {
     }
 
     fn serial_output(&mut self, _at: &Position, bytes: Vec<u8>) -> Result<(), Error> {
-        self.output.send(bytes).map_err(|_| Error::OutputClosed)
+        self.world.output(bytes)
+    }
+
+    fn stop_here(&mut self, _at: &Position) -> Result<bool, Error> {
+        Ok(stop_requested())
+    }
+
+    fn finish(&mut self, _at: &Position, _: Ending, _: &StateDigest) -> Result<(), Error> {
+        self.world.close()
     }
 }
 
@@ -248,12 +332,8 @@ mod tests {
 
     #[test]
     fn idle_poll_blocks_until_input() {
-        let (tx, rx) = sync_channel(4);
-        let (otx, _orx) = sync_channel(4);
-        let mut live = Live::new(SerialLink {
-            input: rx,
-            output: otx,
-        });
+        let (link, tx, _out) = SerialLink::detached();
+        let mut live = Live::new(World::new(link, None));
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             tx.send(b"x".to_vec()).unwrap();
@@ -271,13 +351,9 @@ mod tests {
 
     #[test]
     fn idle_with_no_source_is_a_deadlock_not_a_hang() {
-        let (tx, rx) = sync_channel::<Vec<u8>>(1);
+        let (link, tx, _out) = SerialLink::detached();
         drop(tx);
-        let (otx, _orx) = sync_channel(4);
-        let mut live = Live::new(SerialLink {
-            input: rx,
-            output: otx,
-        });
+        let mut live = Live::new(World::new(link, None));
         let demand = Demand {
             idle: true,
             ..Demand::default()
@@ -287,5 +363,17 @@ mod tests {
             live.inputs(&Position::default(), &demand, &mut out),
             Err(Error::Deadlock)
         ));
+    }
+
+    #[test]
+    fn output_reaches_link_and_transcript() {
+        let (link, _tx, out_rx) = SerialLink::detached();
+        let path = std::env::temp_dir().join(format!("duet-transcript-{}", std::process::id()));
+        let mut world = World::new(link, Some(File::create(&path).unwrap()));
+        world.output(b"abc".to_vec()).unwrap();
+        assert_eq!(out_rx.recv().unwrap(), b"abc");
+        world.close().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"abc");
+        std::fs::remove_file(&path).ok();
     }
 }

@@ -12,30 +12,14 @@
 //! failover is swapping one for another at a known [`Position`].
 
 pub mod live;
+pub mod record;
+pub mod replay;
 
 /// Where in the guest's execution an event happens: the ordinal of the
 /// synchronous exit since boot, cross-checked with RIP and a checksum of the
-/// general registers (DESIGN.md, Positions).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Position {
-    /// Synchronous exits since boot, counting this one (the first exit is 1).
-    pub exit: u64,
-    pub rip: u64,
-    /// CRC-32 of the general registers, RIP and RFLAGS at this exit.
-    pub regs_crc: u32,
-    /// Which kind of exit this is (`kvm::Exit::kind_code`).
-    pub kind: u8,
-}
-
-impl std::fmt::Display for Position {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {} rip {:#x} regs {:08x}",
-            self.exit, self.rip, self.regs_crc
-        )
-    }
-}
+/// general registers (DESIGN.md, Positions). The log format owns the type,
+/// so that what is logged is exactly what the VMM compares.
+pub use logchannel::Position;
 
 /// An input from the world, applied to the devices at a position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,9 +57,32 @@ impl std::fmt::Display for StateDigest {
     }
 }
 
+/// How a run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The guest powered off with this code.
+    PowerOff(u8),
+    /// The operator stopped the run (recording), or the log says the
+    /// recording was stopped here (replay).
+    Stopped,
+}
+
 /// Errors from a timeline.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("divergence at record {seq} ({at}): expected {expected}, saw {seen}")]
+    Divergence {
+        seq: u64,
+        at: Position,
+        expected: String,
+        seen: String,
+    },
+    #[error("the log ends before {at} (after record {last_seq:?}); it was cut short")]
+    LogEnded { at: Position, last_seq: Option<u64> },
+    #[error(transparent)]
+    Log(#[from] logchannel::Error),
+    #[error("writing the transcript failed: {0}")]
+    Transcript(#[source] std::io::Error),
     #[error("the guest is idle with interrupts that can never arrive (no timer, input closed)")]
     Deadlock,
     #[error("reading entropy failed: {0}")]
@@ -106,4 +113,16 @@ pub trait Timeline {
     fn digest(&mut self, at: &Position, digest: &StateDigest) -> Result<(), Error>;
     /// Serial bytes the guest transmitted at this exit, bound for the world.
     fn serial_output(&mut self, at: &Position, bytes: Vec<u8>) -> Result<(), Error>;
+    /// Called before every KVM_RUN with the ordinal the next synchronous
+    /// exit will have. A backup blocks here until the primary's horizon
+    /// covers it, so that it never executes past what it knows.
+    fn before_run(&mut self, _next_exit: u64) -> Result<(), Error> {
+        Ok(())
+    }
+    /// True if the run ends at this exit, before it is handled: the
+    /// operator stopped a recording, or replay reached the recorded stop.
+    fn stop_here(&mut self, at: &Position) -> Result<bool, Error>;
+    /// The run ends at `at` with the final state `digest`. Flushes logs and
+    /// output.
+    fn finish(&mut self, at: &Position, ending: Ending, digest: &StateDigest) -> Result<(), Error>;
 }

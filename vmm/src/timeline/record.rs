@@ -1,0 +1,172 @@
+//! The recording timeline: answers from the world, like the solo one, and
+//! appends every answer to a log at the position it was given.
+//!
+//! Where the log goes is a [`LogSink`]: a file for `duet record`, the log
+//! channel to the backup for a primary. The sink also decides when output
+//! may leave (a primary holds it until the backup has acknowledged the log
+//! up to it: the Output Rule).
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use logchannel::{Event, LogWriter};
+
+use super::live::{host_entropy, stop_requested, World};
+use super::{Demand, Ending, Error, Input, Position, StateDigest, Timeline};
+
+/// Tag of the digest taken when the run ends.
+pub const FINAL_DIGEST_TAG: u64 = u64::MAX - 1;
+/// Tag of a periodic digest (not requested by the guest).
+pub const PERIODIC_DIGEST_TAG: u64 = u64::MAX;
+
+/// Where a recording's events go.
+pub trait LogSink {
+    /// Appends one event at `pos`.
+    fn append(&mut self, pos: &Position, event: Event) -> Result<(), Error>;
+    /// Serial output produced at `pos`; the sink releases it to `world`
+    /// when the Output Rule allows.
+    fn output(&mut self, pos: &Position, bytes: Vec<u8>, world: &mut World) -> Result<(), Error>;
+    /// Makes everything appended durable or delivered.
+    fn flush(&mut self) -> Result<(), Error>;
+}
+
+/// A log file: output is released at once (nobody replicates it).
+pub struct FileSink<W: Write> {
+    writer: LogWriter<W>,
+}
+
+impl<W: Write> FileSink<W> {
+    pub fn new(writer: LogWriter<W>) -> Self {
+        FileSink { writer }
+    }
+
+    pub fn bytes_written(&self) -> u64 {
+        self.writer.bytes_written()
+    }
+}
+
+impl<W: Write> LogSink for FileSink<W> {
+    fn append(&mut self, pos: &Position, event: Event) -> Result<(), Error> {
+        self.writer.append(*pos, event)?;
+        Ok(())
+    }
+
+    fn output(&mut self, _pos: &Position, bytes: Vec<u8>, world: &mut World) -> Result<(), Error> {
+        world.output(bytes)
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        Ok(self.writer.flush()?)
+    }
+}
+
+/// The recording timeline.
+pub struct Record<S: LogSink> {
+    world: World,
+    sink: S,
+    digest_every: Option<Duration>,
+    next_digest: Instant,
+}
+
+impl<S: LogSink> Record<S> {
+    /// `digest_every`: how often to log a periodic state digest (None: only
+    /// when the guest asks and at the end).
+    pub fn new(world: World, sink: S, digest_every: Option<Duration>) -> Self {
+        Record {
+            world,
+            sink,
+            next_digest: Instant::now() + digest_every.unwrap_or_default(),
+            digest_every,
+        }
+    }
+
+    pub fn sink(&self) -> &S {
+        &self.sink
+    }
+}
+
+impl<S: LogSink> Timeline for Record<S> {
+    fn clock_ns(&mut self, at: &Position) -> Result<u64, Error> {
+        let ns = self.world.clock_ns();
+        self.sink.append(at, Event::Clock { ns })?;
+        Ok(ns)
+    }
+
+    fn wall_clock(&mut self, at: &Position) -> Result<i64, Error> {
+        let secs = self.world.wall_clock();
+        self.sink.append(at, Event::WallClock { secs })?;
+        Ok(secs)
+    }
+
+    fn entropy(&mut self, at: &Position) -> Result<u64, Error> {
+        let value = host_entropy()?;
+        self.sink.append(at, Event::Entropy { value })?;
+        Ok(value)
+    }
+
+    fn inputs(
+        &mut self,
+        at: &Position,
+        demand: &Demand,
+        out: &mut Vec<Input>,
+    ) -> Result<(), Error> {
+        let first = out.len();
+        self.world.poll(demand, out)?;
+        for input in &out[first..] {
+            let event = match input {
+                Input::TimerTick => Event::TimerTick,
+                Input::Serial(bytes) => Event::SerialIn {
+                    bytes: bytes.clone(),
+                },
+            };
+            self.sink.append(at, event)?;
+        }
+        Ok(())
+    }
+
+    fn interrupt(&mut self, at: &Position, vector: u8) -> Result<(), Error> {
+        self.sink.append(at, Event::Interrupt { vector })
+    }
+
+    fn wants_digest(&mut self, _at: &Position, requested: bool) -> bool {
+        let Some(every) = self.digest_every else {
+            return requested;
+        };
+        let now = Instant::now();
+        if now >= self.next_digest {
+            self.next_digest = now + every;
+            return true;
+        }
+        requested
+    }
+
+    fn digest(&mut self, at: &Position, d: &StateDigest) -> Result<(), Error> {
+        self.sink.append(
+            at,
+            Event::Digest {
+                regs_crc: d.regs_crc,
+                mem_crc: d.mem_crc,
+                tag: d.tag,
+            },
+        )
+    }
+
+    fn serial_output(&mut self, at: &Position, bytes: Vec<u8>) -> Result<(), Error> {
+        self.sink.output(at, bytes, &mut self.world)
+    }
+
+    fn stop_here(&mut self, _at: &Position) -> Result<bool, Error> {
+        Ok(stop_requested())
+    }
+
+    fn finish(&mut self, at: &Position, ending: Ending, d: &StateDigest) -> Result<(), Error> {
+        self.digest(at, d)?;
+        let event = match ending {
+            Ending::PowerOff(code) => Event::PowerOff { code },
+            Ending::Stopped => Event::Stop,
+        };
+        self.sink.append(at, event)?;
+        self.sink.flush()?;
+        self.world.close()
+    }
+}

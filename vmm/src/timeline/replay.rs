@@ -1,0 +1,292 @@
+//! The replaying timeline: every answer comes from the log, and nothing
+//! touches the world. Each answer is checked against the position and the
+//! kind of event the log has there; at the first mismatch replay stops with
+//! the record's sequence number, the position, and both values.
+
+use std::io::Write;
+
+use logchannel::{Event, Record};
+
+use super::record::FINAL_DIGEST_TAG;
+use super::{Demand, Ending, Error, Input, Position, StateDigest, Timeline};
+
+/// Where replayed records come from: a whole log file, or the stream from a
+/// primary.
+pub trait RecordSource {
+    /// The next record that is not a horizon marker, or None at the end of
+    /// the log. A streaming source blocks until one arrives.
+    fn peek(&mut self) -> Result<Option<&Record>, Error>;
+    /// Consumes the record `peek` returned.
+    fn advance(&mut self);
+    /// Blocks until every event at or before exit `exit` is known. A file
+    /// knows everything already.
+    fn wait_horizon(&mut self, _exit: u64) -> Result<(), Error> {
+        Ok(())
+    }
+    /// The sequence number of the last record consumed.
+    fn last_seq(&self) -> Option<u64>;
+}
+
+/// A log read completely into memory before replay starts, so that a
+/// truncated or corrupt file is reported before the guest runs at all.
+pub struct LoadedLog {
+    records: Vec<Record>,
+    next: usize,
+}
+
+impl LoadedLog {
+    /// Keeps the records except horizon markers, which only matter to a
+    /// backup that is still receiving.
+    pub fn new(records: Vec<Record>) -> Self {
+        let records = records
+            .into_iter()
+            .filter(|r| r.event != Event::Horizon)
+            .collect();
+        LoadedLog { records, next: 0 }
+    }
+}
+
+impl RecordSource for LoadedLog {
+    fn peek(&mut self) -> Result<Option<&Record>, Error> {
+        Ok(self.records.get(self.next))
+    }
+
+    fn advance(&mut self) {
+        self.next += 1;
+    }
+
+    fn last_seq(&self) -> Option<u64> {
+        self.next
+            .checked_sub(1)
+            .and_then(|i| self.records.get(i))
+            .map(|r| r.seq)
+    }
+}
+
+/// The replaying timeline.
+pub struct Replay<S: RecordSource, O: Write> {
+    source: S,
+    output: O,
+    /// Events applied so far, for reports.
+    applied: u64,
+}
+
+fn describe(r: &Record) -> String {
+    format!("{} at {}", describe_event(&r.event), r.pos)
+}
+
+fn describe_event(e: &Event) -> String {
+    match e {
+        Event::Interrupt { vector } => format!("interrupt {vector:#x}"),
+        Event::Clock { ns } => format!("clock {ns}"),
+        Event::WallClock { secs } => format!("wall clock {secs}"),
+        Event::Entropy { value } => format!("entropy {value:#x}"),
+        Event::SerialIn { bytes } => format!("serial input of {} bytes", bytes.len()),
+        Event::Digest {
+            regs_crc,
+            mem_crc,
+            tag,
+        } => format!("digest regs {regs_crc:08x} mem {mem_crc:08x} tag {tag:#x}"),
+        Event::PowerOff { code } => format!("power off {code}"),
+        other => other.name().to_string(),
+    }
+}
+
+impl<S: RecordSource, O: Write> Replay<S, O> {
+    /// Replays `source`; serial output goes to `output` (a transcript), never
+    /// to a client.
+    pub fn new(source: S, output: O) -> Self {
+        Replay {
+            source,
+            output,
+            applied: 0,
+        }
+    }
+
+    pub fn events_applied(&self) -> u64 {
+        self.applied
+    }
+
+    fn divergence(&self, at: &Position, expected: String, seen: String) -> Error {
+        Error::Divergence {
+            seq: self.source.last_seq().map_or(0, |s| s + 1),
+            at: *at,
+            expected,
+            seen,
+        }
+    }
+
+    /// Takes the next record, which must be at `at` and satisfy `want`
+    /// (named `what` in the error otherwise).
+    fn expect(
+        &mut self,
+        at: &Position,
+        what: &str,
+        want: impl Fn(&Event) -> bool,
+    ) -> Result<Event, Error> {
+        let last_seq = self.source.last_seq();
+        let Some(rec) = self.source.peek()? else {
+            return Err(Error::LogEnded { at: *at, last_seq });
+        };
+        if rec.pos != *at || !want(&rec.event) {
+            let (seq, expected) = (rec.seq, describe(rec));
+            return Err(Error::Divergence {
+                seq,
+                at: *at,
+                expected,
+                seen: format!("{what} at {at}"),
+            });
+        }
+        let event = rec.event.clone();
+        self.source.advance();
+        self.applied += 1;
+        Ok(event)
+    }
+
+    /// The next record's exit, if it is at `at.exit` (and so due now).
+    fn due_here(&mut self, at: &Position) -> Result<Option<&Event>, Error> {
+        Ok(self
+            .source
+            .peek()?
+            .filter(|r| r.pos.exit == at.exit)
+            .map(|r| &r.event))
+    }
+}
+
+impl<S: RecordSource, O: Write> Timeline for Replay<S, O> {
+    fn clock_ns(&mut self, at: &Position) -> Result<u64, Error> {
+        match self.expect(at, "a clock read", |e| matches!(e, Event::Clock { .. }))? {
+            Event::Clock { ns } => Ok(ns),
+            _ => unreachable!("checked by expect"),
+        }
+    }
+
+    fn wall_clock(&mut self, at: &Position) -> Result<i64, Error> {
+        match self.expect(at, "a wall-clock read", |e| {
+            matches!(e, Event::WallClock { .. })
+        })? {
+            Event::WallClock { secs } => Ok(secs),
+            _ => unreachable!("checked by expect"),
+        }
+    }
+
+    fn entropy(&mut self, at: &Position) -> Result<u64, Error> {
+        match self.expect(at, "an entropy read", |e| {
+            matches!(e, Event::Entropy { .. })
+        })? {
+            Event::Entropy { value } => Ok(value),
+            _ => unreachable!("checked by expect"),
+        }
+    }
+
+    fn inputs(
+        &mut self,
+        at: &Position,
+        demand: &Demand,
+        out: &mut Vec<Input>,
+    ) -> Result<(), Error> {
+        let first = out.len();
+        loop {
+            let room = demand.serial_room;
+            let next = match self.due_here(at)? {
+                Some(Event::TimerTick) => Input::TimerTick,
+                Some(Event::SerialIn { bytes }) if bytes.len() <= room => {
+                    Input::Serial(bytes.clone())
+                }
+                Some(Event::SerialIn { bytes }) => {
+                    let n = bytes.len();
+                    return Err(self.divergence(
+                        at,
+                        format!("room for {n} serial bytes"),
+                        format!("room for {room}"),
+                    ));
+                }
+                _ => break,
+            };
+            self.expect(at, "an input", |_| true)?;
+            out.push(next);
+        }
+        if demand.idle && out.len() == first {
+            let last_seq = self.source.last_seq();
+            let expected = match self.source.peek()? {
+                Some(r) => describe(r),
+                None => return Err(Error::LogEnded { at: *at, last_seq }),
+            };
+            return Err(self.divergence(at, expected, format!("the guest idle at {at}")));
+        }
+        Ok(())
+    }
+
+    fn interrupt(&mut self, at: &Position, vector: u8) -> Result<(), Error> {
+        self.expect(
+            at,
+            &format!("interrupt {vector:#x}"),
+            |e| matches!(e, Event::Interrupt { vector: v } if *v == vector),
+        )?;
+        Ok(())
+    }
+
+    fn wants_digest(&mut self, at: &Position, requested: bool) -> bool {
+        requested || matches!(self.due_here(at), Ok(Some(Event::Digest { .. })))
+    }
+
+    fn digest(&mut self, at: &Position, d: &StateDigest) -> Result<(), Error> {
+        let seen = Event::Digest {
+            regs_crc: d.regs_crc,
+            mem_crc: d.mem_crc,
+            tag: d.tag,
+        };
+        self.expect(at, &describe_event(&seen), |e| *e == seen)?;
+        Ok(())
+    }
+
+    fn serial_output(&mut self, _at: &Position, bytes: Vec<u8>) -> Result<(), Error> {
+        self.output.write_all(&bytes).map_err(Error::Transcript)
+    }
+
+    fn before_run(&mut self, next_exit: u64) -> Result<(), Error> {
+        self.source.wait_horizon(next_exit)
+    }
+
+    fn stop_here(&mut self, at: &Position) -> Result<bool, Error> {
+        let Some(rec) = self.source.peek()? else {
+            return Ok(false);
+        };
+        if rec.pos.exit < at.exit {
+            // The guest went past a position where the log has an event.
+            let (seq, expected) = (rec.seq, describe(rec));
+            return Err(Error::Divergence {
+                seq,
+                at: *at,
+                expected,
+                seen: format!("the guest at exit {} without it", at.exit),
+            });
+        }
+        Ok(rec.pos.exit == at.exit && rec.event == Event::Stop)
+    }
+
+    fn finish(&mut self, at: &Position, ending: Ending, d: &StateDigest) -> Result<(), Error> {
+        self.digest(
+            at,
+            &StateDigest {
+                tag: FINAL_DIGEST_TAG,
+                ..*d
+            },
+        )?;
+        let (what, want) = match ending {
+            Ending::PowerOff(code) => (format!("power off {code}"), Event::PowerOff { code }),
+            Ending::Stopped => ("stop".to_string(), Event::Stop),
+        };
+        self.expect(at, &what, |e| *e == want)?;
+        if let Some(rec) = self.source.peek()? {
+            let (seq, expected) = (rec.seq, describe(rec));
+            return Err(Error::Divergence {
+                seq,
+                at: *at,
+                expected,
+                seen: "the end of the run".into(),
+            });
+        }
+        self.output.flush().map_err(Error::Transcript)
+    }
+}
