@@ -150,8 +150,11 @@ impl Vcpu {
         }
         self.flush_output(&at)?;
         self.devices.latch_irqs();
-        self.poll_and_inject(&at, false)?;
-        Ok(if idle {
+        // An interrupt injected here ends the wait before it starts. Replay
+        // depends on this: it applies all of a position's inputs in the
+        // first call, where the recording may have needed a blocking one.
+        let injected = self.poll_and_inject(&at, false)?;
+        Ok(if idle && !injected {
             State::Idle(at)
         } else {
             State::Running

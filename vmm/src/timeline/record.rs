@@ -160,12 +160,14 @@ impl<S: LogSink> Timeline for Record<S> {
     }
 
     fn finish(&mut self, at: &Position, ending: Ending, d: &StateDigest) -> Result<(), Error> {
-        self.digest(at, d)?;
+        // The ending first, then the final state: replay learns that the run
+        // ends here before it would take the digest for a periodic one.
         let event = match ending {
             Ending::PowerOff(code) => Event::PowerOff { code },
             Ending::Stopped => Event::Stop,
         };
         self.sink.append(at, event)?;
+        self.digest(at, d)?;
         self.sink.flush()?;
         self.world.close()
     }

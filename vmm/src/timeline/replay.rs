@@ -186,11 +186,12 @@ impl<S: RecordSource, O: Write> Timeline for Replay<S, O> {
         out: &mut Vec<Input>,
     ) -> Result<(), Error> {
         let first = out.len();
+        let mut room = demand.serial_room;
         loop {
-            let room = demand.serial_room;
             let next = match self.due_here(at)? {
                 Some(Event::TimerTick) => Input::TimerTick,
                 Some(Event::SerialIn { bytes }) if bytes.len() <= room => {
+                    room -= bytes.len();
                     Input::Serial(bytes.clone())
                 }
                 Some(Event::SerialIn { bytes }) => {
@@ -266,6 +267,11 @@ impl<S: RecordSource, O: Write> Timeline for Replay<S, O> {
     }
 
     fn finish(&mut self, at: &Position, ending: Ending, d: &StateDigest) -> Result<(), Error> {
+        let (what, want) = match ending {
+            Ending::PowerOff(code) => (format!("power off {code}"), Event::PowerOff { code }),
+            Ending::Stopped => ("stop".to_string(), Event::Stop),
+        };
+        self.expect(at, &what, |e| *e == want)?;
         self.digest(
             at,
             &StateDigest {
@@ -273,11 +279,6 @@ impl<S: RecordSource, O: Write> Timeline for Replay<S, O> {
                 ..*d
             },
         )?;
-        let (what, want) = match ending {
-            Ending::PowerOff(code) => (format!("power off {code}"), Event::PowerOff { code }),
-            Ending::Stopped => ("stop".to_string(), Event::Stop),
-        };
-        self.expect(at, &what, |e| *e == want)?;
         if let Some(rec) = self.source.peek()? {
             let (seq, expected) = (rec.seq, describe(rec));
             return Err(Error::Divergence {
