@@ -1,11 +1,12 @@
 //! Duet's replication channel between primary and backup.
 //!
-//! For now this crate holds the log record format ([`log`]): the records
-//! that `duet record` writes to a file and `duet replay` reads back, framed
-//! so that the same bytes can be streamed. The primary-to-backup transport
-//! (streaming those frames over TCP, acknowledgements for the Output Rule,
-//! heartbeats) will live here too; see docs/ARCHITECTURE.md.
+//! - [`log`]: the log record format. `duet record` writes it to a file and
+//!   `duet replay` reads it back; the primary streams exactly these frames.
+//! - [`channel`]: the transport that streams them over TCP (handshake,
+//!   batching, acknowledgements for the Output Rule, heartbeats, flow
+//!   control).
 
+pub mod channel;
 pub mod log;
 
 pub use log::{
