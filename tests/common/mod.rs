@@ -141,3 +141,127 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Encodes one command as a RESP2 multibulk request.
+pub fn resp_command(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// One RESP2 reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Simple(String),
+    Error(String),
+    Integer(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Reply>>),
+}
+
+impl Reply {
+    /// A bulk string reply holding `s`.
+    pub fn bulk(s: &str) -> Reply {
+        Reply::Bulk(Some(s.as_bytes().to_vec()))
+    }
+}
+
+/// Parses one reply from the front of `buf`: the reply and the bytes it
+/// took, or `None` if `buf` holds only part of one. Panics on bytes that
+/// are not RESP2.
+pub fn parse_reply(buf: &[u8]) -> Option<(Reply, usize)> {
+    let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let line = std::str::from_utf8(&buf[1..line_end])
+        .unwrap_or_else(|_| panic!("reply line is not UTF-8: {buf:?}"));
+    let after = line_end + 2;
+    let number = || -> i64 {
+        line.parse()
+            .unwrap_or_else(|_| panic!("bad number in reply line {line:?}"))
+    };
+    match buf.first()? {
+        b'+' => Some((Reply::Simple(line.to_string()), after)),
+        b'-' => Some((Reply::Error(line.to_string()), after)),
+        b':' => Some((Reply::Integer(number()), after)),
+        b'$' => {
+            let n = number();
+            if n < 0 {
+                return Some((Reply::Bulk(None), after));
+            }
+            let end = after + n as usize;
+            if buf.len() < end + 2 {
+                return None;
+            }
+            assert_eq!(&buf[end..end + 2], b"\r\n", "bulk reply not terminated");
+            Some((Reply::Bulk(Some(buf[after..end].to_vec())), end + 2))
+        }
+        b'*' => {
+            let n = number();
+            if n < 0 {
+                return Some((Reply::Array(None), after));
+            }
+            let mut items = Vec::new();
+            let mut used = after;
+            for _ in 0..n {
+                let (item, len) = parse_reply(&buf[used..])?;
+                items.push(item);
+                used += len;
+            }
+            Some((Reply::Array(Some(items)), used))
+        }
+        other => panic!("not a RESP2 reply: first byte {other:#x} in {buf:?}"),
+    }
+}
+
+/// Reads exactly `n` replies from `stream` within `limit`; panics if they
+/// do not all arrive in time or if more bytes follow the last one.
+pub fn read_replies(stream: &mut TcpStream, n: usize, limit: Duration) -> Vec<Reply> {
+    let end = Instant::now() + limit;
+    let mut buf = Vec::new();
+    let mut replies = Vec::with_capacity(n);
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        while replies.len() < n {
+            let Some((reply, used)) = parse_reply(&buf) else {
+                break;
+            };
+            replies.push(reply);
+            buf.drain(..used);
+        }
+        if replies.len() == n {
+            assert!(buf.is_empty(), "bytes after the last reply: {buf:?}");
+            return replies;
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "only {} of {n} replies within {limit:?}",
+            replies.len()
+        );
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut chunk) {
+            Ok(0) => panic!("connection closed after {} of {n} replies", replies.len()),
+            Ok(got) => buf.extend_from_slice(&chunk[..got]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => panic!("read failed after {} of {n} replies: {e}", replies.len()),
+        }
+    }
+}
+
+/// Connects to `addr` with bounded connect, read and write times.
+pub fn connect(addr: SocketAddr, limit: Duration) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&addr, limit)
+        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
+    stream.set_write_timeout(Some(limit)).unwrap();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    stream
+}
