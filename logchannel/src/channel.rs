@@ -182,10 +182,24 @@ impl Default for ChannelConfig {
 
 /// Shared, thread-safe view of a link: what it has sent, what is acked, how
 /// far the backup has replayed, and whether it failed.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct LinkState {
     inner: Mutex<LinkCounters>,
     changed: Condvar,
+    /// Called on the channel thread whenever the backup reports progress,
+    /// so that lag is measured when the report arrives, not when polled.
+    on_progress: Mutex<Option<ProgressHook>>,
+}
+
+/// See [`LinkState::on_progress`].
+pub type ProgressHook = Box<dyn Fn(u64) + Send>;
+
+impl std::fmt::Debug for LinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkState")
+            .field("counters", &self.snapshot())
+            .finish()
+    }
 }
 
 /// A snapshot of a link's counters.
@@ -258,6 +272,24 @@ impl LinkState {
     pub fn set_replayed_exit(&self, exit: u64) {
         let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         c.replayed_exit = exit;
+    }
+
+    /// Installs the hook called with the backup's executed exit each time
+    /// it reports one (primary side).
+    pub fn on_progress(&self, hook: ProgressHook) {
+        *self.on_progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    fn progress(&self, exit: u64) {
+        self.update(|c| c.replayed_exit = c.replayed_exit.max(exit));
+        if let Some(hook) = self
+            .on_progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            hook(exit);
+        }
     }
 }
 
@@ -478,13 +510,13 @@ async fn primary_io(
                 Message::Ack {
                     received,
                     replayed_exit,
-                } => reader_state.update(|c| {
-                    c.acked = c.acked.max(received.map_or(0, |s| s + 1));
-                    c.replayed_exit = c.replayed_exit.max(replayed_exit);
-                }),
-                Message::Heartbeat { replayed_exit } => reader_state.update(|c| {
-                    c.replayed_exit = c.replayed_exit.max(replayed_exit);
-                }),
+                } => {
+                    reader_state.update(|c| {
+                        c.acked = c.acked.max(received.map_or(0, |s| s + 1));
+                    });
+                    reader_state.progress(replayed_exit);
+                }
+                Message::Heartbeat { replayed_exit } => reader_state.progress(replayed_exit),
                 Message::Bye => return Ok(()),
                 other => return Err(format!("unexpected message from the backup: {other:?}")),
             }
@@ -540,6 +572,7 @@ async fn primary_io(
 pub struct BackupLink {
     records: mpsc::Receiver<Record>,
     state: Arc<LinkState>,
+    reports: mpsc::Sender<Message>,
     _thread: JoinHandle<()>,
 }
 
@@ -572,19 +605,34 @@ impl BackupLink {
         })?;
         let state = Arc::new(LinkState::default());
         let (tx, rx) = mpsc::channel(config.backup_queue);
+        let (out_tx, out_rx) = mpsc::channel::<Message>(64);
         let st = state.clone();
+        let reports = out_tx.clone();
         let thread = std::thread::Builder::new()
             .name("logchannel-backup".into())
-            .spawn(move || rt.block_on(backup_io(rd, wr, tx, st, config, offset)))?;
+            .spawn(move || {
+                rt.block_on(backup_io(rd, wr, tx, (out_tx, out_rx), st, config, offset))
+            })?;
         Ok(BackupLink {
             records: rx,
             state,
+            reports,
             _thread: thread,
         })
     }
 
     pub fn state(&self) -> Arc<LinkState> {
         self.state.clone()
+    }
+
+    /// Tells the primary at once how far this backup has executed (used
+    /// when it catches up and is about to wait, so that lag is measured at
+    /// that moment rather than at the next heartbeat).
+    pub fn report_progress(&self, exit: u64) {
+        self.state.set_replayed_exit(exit);
+        let _ = self.reports.try_send(Message::Heartbeat {
+            replayed_exit: exit,
+        });
     }
 
     /// The next record, blocking until one arrives. `Ok(None)`: the primary
@@ -607,9 +655,14 @@ impl BackupLink {
     }
 
     fn end(&self) -> Result<Option<Record>, Error> {
-        match self.state.failure() {
-            Some(f) => Err(Error::Failed(f)),
-            None => Ok(None),
+        // The queue closes a moment before the channel thread records why.
+        let c = self.state.wait_until(Duration::from_secs(2), |c| c.closed);
+        match (c.failure, c.closed) {
+            (Some(f), _) => Err(Error::Failed(f)),
+            (None, true) => Ok(None),
+            (None, false) => Err(Error::Failed(
+                "the log channel ended without a goodbye".into(),
+            )),
         }
     }
 
@@ -623,11 +676,11 @@ async fn backup_io(
     mut rd: OwnedReadHalf,
     mut wr: OwnedWriteHalf,
     records: mpsc::Sender<Record>,
+    (out_tx, mut out_rx): (mpsc::Sender<Message>, mpsc::Receiver<Message>),
     state: Arc<LinkState>,
     config: ChannelConfig,
     mut offset: u64,
 ) {
-    let (out_tx, mut out_rx) = mpsc::channel::<Message>(64);
     let reader_state = state.clone();
     let reader = async move {
         let mut next_seq = 0u64;
@@ -715,9 +768,23 @@ async fn backup_io(
             }
         }
     };
-    let (r, w) = tokio::join!(reader, writer);
-    if let Err(why) = r.and(w) {
-        state.fail(why);
+    tokio::pin!(reader);
+    tokio::pin!(writer);
+    tokio::select! {
+        r = &mut reader => match r {
+            Err(why) => state.fail(why),
+            // Bye received and queued for the writer: let it say Bye back.
+            Ok(()) => {
+                if let Ok(Err(why)) = tokio::time::timeout(config.timeout, &mut writer).await {
+                    state.fail(why);
+                }
+            }
+        },
+        w = &mut writer => {
+            if let Err(why) = w {
+                state.fail(why);
+            }
+        }
     }
 }
 

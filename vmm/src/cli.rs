@@ -3,11 +3,18 @@
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
+use logchannel::channel::{self, BackupLink, ChannelConfig, Hello, PrimaryLink};
 use logchannel::{Header, LogReader, LogWriter};
 
+use crate::ft::backup::StreamSource;
+use crate::ft::metrics::{self, Metrics, Role};
+use crate::ft::primary::ChannelSink;
 use crate::images;
 use crate::machine::{self, MachineConfig};
 use crate::serial_backend::{self, SerialSpec};
@@ -174,6 +181,142 @@ pub fn replay(opts: &ReplayOptions) -> anyhow::Result<u8> {
         }
         other => other?,
     };
+    print_final_state(&vcpu.stats());
+    Ok(report(&outcome))
+}
+
+/// Options shared by `duet primary` and `duet backup`.
+#[derive(Debug, Clone)]
+pub struct PairOptions {
+    pub vm_id: String,
+    pub epoch: u64,
+    pub heartbeat_ms: u64,
+    pub timeout_ms: u64,
+    /// Serve Prometheus text here, if given.
+    pub metrics: Option<SocketAddr>,
+}
+
+impl PairOptions {
+    fn channel_config(&self) -> ChannelConfig {
+        ChannelConfig {
+            heartbeat: Duration::from_millis(self.heartbeat_ms.max(1)),
+            timeout: Duration::from_millis(self.timeout_ms.max(1)),
+            ..ChannelConfig::default()
+        }
+    }
+
+    fn hello(&self, role: channel::Role, config: &MachineConfig) -> Hello {
+        Hello {
+            protocol: channel::PROTOCOL_VERSION,
+            role,
+            vm_id: self.vm_id.clone(),
+            image_hash: logchannel::image_hash(&config.image),
+            machine: machine::describe(config),
+            epoch: self.epoch,
+        }
+    }
+
+    fn metrics(&self, role: Role) -> anyhow::Result<Arc<Metrics>> {
+        let m = Metrics::new(role, self.epoch);
+        if let Some(addr) = self.metrics {
+            metrics::serve(addr, m.clone())?;
+        }
+        Ok(m)
+    }
+}
+
+/// Options of `duet primary`.
+#[derive(Debug, Clone)]
+pub struct PrimaryOptions {
+    pub run: RunOptions,
+    pub backup: SocketAddr,
+    pub pair: PairOptions,
+    pub digest_interval_ms: u64,
+    /// How long to keep trying to reach the backup at start.
+    pub connect_timeout_ms: u64,
+}
+
+/// `duet primary`: runs the guest live and streams its log to the backup;
+/// output leaves only once the backup has acknowledged the log up to it.
+pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
+    let config = machine_config(&opts.run)?;
+    let metrics = opts.pair.metrics(Role::Primary)?;
+    let hello = opts.pair.hello(channel::Role::Primary, &config);
+    let link = PrimaryLink::connect(
+        opts.backup,
+        hello,
+        opts.pair.channel_config(),
+        Duration::from_millis(opts.connect_timeout_ms),
+    )?;
+    let world = open_world(&opts.run)?;
+    let Some(out) = world.output_sender() else {
+        bail!("the serial output is closed");
+    };
+    install_stop_handler();
+    let every =
+        (opts.digest_interval_ms > 0).then(|| Duration::from_millis(opts.digest_interval_ms));
+    let timeline = Record::new(world, ChannelSink::new(link, metrics.clone(), out), every);
+    let mut vcpu = machine::build(&config, Box::new(timeline))
+        .with_context(|| format!("cannot boot {:?}", opts.run.image))?;
+    let outcome = vcpu.run().context("primary stopped")?;
+    tracing::info!("primary: {}", metrics.summary());
+    print_final_state(&vcpu.stats());
+    Ok(report(&outcome))
+}
+
+/// Options of `duet backup`.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub image: String,
+    pub mem_size: u64,
+    pub listen: SocketAddr,
+    pub pair: PairOptions,
+    /// The backup's own (dropped) serial output is written here, if given.
+    pub transcript: Option<PathBuf>,
+    pub kvm_path: PathBuf,
+}
+
+/// `duet backup`: boots the same image and replays the primary's stream,
+/// never executing past what the primary has declared complete. It drops
+/// its output and opens no outside device.
+pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
+    let config = MachineConfig {
+        image: load_image(&opts.image)?,
+        mem_size: opts.mem_size,
+        kvm_path: opts.kvm_path.clone(),
+    };
+    let metrics = opts.pair.metrics(Role::Backup)?;
+    let hello = opts.pair.hello(channel::Role::Backup, &config);
+    let output: Box<dyn Write> = match &opts.transcript {
+        Some(p) => Box::new(BufWriter::new(
+            File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => Box::new(std::io::sink()),
+    };
+    // Fail fast on a bad image or no KVM, before waiting for a primary.
+    let mut probe = Some(machine::build(
+        &config,
+        Box::new(Replay::new(LoadedLog::new(Vec::new()), std::io::sink())),
+    )?);
+    probe.take();
+    tracing::info!("backup: waiting for a primary on {}", opts.listen);
+    let link = BackupLink::accept(opts.listen, hello, opts.pair.channel_config(), |e| {
+        eprintln!("duet: refused a primary: {e}");
+    })?;
+    let timeline = Replay::new(StreamSource::new(link, metrics.clone()), output);
+    let mut vcpu = machine::build(&config, Box::new(timeline))
+        .with_context(|| format!("cannot boot {:?}", opts.image))?;
+    let outcome = match vcpu.run() {
+        Err(crate::vcpu::Error::Timeline(e @ timeline::Error::Divergence { .. })) => {
+            eprintln!("duet: backup diverged from the primary: {e}");
+            return Ok(EXIT_DIVERGENCE);
+        }
+        Err(crate::vcpu::Error::Timeline(timeline::Error::Channel(e))) => {
+            bail!("lost the primary: {e}");
+        }
+        other => other?,
+    };
+    tracing::info!("backup: {}", metrics.summary());
     print_final_state(&vcpu.stats());
     Ok(report(&outcome))
 }

@@ -5,6 +5,7 @@
 pub mod boot;
 pub mod cli;
 pub mod devices;
+pub mod ft;
 pub mod images;
 pub mod kvm;
 pub mod machine;

@@ -1,5 +1,6 @@
 //! `duet`: the command line. Thin by design; the work is in the library.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -27,6 +28,10 @@ enum Command {
     Record(RecordArgs),
     /// Re-execute a recorded run from its log alone, checking every event.
     Replay(ReplayArgs),
+    /// Run a guest live and stream its log to a backup (fault-tolerant pair).
+    Primary(PrimaryArgs),
+    /// Boot the same guest and replay the primary's stream as it arrives.
+    Backup(BackupArgs),
     /// List the embedded guest images.
     Images,
 }
@@ -76,6 +81,75 @@ struct RecordArgs {
 }
 
 #[derive(Args)]
+struct PairArgs {
+    /// Names the fault-tolerant VM; primary and backup must agree.
+    #[arg(long)]
+    vm_id: String,
+    /// Pairing epoch; primary and backup must agree.
+    #[arg(long, default_value_t = 1)]
+    epoch: u64,
+    /// Heartbeat interval on the log channel, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    heartbeat_ms: u64,
+    /// Silence on the log channel longer than this is a failure.
+    #[arg(long, default_value_t = 1000)]
+    timeout_ms: u64,
+    /// Serve status as Prometheus text over HTTP on this address.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+}
+
+impl PairArgs {
+    fn options(self) -> cli::PairOptions {
+        cli::PairOptions {
+            vm_id: self.vm_id,
+            epoch: self.epoch,
+            heartbeat_ms: self.heartbeat_ms,
+            timeout_ms: self.timeout_ms,
+            metrics: self.metrics,
+        }
+    }
+}
+
+#[derive(Args)]
+struct PrimaryArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    pair: PairArgs,
+    /// The backup's log channel address.
+    #[arg(long)]
+    backup: SocketAddr,
+    /// Log a state digest this often, in milliseconds (0: only on request).
+    #[arg(long, default_value_t = 500)]
+    digest_interval_ms: u64,
+    /// How long to keep trying to reach the backup at start.
+    #[arg(long, default_value_t = 10_000)]
+    connect_timeout_ms: u64,
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// The same image as the primary's (name or path).
+    #[arg(long)]
+    image: String,
+    /// Guest memory; must equal the primary's.
+    #[arg(long, default_value = "64M", value_parser = parse_mem_size)]
+    mem: u64,
+    /// Where to listen for the primary's log channel.
+    #[arg(long)]
+    listen: SocketAddr,
+    #[command(flatten)]
+    pair: PairArgs,
+    /// Write the backup's own serial output (dropped otherwise) to this file.
+    #[arg(long)]
+    transcript: Option<PathBuf>,
+    /// The KVM device.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm: PathBuf,
+}
+
+#[derive(Args)]
 struct ReplayArgs {
     /// The image the log was recorded from (name or path).
     #[arg(long)]
@@ -109,6 +183,21 @@ fn main() -> ExitCode {
             log: a.log,
             mem_size: a.mem,
             output: a.output,
+            kvm_path: a.kvm,
+        }),
+        Command::Primary(a) => cli::primary(&cli::PrimaryOptions {
+            run: a.run.options(),
+            backup: a.backup,
+            pair: a.pair.options(),
+            digest_interval_ms: a.digest_interval_ms,
+            connect_timeout_ms: a.connect_timeout_ms,
+        }),
+        Command::Backup(a) => cli::backup(&cli::BackupOptions {
+            image: a.image,
+            mem_size: a.mem,
+            listen: a.listen,
+            pair: a.pair.options(),
+            transcript: a.transcript,
             kvm_path: a.kvm,
         }),
         Command::Images => {

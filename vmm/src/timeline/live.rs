@@ -223,6 +223,20 @@ impl World {
         }
     }
 
+    /// A sender for serial output to the world, for a thread that releases
+    /// held output later (the Output Rule).
+    pub fn output_sender(&self) -> Option<std::sync::mpsc::SyncSender<Vec<u8>>> {
+        self.output.as_ref().map(|o| o.output.clone())
+    }
+
+    /// Writes serial output to the transcript only.
+    pub fn write_transcript(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        if let Some(t) = self.transcript.as_mut() {
+            t.write_all(bytes).map_err(Error::Transcript)?;
+        }
+        Ok(())
+    }
+
     /// Flushes the transcript and waits until all output was written.
     pub fn close(&mut self) -> Result<(), Error> {
         if let Some(t) = self.transcript.as_mut() {

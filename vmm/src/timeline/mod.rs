@@ -81,6 +81,8 @@ pub enum Error {
     LogEnded { at: Position, last_seq: Option<u64> },
     #[error(transparent)]
     Log(#[from] logchannel::Error),
+    #[error("log channel: {0}")]
+    Channel(String),
     #[error("writing the transcript failed: {0}")]
     Transcript(#[source] std::io::Error),
     #[error("the guest is idle with interrupts that can never arrive (no timer, input closed)")]

@@ -26,8 +26,17 @@ pub trait LogSink {
     /// Serial output produced at `pos`; the sink releases it to `world`
     /// when the Output Rule allows.
     fn output(&mut self, pos: &Position, bytes: Vec<u8>, world: &mut World) -> Result<(), Error>;
-    /// Makes everything appended durable or delivered.
+    /// Sends or writes what was appended so far.
     fn flush(&mut self) -> Result<(), Error>;
+    /// Every event at exits up to `exit` has been appended: a replicating
+    /// sink may tell the backup it can execute that far (a horizon).
+    fn complete_through(&mut self, _exit: u64) -> Result<(), Error> {
+        Ok(())
+    }
+    /// The run ended: flush, and wait until what was appended is safe.
+    fn finish(&mut self) -> Result<(), Error> {
+        self.flush()
+    }
 }
 
 /// A log file: output is released at once (nobody replicates it).
@@ -155,6 +164,10 @@ impl<S: LogSink> Timeline for Record<S> {
         self.sink.output(at, bytes, &mut self.world)
     }
 
+    fn before_run(&mut self, next_exit: u64) -> Result<(), Error> {
+        self.sink.complete_through(next_exit - 1)
+    }
+
     fn stop_here(&mut self, _at: &Position) -> Result<bool, Error> {
         Ok(stop_requested())
     }
@@ -168,7 +181,7 @@ impl<S: LogSink> Timeline for Record<S> {
         };
         self.sink.append(at, event)?;
         self.digest(at, d)?;
-        self.sink.flush()?;
+        self.sink.finish()?;
         self.world.close()
     }
 }
