@@ -1,0 +1,223 @@
+//! A blocking client for the VMM's threads.
+//!
+//! Why blocking and std only: the VMM calls the arbiter from its failover
+//! path on plain threads, rarely, and must not need a runtime for it. Each
+//! call opens its own connection, so there is no connection state to go
+//! stale across a partition; every step is bounded by the client's timeout.
+//!
+//! Retrying is the caller's business. [`ClientError::Unreachable`] means the
+//! request was never sent; [`ClientError::Io`] means it may or may not have
+//! been decided. Retrying `test_and_set` is safe after either, because the
+//! holder asking again is granted again.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+
+pub use crate::protocol::{Claim, Status, VmStatus};
+use crate::protocol::{Request, MAX_LINE};
+
+/// Why a call did not produce an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Connecting failed or timed out; nothing was sent.
+    #[error("arbiter at {addr} unreachable")]
+    Unreachable {
+        /// The arbiter's address.
+        addr: SocketAddr,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Sending the request or reading the reply failed or timed out.
+    #[error("arbiter I/O")]
+    Io(#[from] io::Error),
+    /// The reply is not what the protocol promises.
+    #[error("bad reply from arbiter: {0}")]
+    Protocol(String),
+    /// The arbiter answered with an error.
+    #[error("arbiter refused: {0}")]
+    Server(String),
+}
+
+impl ClientError {
+    /// Whether the same call may simply be tried again (the arbiter was not
+    /// reached, or the exchange was cut off).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ClientError::Unreachable { .. } | ClientError::Io(_))
+    }
+}
+
+/// Talks to one arbiter.
+#[derive(Debug, Clone)]
+pub struct Client {
+    addr: SocketAddr,
+    timeout: Duration,
+}
+
+#[derive(Deserialize)]
+struct EpochReply {
+    epoch: u64,
+}
+
+impl Client {
+    /// A client for the arbiter at `addr`; `timeout` bounds the connect, the
+    /// send and the wait for the reply, each (at least 1 ms).
+    pub fn new(addr: SocketAddr, timeout: Duration) -> Client {
+        Client {
+            addr,
+            timeout: timeout.max(Duration::from_millis(1)),
+        }
+    }
+
+    /// The arbiter's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Claims `(vm_id, epoch)` for `claimant`. `granted` says whether the
+    /// caller may go live.
+    pub fn test_and_set(
+        &self,
+        vm_id: &str,
+        epoch: u64,
+        claimant: &str,
+    ) -> Result<Claim, ClientError> {
+        let claim: Claim = self.call(&Request::TestAndSet {
+            vm_id: vm_id.to_owned(),
+            epoch,
+            claimant: claimant.to_owned(),
+        })?;
+        if claim.epoch != epoch {
+            return Err(ClientError::Protocol(format!(
+                "claimed epoch {epoch}, reply is about epoch {}",
+                claim.epoch
+            )));
+        }
+        Ok(claim)
+    }
+
+    /// Starts the next pairing epoch of `vm_id` and returns it.
+    pub fn new_epoch(&self, vm_id: &str) -> Result<u64, ClientError> {
+        let reply: EpochReply = self.call(&Request::NewEpoch {
+            vm_id: vm_id.to_owned(),
+        })?;
+        Ok(reply.epoch)
+    }
+
+    /// Everything the arbiter has decided.
+    pub fn status(&self) -> Result<Status, ClientError> {
+        self.call(&Request::Status)
+    }
+
+    /// One exchange on a fresh connection.
+    fn call<T: DeserializeOwned>(&self, request: &Request) -> Result<T, ClientError> {
+        let mut stream =
+            TcpStream::connect_timeout(&self.addr, self.timeout).map_err(|source| {
+                ClientError::Unreachable {
+                    addr: self.addr,
+                    source,
+                }
+            })?;
+        stream.set_read_timeout(Some(self.timeout))?;
+        stream.set_write_timeout(Some(self.timeout))?;
+        stream.set_nodelay(true)?;
+        stream.write_all(&request.to_line())?;
+        let cap = u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1;
+        let mut reader = BufReader::new(stream.take(cap));
+        let mut line = Vec::new();
+        reader.read_until(b'\n', &mut line)?;
+        if line.pop() != Some(b'\n') {
+            return Err(ClientError::Protocol(if line.is_empty() {
+                "connection closed without a reply".to_owned()
+            } else {
+                "reply cut short or too long".to_owned()
+            }));
+        }
+        parse_reply(&line)
+    }
+}
+
+/// Checks `ok` and decodes the rest of a reply line.
+fn parse_reply<T: DeserializeOwned>(line: &[u8]) -> Result<T, ClientError> {
+    let value: Value =
+        serde_json::from_slice(line).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    match value.get("ok").and_then(Value::as_bool) {
+        Some(true) => {
+            serde_json::from_value(value).map_err(|e| ClientError::Protocol(e.to_string()))
+        }
+        Some(false) => Err(ClientError::Server(
+            value
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("(no message)")
+                .to_owned(),
+        )),
+        None => Err(ClientError::Protocol(
+            "reply lacks a boolean \"ok\"".to_owned(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn replies_decode_or_say_why_not() {
+        let claim: Claim =
+            parse_reply(br#"{"ok":true,"granted":false,"holder":"a","epoch":3}"#).expect("claim");
+        assert_eq!(
+            claim,
+            Claim {
+                granted: false,
+                holder: "a".into(),
+                epoch: 3
+            }
+        );
+        assert!(matches!(
+            parse_reply::<Claim>(br#"{"ok":false,"error":"nope"}"#),
+            Err(ClientError::Server(m)) if m == "nope"
+        ));
+        assert!(matches!(
+            parse_reply::<Claim>(br#"{"ok":true,"granted":1}"#),
+            Err(ClientError::Protocol(_))
+        ));
+        assert!(matches!(
+            parse_reply::<Claim>(b"\xff"),
+            Err(ClientError::Protocol(_))
+        ));
+        assert!(matches!(
+            parse_reply::<Claim>(br#"{"granted":true}"#),
+            Err(ClientError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn a_closed_port_is_unreachable() {
+        let addr = {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.local_addr().expect("addr")
+        };
+        let client = Client::new(addr, Duration::from_secs(2));
+        let err = client.status().expect_err("nobody listens");
+        assert!(matches!(err, ClientError::Unreachable { .. }), "{err:?}");
+        assert!(err.is_retryable());
+    }
+
+    #[test]
+    fn a_silent_server_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = Client::new(
+            listener.local_addr().expect("addr"),
+            Duration::from_millis(200),
+        );
+        let err = client.new_epoch("kv1").expect_err("no reply comes");
+        assert!(matches!(err, ClientError::Io(_)), "{err:?}");
+        drop(listener);
+    }
+}
