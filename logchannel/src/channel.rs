@@ -123,7 +123,9 @@ impl Hello {
                 theirs.machine, self.machine
             ));
         }
-        if theirs.epoch != self.epoch {
+        // Epoch 0 on a backup means "adopt the primary's" (the primary got
+        // it from the arbiter's new_epoch).
+        if theirs.epoch != self.epoch && theirs.epoch != 0 && self.epoch != 0 {
             return Some(format!(
                 "epoch {} does not match ours ({})",
                 theirs.epoch, self.epoch
@@ -340,7 +342,7 @@ async fn handshake(
     wr: &mut OwnedWriteHalf,
     ours: &Hello,
     offset: &mut u64,
-) -> Result<(), Error> {
+) -> Result<Hello, Error> {
     let mut buf = Vec::new();
     write_message(wr, &Message::Hello(ours.clone()), &mut buf).await?;
     let theirs = match read_message(rd, offset).await? {
@@ -359,17 +361,27 @@ async fn handshake(
                 let _ = wr.shutdown().await;
                 return Err(Error::Mismatch(reason));
             }
-            write_message(wr, &Message::Welcome, &mut buf).await
+            write_message(wr, &Message::Welcome, &mut buf).await?;
+            Ok(theirs)
         }
         Role::Primary => match read_message(rd, offset).await? {
             Message::Welcome => match problem {
                 // The backup accepted a peer we do not accept: say so.
                 Some(reason) => Err(Error::Mismatch(reason)),
-                None => Ok(()),
+                None => Ok(theirs),
             },
             Message::Refuse { reason } => Err(Error::Refused(reason)),
             other => Err(Error::Failed(format!("expected Welcome, got {other:?}"))),
         },
+    }
+}
+
+/// The message of an error without the "log channel failed" prefix, for
+/// recording as the link's failure (which is wrapped again when reported).
+fn plain(e: Error) -> String {
+    match e {
+        Error::Failed(why) => why,
+        other => other.to_string(),
     }
 }
 
@@ -502,7 +514,7 @@ async fn primary_io(
                         last_heard.elapsed().as_millis()
                     ))
                 }
-                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Err(e)) => return Err(plain(e)),
                 Ok(Ok(m)) => m,
             };
             last_heard = Instant::now();
@@ -573,6 +585,7 @@ pub struct BackupLink {
     records: mpsc::Receiver<Record>,
     state: Arc<LinkState>,
     reports: mpsc::Sender<Message>,
+    peer: Hello,
     _thread: JoinHandle<()>,
 }
 
@@ -591,14 +604,14 @@ impl BackupLink {
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(addr))
             .map_err(|source| Error::Listen { addr, source })?;
-        let (rd, wr, offset) = rt.block_on(async {
+        let (rd, wr, offset, peer) = rt.block_on(async {
             loop {
                 let (stream, _peer) = listener.accept().await?;
                 stream.set_nodelay(true)?;
                 let (mut rd, mut wr) = stream.into_split();
                 let mut offset = 0;
                 match handshake(&mut rd, &mut wr, &hello, &mut offset).await {
-                    Ok(()) => return Ok::<_, Error>((rd, wr, offset)),
+                    Ok(peer) => return Ok::<_, Error>((rd, wr, offset, peer)),
                     Err(e) => on_refused(&e),
                 }
             }
@@ -617,12 +630,18 @@ impl BackupLink {
             records: rx,
             state,
             reports,
+            peer,
             _thread: thread,
         })
     }
 
     pub fn state(&self) -> Arc<LinkState> {
         self.state.clone()
+    }
+
+    /// What the primary said about itself (its epoch, notably).
+    pub fn peer(&self) -> &Hello {
+        &self.peer
     }
 
     /// Tells the primary at once how far this backup has executed (used
@@ -694,7 +713,7 @@ async fn backup_io(
                         config.timeout.as_millis()
                     ))
                 }
-                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Err(e)) => return Err(plain(e)),
                 Ok(Ok(m)) => m,
             };
             match msg {

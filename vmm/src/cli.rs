@@ -12,7 +12,8 @@ use anyhow::{bail, Context};
 use logchannel::channel::{self, BackupLink, ChannelConfig, Hello, PrimaryLink};
 use logchannel::{Header, LogReader, LogWriter};
 
-use crate::ft::backup::StreamSource;
+use crate::ft::arbiter::Arbiter;
+use crate::ft::backup::{BackupTimeline, StreamSource, Takeover};
 use crate::ft::metrics::{self, Metrics, Role};
 use crate::ft::primary::ChannelSink;
 use crate::images;
@@ -189,7 +190,13 @@ pub fn replay(opts: &ReplayOptions) -> anyhow::Result<u8> {
 #[derive(Debug, Clone)]
 pub struct PairOptions {
     pub vm_id: String,
-    pub epoch: u64,
+    /// The pairing epoch. None: the primary asks the arbiter for a new one
+    /// (or uses 1 without an arbiter); the backup adopts the primary's.
+    pub epoch: Option<u64>,
+    /// The test-and-set arbiter; without one, losing the peer halts.
+    pub tas: Option<SocketAddr>,
+    /// This process's name at the arbiter.
+    pub node: Option<String>,
     pub heartbeat_ms: u64,
     pub timeout_ms: u64,
     /// Serve Prometheus text here, if given.
@@ -205,19 +212,28 @@ impl PairOptions {
         }
     }
 
-    fn hello(&self, role: channel::Role, config: &MachineConfig) -> Hello {
+    fn hello(&self, role: channel::Role, config: &MachineConfig, epoch: u64) -> Hello {
         Hello {
             protocol: channel::PROTOCOL_VERSION,
             role,
             vm_id: self.vm_id.clone(),
             image_hash: logchannel::image_hash(&config.image),
             machine: machine::describe(config),
-            epoch: self.epoch,
+            epoch,
         }
     }
 
-    fn metrics(&self, role: Role) -> anyhow::Result<Arc<Metrics>> {
-        let m = Metrics::new(role, self.epoch);
+    fn arbiter(&self, epoch: u64, default_node: String) -> Option<Arbiter> {
+        self.tas.map(|addr| Arbiter {
+            addr,
+            vm_id: self.vm_id.clone(),
+            epoch,
+            claimant: self.node.clone().unwrap_or(default_node),
+        })
+    }
+
+    fn metrics(&self, role: Role, epoch: u64) -> anyhow::Result<Arc<Metrics>> {
+        let m = Metrics::new(role, epoch);
         if let Some(addr) = self.metrics {
             metrics::serve(addr, m.clone())?;
         }
@@ -240,14 +256,26 @@ pub struct PrimaryOptions {
 /// output leaves only once the backup has acknowledged the log up to it.
 pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
     let config = machine_config(&opts.run)?;
-    let metrics = opts.pair.metrics(Role::Primary)?;
-    let hello = opts.pair.hello(channel::Role::Primary, &config);
+    let node = format!("primary@{}", std::process::id());
+    let epoch = match (opts.pair.epoch, opts.pair.arbiter(0, node.clone())) {
+        (Some(e), _) => e,
+        (None, Some(a)) => a
+            .new_epoch()
+            .context("cannot get a pairing epoch from the arbiter")?,
+        (None, None) => 1,
+    };
+    let metrics = opts.pair.metrics(Role::Primary, epoch)?;
+    let hello = opts.pair.hello(channel::Role::Primary, &config, epoch);
     let link = PrimaryLink::connect(
         opts.backup,
         hello,
         opts.pair.channel_config(),
         Duration::from_millis(opts.connect_timeout_ms),
     )?;
+    tracing::info!(
+        "primary: paired with the backup at {}, epoch {epoch}",
+        opts.backup
+    );
     let world = open_world(&opts.run)?;
     let Some(out) = world.output_sender() else {
         bail!("the serial output is closed");
@@ -255,13 +283,38 @@ pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
     install_stop_handler();
     let every =
         (opts.digest_interval_ms > 0).then(|| Duration::from_millis(opts.digest_interval_ms));
-    let timeline = Record::new(world, ChannelSink::new(link, metrics.clone(), out), every);
+    let sink = ChannelSink::new(link, metrics.clone(), out, opts.pair.arbiter(epoch, node));
+    let timeline = Record::new(world, sink, every);
     let mut vcpu = machine::build(&config, Box::new(timeline))
         .with_context(|| format!("cannot boot {:?}", opts.run.image))?;
-    let outcome = vcpu.run().context("primary stopped")?;
+    let outcome = vcpu.run();
     tracing::info!("primary: {}", metrics.summary());
+    let outcome = ft_outcome(outcome, "backup")?;
     print_final_state(&vcpu.stats());
-    Ok(report(&outcome))
+    Ok(outcome)
+}
+
+/// Exit status when this side lost the arbiter's test-and-set and halted.
+pub const EXIT_LOST_ARBITRATION: u8 = 5;
+
+/// Maps how a fault-tolerant run ended to an exit code, with the one-line
+/// reports an operator needs.
+fn ft_outcome(outcome: Result<Outcome, crate::vcpu::Error>, peer: &str) -> anyhow::Result<u8> {
+    match outcome {
+        Ok(o) => Ok(report(&o)),
+        Err(crate::vcpu::Error::Timeline(e @ timeline::Error::Divergence { .. })) => {
+            eprintln!("duet: diverged from the primary: {e}");
+            Ok(EXIT_DIVERGENCE)
+        }
+        Err(crate::vcpu::Error::Timeline(e @ timeline::Error::LostArbitration { .. })) => {
+            eprintln!("duet: {e}");
+            Ok(EXIT_LOST_ARBITRATION)
+        }
+        Err(crate::vcpu::Error::Timeline(timeline::Error::Channel(e))) => {
+            bail!("lost the {peer} and no arbiter was given (--tas): {e}")
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Options of `duet backup`.
@@ -274,6 +327,11 @@ pub struct BackupOptions {
     /// The backup's own (dropped) serial output is written here, if given.
     pub transcript: Option<PathBuf>,
     pub kvm_path: PathBuf,
+    /// Where COM1 goes once this backup goes live (never before).
+    pub serial: SerialSpec,
+    /// A shell command run at go-live, before the serial address is
+    /// opened (for example to move a service IP to this host).
+    pub go_live_exec: Option<String>,
 }
 
 /// `duet backup`: boots the same image and replays the primary's stream,
@@ -285,40 +343,68 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
         mem_size: opts.mem_size,
         kvm_path: opts.kvm_path.clone(),
     };
-    let metrics = opts.pair.metrics(Role::Backup)?;
-    let hello = opts.pair.hello(channel::Role::Backup, &config);
+    let metrics = opts
+        .pair
+        .metrics(Role::Backup, opts.pair.epoch.unwrap_or(0))?;
+    let hello = opts
+        .pair
+        .hello(channel::Role::Backup, &config, opts.pair.epoch.unwrap_or(0));
     let output: Box<dyn Write> = match &opts.transcript {
         Some(p) => Box::new(BufWriter::new(
             File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
         )),
         None => Box::new(std::io::sink()),
     };
-    // Fail fast on a bad image or no KVM, before waiting for a primary.
-    let mut probe = Some(machine::build(
+    // The machine is built before a primary connects: a bad image or a
+    // missing KVM fails at once, and the replay starts without delay. It
+    // gets its real timeline once paired.
+    let mut vcpu = machine::build(
         &config,
         Box::new(Replay::new(LoadedLog::new(Vec::new()), std::io::sink())),
-    )?);
-    probe.take();
+    )
+    .with_context(|| format!("cannot boot {:?}", opts.image))?;
     tracing::info!("backup: waiting for a primary on {}", opts.listen);
     let link = BackupLink::accept(opts.listen, hello, opts.pair.channel_config(), |e| {
         eprintln!("duet: refused a primary: {e}");
     })?;
-    let timeline = Replay::new(StreamSource::new(link, metrics.clone()), output);
-    let mut vcpu = machine::build(&config, Box::new(timeline))
-        .with_context(|| format!("cannot boot {:?}", opts.image))?;
-    let outcome = match vcpu.run() {
-        Err(crate::vcpu::Error::Timeline(e @ timeline::Error::Divergence { .. })) => {
-            eprintln!("duet: backup diverged from the primary: {e}");
-            return Ok(EXIT_DIVERGENCE);
-        }
-        Err(crate::vcpu::Error::Timeline(timeline::Error::Channel(e))) => {
-            bail!("lost the primary: {e}");
-        }
-        other => other?,
+    let epoch = link.peer().epoch;
+    tracing::info!("backup: paired with a primary, epoch {epoch}");
+    let node = format!("backup@{}", std::process::id());
+    let (serial, exec) = (opts.serial.clone(), opts.go_live_exec.clone());
+    let takeover = Takeover {
+        arbiter: opts.pair.arbiter(epoch, node),
+        metrics: metrics.clone(),
+        open_world: Box::new(move || {
+            if let Some(cmd) = &exec {
+                run_hook(cmd)
+                    .map_err(|e| timeline::Error::Arbiter(format!("go-live command: {e}")))?;
+            }
+            let link = serial_backend::start(&serial)
+                .map_err(|e| timeline::Error::Arbiter(format!("cannot go live: {e}")))?;
+            Ok(World::new(link, None))
+        }),
     };
+    install_stop_handler();
+    let replay = Replay::new(StreamSource::new(link, metrics.clone()), output);
+    vcpu.set_timeline(Box::new(BackupTimeline::new(replay, takeover)));
+    let outcome = vcpu.run();
     tracing::info!("backup: {}", metrics.summary());
+    let outcome = ft_outcome(outcome, "primary")?;
     print_final_state(&vcpu.stats());
-    Ok(report(&outcome))
+    Ok(outcome)
+}
+
+/// Runs an operator's hook command with `sh -c`.
+fn run_hook(cmd: &str) -> Result<(), String> {
+    let status = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} exited with {status}"))
+    }
 }
 
 /// Reads and validates a whole log file.

@@ -4,6 +4,7 @@
 
 pub mod boot;
 pub mod cli;
+pub mod demo;
 pub mod devices;
 pub mod ft;
 pub mod images;

@@ -32,6 +32,10 @@ enum Command {
     Primary(PrimaryArgs),
     /// Boot the same guest and replay the primary's stream as it arrives.
     Backup(BackupArgs),
+    /// The whole mission in one command: arbiter, primary and backup as
+    /// separate processes, a checked kv workload, SIGKILL of the primary,
+    /// failover, and an account of what the client saw.
+    Demo(DemoArgs),
     /// List the embedded guest images.
     Images,
 }
@@ -85,9 +89,17 @@ struct PairArgs {
     /// Names the fault-tolerant VM; primary and backup must agree.
     #[arg(long)]
     vm_id: String,
-    /// Pairing epoch; primary and backup must agree.
-    #[arg(long, default_value_t = 1)]
-    epoch: u64,
+    /// Pairing epoch. Default: the primary asks the arbiter for a new one
+    /// (1 without an arbiter) and the backup adopts the primary's.
+    #[arg(long)]
+    epoch: Option<u64>,
+    /// The test-and-set arbiter (tas-server). Without it, losing the peer
+    /// halts this side instead of failing over.
+    #[arg(long)]
+    tas: Option<SocketAddr>,
+    /// This process's name at the arbiter (default: role@pid).
+    #[arg(long)]
+    node: Option<String>,
     /// Heartbeat interval on the log channel, in milliseconds.
     #[arg(long, default_value_t = 50)]
     heartbeat_ms: u64,
@@ -104,6 +116,8 @@ impl PairArgs {
         cli::PairOptions {
             vm_id: self.vm_id,
             epoch: self.epoch,
+            tas: self.tas,
+            node: self.node,
             heartbeat_ms: self.heartbeat_ms,
             timeout_ms: self.timeout_ms,
             metrics: self.metrics,
@@ -144,9 +158,35 @@ struct BackupArgs {
     /// Write the backup's own serial output (dropped otherwise) to this file.
     #[arg(long)]
     transcript: Option<PathBuf>,
+    /// Where COM1 goes once this backup goes live (never before).
+    #[arg(long, default_value = "none")]
+    serial: SerialSpec,
+    /// Shell command to run at go-live before opening the serial address
+    /// (e.g. moving the service IP to this host).
+    #[arg(long)]
+    go_live_exec: Option<String>,
     /// The KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     kvm: PathBuf,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Operations (one SET and one INCR each) in the whole run.
+    #[arg(long, default_value_t = 600)]
+    ops: u64,
+    /// Kill the primary after this many operations.
+    #[arg(long, default_value_t = 300)]
+    kill_after: u64,
+    /// The tas-server binary (default: next to duet).
+    #[arg(long)]
+    tas_server: Option<PathBuf>,
+    /// Keep the processes' logs in this directory.
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
+    /// Run across two-host network namespaces instead of loopback.
+    #[arg(long)]
+    netns: bool,
 }
 
 #[derive(Args)]
@@ -199,6 +239,15 @@ fn main() -> ExitCode {
             pair: a.pair.options(),
             transcript: a.transcript,
             kvm_path: a.kvm,
+            serial: a.serial,
+            go_live_exec: a.go_live_exec,
+        }),
+        Command::Demo(a) => vmm::demo::run(&vmm::demo::DemoOptions {
+            ops: a.ops,
+            kill_after: a.kill_after,
+            tas_server: a.tas_server,
+            keep_logs: a.keep_logs,
+            netns: a.netns,
         }),
         Command::Images => {
             for name in vmm::images::NAMES {

@@ -80,6 +80,12 @@ impl Vcpu {
         }
     }
 
+    /// Replaces the timeline before the run starts (a backup builds its
+    /// machine before it knows its primary).
+    pub fn set_timeline(&mut self, timeline: Box<dyn Timeline>) {
+        self.timeline = timeline;
+    }
+
     pub fn stats(&self) -> Stats {
         self.stats
     }

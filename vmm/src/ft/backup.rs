@@ -1,17 +1,24 @@
-//! The backup's record source: records stream in from the primary, and the
-//! backup never runs its vCPU past the last position the primary has
-//! declared complete (by a horizon marker, or by a record at a later exit).
+//! The backup's side of the pair.
+//!
+//! [`StreamSource`] feeds replay from the primary's stream, and never lets
+//! the vCPU run past the last position the primary has declared complete
+//! (by a horizon marker, or by a record at a later exit).
+//! [`BackupTimeline`] is replay until the primary is lost and the arbiter
+//! grants us the pair; then it replays what was received and goes live.
 
 use std::collections::VecDeque;
+use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use logchannel::channel::BackupLink;
 use logchannel::{Event, Record};
 
-use super::metrics::Metrics;
-use crate::timeline::replay::RecordSource;
-use crate::timeline::Error;
+use super::arbiter::Arbiter;
+use super::metrics::{Metrics, Role};
+use crate::timeline::live::{Live, World};
+use crate::timeline::replay::{RecordSource, Replay};
+use crate::timeline::{Demand, Ending, Error, Input, Position, StateDigest, Timeline};
 
 /// Records received but not yet replayed, and how far they reach.
 pub struct StreamSource {
@@ -21,6 +28,10 @@ pub struct StreamSource {
     /// Every event at exits up to this one has been received.
     known_exit: u64,
     last_seq: Option<u64>,
+    /// The link failed; surfaced when the backup needs more than it has.
+    failed: Option<String>,
+    /// We won the arbiter: what is buffered is all there will ever be.
+    promoted: bool,
 }
 
 impl StreamSource {
@@ -32,7 +43,26 @@ impl StreamSource {
             buffered: VecDeque::new(),
             known_exit: 0,
             last_seq: None,
+            failed: None,
+            promoted: false,
         }
+    }
+
+    /// After winning the arbiter: replay what is buffered, then nothing.
+    pub fn promote(&mut self) {
+        self.promoted = true;
+        self.known_exit = u64::MAX;
+    }
+
+    /// True once promoted and every buffered record is replayed: from here
+    /// on the answers come from the world.
+    pub fn exhausted(&self) -> bool {
+        self.promoted && self.buffered.is_empty()
+    }
+
+    /// Records replayed so far.
+    pub fn replayed(&self) -> u64 {
+        self.last_seq.map_or(0, |s| s + 1)
     }
 
     fn take(&mut self, rec: Record) {
@@ -46,28 +76,26 @@ impl StreamSource {
         }
     }
 
-    /// Moves whatever has arrived into the buffer, without blocking.
-    fn drain(&mut self) -> Result<(), Error> {
-        while let Some(rec) = self
-            .link
-            .try_recv()
-            .map_err(|e| Error::Channel(e.to_string()))?
-        {
-            self.take(rec);
+    /// Moves whatever has arrived into the buffer, without blocking. A
+    /// failed link is remembered, not reported: what arrived before the
+    /// failure is still replayed first.
+    fn drain(&mut self) {
+        if self.failed.is_some() || self.promoted {
+            return;
         }
-        if self.link.is_finished() {
-            self.end()?;
-        }
-        Ok(())
-    }
-
-    /// The primary said goodbye: everything is known.
-    fn end(&mut self) -> Result<(), Error> {
-        match self.link.try_recv() {
-            Err(e) => Err(Error::Channel(e.to_string())),
-            Ok(_) => {
-                self.known_exit = u64::MAX;
-                Ok(())
+        loop {
+            match self.link.try_recv() {
+                Ok(Some(rec)) => self.take(rec),
+                Ok(None) if self.link.is_finished() => {
+                    // The primary said goodbye: everything is known.
+                    self.known_exit = u64::MAX;
+                    return;
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.failed = Some(e.to_string());
+                    return;
+                }
             }
         }
     }
@@ -76,7 +104,7 @@ impl StreamSource {
 impl RecordSource for StreamSource {
     fn peek(&mut self) -> Result<Option<&Record>, Error> {
         if self.buffered.is_empty() {
-            self.drain()?;
+            self.drain();
         }
         Ok(self.buffered.front())
     }
@@ -95,13 +123,13 @@ impl RecordSource for StreamSource {
         // Caught up: say so now, so the primary measures lag at this moment.
         self.link.report_progress(exit - 1);
         while self.known_exit < exit {
-            match self
-                .link
-                .recv()
-                .map_err(|e| Error::Channel(e.to_string()))?
-            {
-                Some(rec) => self.take(rec),
-                None => self.known_exit = u64::MAX,
+            if let Some(why) = &self.failed {
+                return Err(Error::Channel(why.clone()));
+            }
+            match self.link.recv() {
+                Ok(Some(rec)) => self.take(rec),
+                Ok(None) => self.known_exit = u64::MAX,
+                Err(e) => self.failed = Some(e.to_string()),
             }
         }
         self.link.state().set_replayed_exit(exit - 1);
@@ -110,5 +138,172 @@ impl RecordSource for StreamSource {
 
     fn last_seq(&self) -> Option<u64> {
         self.last_seq
+    }
+}
+
+/// What a backup needs to take over when it loses its primary.
+pub struct Takeover {
+    /// Without an arbiter, losing the primary halts the backup.
+    pub arbiter: Option<Arbiter>,
+    pub metrics: Arc<Metrics>,
+    /// Opens the world (the serial service address) at go-live; never
+    /// before, since a backup touches no outside device while it replays.
+    pub open_world: Box<dyn FnMut() -> Result<World, Error>>,
+}
+
+/// The backup's timeline: replay from the stream until the primary is lost
+/// and the arbiter grants us the pair; then replay what was received and go
+/// live, answering from the world as a primary without a backup. Going
+/// live is this swap of one door for another at a known position; the
+/// vCPU loop does not know it happened.
+pub struct BackupTimeline<O: Write> {
+    replay: Replay<StreamSource, O>,
+    live: Option<Live>,
+    takeover: Takeover,
+}
+
+impl<O: Write> BackupTimeline<O> {
+    pub fn new(replay: Replay<StreamSource, O>, takeover: Takeover) -> Self {
+        BackupTimeline {
+            replay,
+            live: None,
+            takeover,
+        }
+    }
+
+    /// The live timeline, once promoted and the received log is used up.
+    fn live_now(&mut self) -> Option<&mut Live> {
+        if self.replay.source().exhausted() {
+            self.live.as_mut()
+        } else {
+            None
+        }
+    }
+
+    fn go_live(&mut self, next_exit: u64, why: String) -> Result<(), Error> {
+        let Some(arbiter) = &self.takeover.arbiter else {
+            return Err(Error::Channel(why));
+        };
+        arbiter.claim(&format!("lost the primary ({why})"), &self.takeover.metrics)?;
+        let world = (self.takeover.open_world)()?;
+        self.replay.source_mut().promote();
+        self.live = Some(Live::new(world));
+        self.takeover.metrics.set_role(Role::Primary);
+        tracing::warn!(
+            "backup: going live before exit {next_exit}, after replaying {} records ({} still buffered)",
+            self.replay.source().replayed(),
+            self.replay.source().buffered.len()
+        );
+        Ok(())
+    }
+}
+
+impl<O: Write> Timeline for BackupTimeline<O> {
+    fn clock_ns(&mut self, at: &Position) -> Result<u64, Error> {
+        match self.live_now() {
+            Some(l) => l.clock_ns(at),
+            None => self.replay.clock_ns(at),
+        }
+    }
+
+    fn wall_clock(&mut self, at: &Position) -> Result<i64, Error> {
+        match self.live_now() {
+            Some(l) => l.wall_clock(at),
+            None => self.replay.wall_clock(at),
+        }
+    }
+
+    fn entropy(&mut self, at: &Position) -> Result<u64, Error> {
+        match self.live_now() {
+            Some(l) => l.entropy(at),
+            None => self.replay.entropy(at),
+        }
+    }
+
+    fn inputs(
+        &mut self,
+        at: &Position,
+        demand: &Demand,
+        out: &mut Vec<Input>,
+    ) -> Result<(), Error> {
+        if self.live.is_none() {
+            return self.replay.inputs(at, demand, out);
+        }
+        // Promoted: what is still buffered at this exit first, then the world.
+        let first = out.len();
+        if !self.replay.source().exhausted() {
+            let replay_demand = Demand {
+                idle: false,
+                ..*demand
+            };
+            self.replay.inputs(at, &replay_demand, out)?;
+        }
+        let Some(live) = self.live_now() else {
+            return Ok(());
+        };
+        let room = out[first..]
+            .iter()
+            .fold(demand.serial_room, |room, i| match i {
+                Input::Serial(b) => room.saturating_sub(b.len()),
+                Input::TimerTick => room,
+            });
+        let live_demand = Demand {
+            serial_room: room,
+            idle: demand.idle && out.len() == first,
+            ..*demand
+        };
+        live.inputs(at, &live_demand, out)
+    }
+
+    fn interrupt(&mut self, at: &Position, vector: u8) -> Result<(), Error> {
+        match self.live_now() {
+            Some(l) => l.interrupt(at, vector),
+            None => self.replay.interrupt(at, vector),
+        }
+    }
+
+    fn wants_digest(&mut self, at: &Position, requested: bool) -> bool {
+        match self.live_now() {
+            Some(l) => l.wants_digest(at, requested),
+            None => self.replay.wants_digest(at, requested),
+        }
+    }
+
+    fn digest(&mut self, at: &Position, digest: &StateDigest) -> Result<(), Error> {
+        match self.live_now() {
+            Some(l) => l.digest(at, digest),
+            None => self.replay.digest(at, digest),
+        }
+    }
+
+    fn serial_output(&mut self, at: &Position, bytes: Vec<u8>) -> Result<(), Error> {
+        match self.live_now() {
+            Some(l) => l.serial_output(at, bytes),
+            None => self.replay.serial_output(at, bytes),
+        }
+    }
+
+    fn before_run(&mut self, next_exit: u64) -> Result<(), Error> {
+        if self.live.is_some() {
+            return Ok(());
+        }
+        match self.replay.before_run(next_exit) {
+            Err(Error::Channel(why)) => self.go_live(next_exit, why),
+            other => other,
+        }
+    }
+
+    fn stop_here(&mut self, at: &Position) -> Result<bool, Error> {
+        match self.live_now() {
+            Some(l) => l.stop_here(at),
+            None => self.replay.stop_here(at),
+        }
+    }
+
+    fn finish(&mut self, at: &Position, ending: Ending, digest: &StateDigest) -> Result<(), Error> {
+        match self.live.as_mut() {
+            Some(l) => l.finish(at, ending, digest),
+            None => self.replay.finish(at, ending, digest),
+        }
     }
 }

@@ -32,6 +32,20 @@ pub enum Role {
     Backup,
 }
 
+/// Where this process stands with the arbiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum ArbiterState {
+    /// Paired; nothing to claim.
+    Paired = 0,
+    /// Lost the peer; claiming (retrying while the arbiter is unreachable).
+    Claiming = 1,
+    /// Won: running alone.
+    Won = 2,
+    /// Lost: halting.
+    Lost = 3,
+}
+
 /// The counters of one process of the pair.
 pub struct Metrics {
     role: Mutex<Role>,
@@ -47,6 +61,8 @@ pub struct Metrics {
     /// Age in microseconds of the oldest held output, updated by the gate.
     pub oldest_held_us: AtomicU64,
     lag_us: Mutex<VecDeque<u64>>,
+    /// An [`ArbiterState`] as a number.
+    pub arbiter: AtomicU64,
 }
 
 impl Metrics {
@@ -61,6 +77,7 @@ impl Metrics {
             outputs_held: AtomicU64::new(0),
             oldest_held_us: AtomicU64::new(0),
             lag_us: Mutex::new(VecDeque::with_capacity(LAG_WINDOW)),
+            arbiter: AtomicU64::new(ArbiterState::Paired as u64),
         })
     }
 
@@ -191,6 +208,11 @@ impl Metrics {
                 "{:.6}",
                 self.oldest_held_us.load(Ordering::Relaxed) as f64 / 1e6
             ),
+        );
+        g(
+            "duet_arbiter_state",
+            "0 paired, 1 claiming (arbiter unreachable or answering), 2 won and alone, 3 lost",
+            self.arbiter.load(Ordering::Relaxed).to_string(),
         );
         g(
             "duet_channel_failed",

@@ -5,6 +5,7 @@
 //! the replaying timeline with a [`backup::StreamSource`] instead of a
 //! loaded log. What makes them a pair is in `logchannel::channel`.
 
+pub mod arbiter;
 pub mod backup;
 pub mod metrics;
 pub mod primary;

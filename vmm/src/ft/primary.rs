@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use logchannel::channel::{LinkState, PrimaryLink};
 use logchannel::{encode_frame, Event, Position, Record};
 
+use super::arbiter::Arbiter;
 use super::metrics::Metrics;
 use crate::timeline::live::World;
 use crate::timeline::record::LogSink;
@@ -28,6 +29,13 @@ const BATCH_BYTES: usize = 256 * 1024;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Flush history kept for lag measurement.
 const HISTORY: usize = 65_536;
+
+/// What the gate is told.
+enum GateMsg {
+    Hold(Held),
+    /// The backup is gone and we won the arbiter: nothing waits any more.
+    ReleaseAll,
+}
 
 /// Output produced after `needs` records existed.
 struct Held {
@@ -50,8 +58,12 @@ pub struct ChannelSink {
     last_flush: Instant,
     /// (horizon, when it was sent), for execution lag.
     history: Arc<Mutex<VecDeque<(u64, Instant)>>>,
-    gate: Option<Sender<Held>>,
+    gate: Option<Sender<GateMsg>>,
     monitor: Option<JoinHandle<()>>,
+    /// Who to ask when the backup is lost; without one, losing it halts.
+    arbiter: Option<Arbiter>,
+    /// The backup is gone and we won: run as a primary without a backup.
+    alone: bool,
 }
 
 impl ChannelSink {
@@ -60,6 +72,7 @@ impl ChannelSink {
         link: PrimaryLink,
         metrics: Arc<Metrics>,
         world_output: SyncSender<Vec<u8>>,
+        arbiter: Option<Arbiter>,
     ) -> Self {
         let state = link.state();
         metrics.set_link(state.clone());
@@ -89,7 +102,27 @@ impl ChannelSink {
             history,
             gate: Some(gate_tx),
             monitor,
+            arbiter,
+            alone: false,
         }
+    }
+
+    /// The link failed: claim the pair at the arbiter; win and go on alone
+    /// (held output is released at once), or lose and halt.
+    fn lost_backup(&mut self, why: String) -> Result<(), Error> {
+        let Some(arbiter) = &self.arbiter else {
+            return Err(Error::Channel(why));
+        };
+        arbiter.claim(&format!("lost the backup ({why})"), &self.metrics)?;
+        self.alone = true;
+        self.link.take();
+        self.batch.clear();
+        self.batch_records = 0;
+        if let Some(g) = &self.gate {
+            let _ = g.send(GateMsg::ReleaseAll);
+        }
+        tracing::warn!("primary: continuing alone; output is no longer held");
+        Ok(())
     }
 
     fn push(&mut self, pos: Position, event: Event) -> Result<(), Error> {
@@ -114,6 +147,9 @@ impl ChannelSink {
 
 impl LogSink for ChannelSink {
     fn append(&mut self, pos: &Position, event: Event) -> Result<(), Error> {
+        if self.alone {
+            return Ok(());
+        }
         self.push(*pos, event)?;
         if self.batch.len() >= BATCH_BYTES {
             self.flush()?;
@@ -124,19 +160,22 @@ impl LogSink for ChannelSink {
     fn output(&mut self, _pos: &Position, bytes: Vec<u8>, world: &mut World) -> Result<(), Error> {
         world.write_transcript(&bytes)?;
         let held = Held {
-            needs: self.next_seq,
+            needs: if self.alone { 0 } else { self.next_seq },
             bytes,
             since: Instant::now(),
         };
         self.metrics.outputs_held.fetch_add(1, Ordering::Relaxed);
         if let Some(g) = &self.gate {
-            let _ = g.send(held);
+            let _ = g.send(GateMsg::Hold(held));
         }
         // An output is waiting: the log goes out at once.
         self.flush()
     }
 
     fn flush(&mut self) -> Result<(), Error> {
+        if self.alone {
+            return Ok(());
+        }
         if self.horizon > self.horizon_sent {
             let pos = Position {
                 exit: self.horizon,
@@ -159,20 +198,32 @@ impl LogSink for ChannelSink {
             }
             h.push_back((self.horizon_sent, self.last_flush));
         }
-        self.link()?
-            .send(frames, n, bytes)
-            .map_err(|e| Error::Channel(e.to_string()))
+        match self.link()?.send(frames, n, bytes) {
+            Ok(()) => Ok(()),
+            Err(e) => self.lost_backup(e.to_string()),
+        }
     }
 
     fn complete_through(&mut self, exit: u64) -> Result<(), Error> {
+        if self.alone {
+            return Ok(());
+        }
         self.horizon = exit;
         if self.last_flush.elapsed() >= FLUSH_EVERY {
             self.flush()?;
         }
-        if let Some(f) = self.state.failure() {
-            return Err(Error::Channel(f));
+        self.attend()
+    }
+
+    fn needs_attention(&self) -> bool {
+        !self.alone && self.state.failure().is_some()
+    }
+
+    fn attend(&mut self) -> Result<(), Error> {
+        match self.state.failure() {
+            Some(why) if !self.alone => self.lost_backup(why),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn finish(&mut self) -> Result<(), Error> {
@@ -195,18 +246,23 @@ impl LogSink for ChannelSink {
 /// The output gate: releases held output in order once the backup has
 /// acknowledged every record that existed when it was produced.
 fn run_gate(
-    held_rx: Receiver<Held>,
+    gate_rx: Receiver<GateMsg>,
     state: Arc<LinkState>,
     metrics: Arc<Metrics>,
     out: SyncSender<Vec<u8>>,
 ) {
     let mut held: VecDeque<Held> = VecDeque::new();
     let mut closed = false;
+    let mut release_all = false;
     let mut last_summary = Instant::now();
     loop {
+        let take = |m: GateMsg, held: &mut VecDeque<Held>, all: &mut bool| match m {
+            GateMsg::Hold(h) => held.push_back(h),
+            GateMsg::ReleaseAll => *all = true,
+        };
         loop {
-            match held_rx.try_recv() {
-                Ok(h) => held.push_back(h),
+            match gate_rx.try_recv() {
+                Ok(m) => take(m, &mut held, &mut release_all),
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                     closed = true;
@@ -214,20 +270,26 @@ fn run_gate(
                 }
             }
         }
-        let c = if let Some(front) = held.front() {
-            let needs = front.needs;
-            state.wait_until(Duration::from_millis(20), |c| c.acked >= needs)
-        } else if closed {
-            return;
-        } else {
-            match held_rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(h) => held.push_back(h),
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => closed = true,
-                Err(_) => {}
+        let c = match held.front() {
+            Some(front) if !release_all => {
+                let needs = front.needs;
+                state.wait_until(Duration::from_millis(20), |c| c.acked >= needs)
             }
-            state.snapshot()
+            Some(_) => state.snapshot(),
+            None if closed => return,
+            None => {
+                match gate_rx.recv_timeout(Duration::from_millis(20)) {
+                    Ok(m) => take(m, &mut held, &mut release_all),
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => closed = true,
+                    Err(_) => {}
+                }
+                state.snapshot()
+            }
         };
-        while held.front().is_some_and(|h| c.acked >= h.needs) {
+        while held
+            .front()
+            .is_some_and(|h| release_all || c.acked >= h.needs)
+        {
             if let Some(h) = held.pop_front() {
                 metrics.outputs_held.fetch_sub(1, Ordering::Relaxed);
                 if out.send(h.bytes).is_err() {
@@ -240,7 +302,10 @@ fn run_gate(
                 .map_or(0, |h| h.since.elapsed().as_micros() as u64),
             Ordering::Relaxed,
         );
-        if closed && (held.is_empty() || c.failure.is_some() || c.closed) {
+        if closed && (held.is_empty() || c.failure.is_some() || c.closed) && !release_all {
+            return;
+        }
+        if closed && held.is_empty() {
             return;
         }
         if last_summary.elapsed() >= Duration::from_secs(5) {

@@ -14,7 +14,7 @@ use crate::serial_backend::SerialLink;
 
 /// Longest single blocking wait while idle, so that a stop request is seen
 /// even by a guest that programmed no timer.
-const MAX_IDLE_WAIT: Duration = Duration::from_millis(100);
+const MAX_IDLE_WAIT: Duration = Duration::from_millis(20);
 
 /// Set by SIGINT/SIGTERM; the vCPU loop ends the run at the next exit.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -193,8 +193,14 @@ impl World {
     }
 
     /// Fills `out` with a due tick and whatever input fits, blocking first
-    /// if the guest is idle. Returns with nothing if a stop was requested.
-    pub fn poll(&mut self, demand: &Demand, out: &mut Vec<Input>) -> Result<(), Error> {
+    /// if the guest is idle. Returns with nothing if a stop was requested or
+    /// `wake` says something else needs the vCPU thread.
+    pub fn poll(
+        &mut self,
+        demand: &Demand,
+        out: &mut Vec<Input>,
+        wake: &dyn Fn() -> bool,
+    ) -> Result<(), Error> {
         loop {
             let now = Instant::now();
             if self.ticks.due(demand.timer_period_ns, now) {
@@ -203,7 +209,7 @@ impl World {
             if let Some(bytes) = self.input.take(demand.serial_room) {
                 out.push(Input::Serial(bytes));
             }
-            if !demand.idle || !out.is_empty() || stop_requested() {
+            if !demand.idle || !out.is_empty() || stop_requested() || wake() {
                 return Ok(());
             }
             if !self.input.wait(self.ticks.deadline()) {
@@ -282,7 +288,7 @@ impl Timeline for Live {
         demand: &Demand,
         out: &mut Vec<Input>,
     ) -> Result<(), Error> {
-        self.world.poll(demand, out)
+        self.world.poll(demand, out, &|| false)
     }
 
     fn interrupt(&mut self, _at: &Position, _vector: u8) -> Result<(), Error> {

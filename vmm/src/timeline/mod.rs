@@ -83,6 +83,14 @@ pub enum Error {
     Log(#[from] logchannel::Error),
     #[error("log channel: {0}")]
     Channel(String),
+    #[error("the arbiter gave {vm_id}/epoch {epoch} to {holder}: halting")]
+    LostArbitration {
+        vm_id: String,
+        epoch: u64,
+        holder: String,
+    },
+    #[error("arbiter: {0}")]
+    Arbiter(String),
     #[error("writing the transcript failed: {0}")]
     Transcript(#[source] std::io::Error),
     #[error("the guest is idle with interrupts that can never arrive (no timer, input closed)")]

@@ -33,6 +33,15 @@ pub trait LogSink {
     fn complete_through(&mut self, _exit: u64) -> Result<(), Error> {
         Ok(())
     }
+    /// True when the sink needs the vCPU thread (its channel failed), so
+    /// that an idle wait returns early.
+    fn needs_attention(&self) -> bool {
+        false
+    }
+    /// Deals with whatever [`LogSink::needs_attention`] flagged.
+    fn attend(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
     /// The run ended: flush, and wait until what was appended is safe.
     fn finish(&mut self) -> Result<(), Error> {
         self.flush()
@@ -120,7 +129,21 @@ impl<S: LogSink> Timeline for Record<S> {
         out: &mut Vec<Input>,
     ) -> Result<(), Error> {
         let first = out.len();
-        self.world.poll(demand, out)?;
+        if demand.idle {
+            // The guest may wait a long time: everything so far goes out now.
+            self.sink.flush()?;
+        }
+        loop {
+            let sink = &self.sink;
+            self.world.poll(demand, out, &|| sink.needs_attention())?;
+            if !self.sink.needs_attention() {
+                break;
+            }
+            self.sink.attend()?;
+            if !demand.idle || out.len() > first || stop_requested() {
+                break;
+            }
+        }
         for input in &out[first..] {
             let event = match input {
                 Input::TimerTick => Event::TimerTick,

@@ -103,6 +103,14 @@ impl<S: RecordSource, O: Write> Replay<S, O> {
         }
     }
 
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    pub fn source_mut(&mut self) -> &mut S {
+        &mut self.source
+    }
+
     pub fn events_applied(&self) -> u64 {
         self.applied
     }

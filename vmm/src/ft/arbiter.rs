@@ -1,0 +1,101 @@
+//! Asking the test-and-set arbiter who survives.
+//!
+//! When a side of the pair loses the other it claims (VM id, epoch). The
+//! arbiter grants exactly one claim per pair; the winner goes live, the
+//! loser halts. While the arbiter cannot be reached nobody goes live: the
+//! claim is retried, and the wait shows in the logs and the status page.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tas_server::client::{Client, ClientError};
+
+use super::metrics::{ArbiterState, Metrics};
+use crate::timeline::{live::stop_requested, Error};
+
+/// How long one request to the arbiter may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+/// Pause between attempts while the arbiter is unreachable.
+const RETRY_EVERY: Duration = Duration::from_millis(50);
+
+/// Who we are to the arbiter, and which pair we claim for.
+#[derive(Debug, Clone)]
+pub struct Arbiter {
+    pub addr: SocketAddr,
+    pub vm_id: String,
+    pub epoch: u64,
+    pub claimant: String,
+}
+
+impl Arbiter {
+    fn client(&self) -> Client {
+        Client::new(self.addr, REQUEST_TIMEOUT)
+    }
+
+    /// A fresh epoch for a new pair.
+    pub fn new_epoch(&self) -> Result<u64, Error> {
+        self.client()
+            .new_epoch(&self.vm_id)
+            .map_err(|e| Error::Arbiter(e.to_string()))
+    }
+
+    /// Claims the pair, retrying while the arbiter is unreachable. Returns
+    /// Ok if we won; `Error::LostArbitration` if the other side holds it.
+    pub fn claim(&self, why: &str, metrics: &Metrics) -> Result<(), Error> {
+        metrics
+            .arbiter
+            .store(ArbiterState::Claiming as u64, Ordering::Relaxed);
+        tracing::warn!(
+            "{why}; claiming {}/epoch {} as {:?} at the arbiter {}",
+            self.vm_id,
+            self.epoch,
+            self.claimant,
+            self.addr
+        );
+        let started = Instant::now();
+        let mut last_report = Instant::now();
+        let client = self.client();
+        loop {
+            match client.test_and_set(&self.vm_id, self.epoch, &self.claimant) {
+                Ok(claim) if claim.granted => {
+                    metrics
+                        .arbiter
+                        .store(ArbiterState::Won as u64, Ordering::Relaxed);
+                    tracing::warn!(
+                        "the arbiter granted {}/epoch {} to us after {} ms",
+                        self.vm_id,
+                        self.epoch,
+                        started.elapsed().as_millis()
+                    );
+                    return Ok(());
+                }
+                Ok(claim) => {
+                    metrics
+                        .arbiter
+                        .store(ArbiterState::Lost as u64, Ordering::Relaxed);
+                    return Err(Error::LostArbitration {
+                        vm_id: self.vm_id.clone(),
+                        epoch: self.epoch,
+                        holder: claim.holder,
+                    });
+                }
+                Err(ClientError::Unreachable { .. }) | Err(ClientError::Io(_)) => {
+                    if last_report.elapsed() >= Duration::from_secs(1) {
+                        last_report = Instant::now();
+                        tracing::warn!(
+                            "the arbiter at {} is unreachable; not going live, retrying ({} s so far)",
+                            self.addr,
+                            started.elapsed().as_secs()
+                        );
+                    }
+                    if stop_requested() {
+                        return Err(Error::Arbiter("stopped while claiming".into()));
+                    }
+                    std::thread::sleep(RETRY_EVERY);
+                }
+                Err(e) => return Err(Error::Arbiter(e.to_string())),
+            }
+        }
+    }
+}
