@@ -265,3 +265,169 @@ pub fn connect(addr: SocketAddr, limit: Duration) -> TcpStream {
     stream.set_read_timeout(Some(limit)).unwrap();
     stream
 }
+
+/// A scratch directory for one test, removed on drop (pass or fail).
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// A fresh, empty directory named after the test and this process.
+    pub fn new(test: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("duet-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `duet` process started with piped stdio, whose output is collected on
+/// threads so that it can never block on a full pipe.
+pub struct Running {
+    pub guard: Guard,
+    pub stdin: Option<std::process::ChildStdin>,
+    out: std::thread::JoinHandle<Vec<u8>>,
+    err: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl Running {
+    /// Spawns `cmd` with stdin piped (or null) and stdout and stderr piped.
+    pub fn start(cmd: &mut Command, stdin: bool) -> Running {
+        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
+        let stdin = child.stdin.take();
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = out.read_to_end(&mut v);
+            v
+        });
+        let err = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = err.read_to_end(&mut v);
+            v
+        });
+        Running {
+            guard: Guard(child),
+            stdin,
+            out,
+            err,
+        }
+    }
+
+    /// The process id, for signals.
+    pub fn pid(&self) -> u32 {
+        self.guard.0.id()
+    }
+
+    /// Sends SIGTERM (a clean stop for `duet record`).
+    pub fn terminate(&self) {
+        let pid = libc::pid_t::try_from(self.pid()).unwrap();
+        // SAFETY: kill(2) takes plain integers and touches no memory of
+        // ours; the pid is our own child, not yet reaped (the Guard reaps it).
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill({pid}, SIGTERM) failed");
+    }
+
+    /// Waits up to `limit` for the exit and returns everything it printed;
+    /// panics (killing the process) on timeout.
+    pub fn finish(mut self, limit: Duration) -> Output {
+        drop(self.stdin.take());
+        let status = self.guard.wait_timeout(limit).unwrap_or_else(|| {
+            let err = String::from_utf8_lossy(&self.err_so_far()).into_owned();
+            panic!("duet did not exit within {limit:?}; stderr so far: {err}")
+        });
+        Output {
+            status,
+            stdout: self.out.join().unwrap(),
+            stderr: self.err.join().unwrap(),
+        }
+    }
+
+    fn err_so_far(&mut self) -> Vec<u8> {
+        let _ = self.guard.0.kill();
+        let _ = self.guard.0.wait();
+        let err = std::mem::replace(&mut self.err, std::thread::spawn(Vec::new));
+        err.join().unwrap_or_default()
+    }
+}
+
+/// The `duet: final state exits=.. regs=.. mem=..` line of a record or
+/// replay run; panics if there is none.
+pub fn final_state(o: &Output) -> String {
+    let err = stderr(o);
+    err.lines()
+        .find(|l| l.starts_with("duet: final state "))
+        .unwrap_or_else(|| panic!("no final state line in stderr: {err}"))
+        .to_string()
+}
+
+/// Reads a whole log with the logchannel crate; panics on a bad log.
+pub fn read_log(path: &Path) -> (logchannel::Header, Vec<logchannel::Record>) {
+    let file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+    let (mut reader, header) = logchannel::LogReader::open(file).unwrap();
+    let mut records = Vec::new();
+    while let Some(r) = reader.next_record().unwrap() {
+        records.push(r);
+    }
+    (header, records)
+}
+
+/// Writes a log with `header` and these records, renumbered 0, 1, 2, ...
+/// with correct checksums.
+pub fn write_log(path: &Path, header: &logchannel::Header, records: &[logchannel::Record]) {
+    let mut w = logchannel::LogWriter::new(Vec::new(), header).unwrap();
+    for r in records {
+        w.append(r.pos, r.event.clone()).unwrap();
+    }
+    std::fs::write(path, w.into_inner()).unwrap();
+}
+
+/// Byte ranges of the record frames of a log (after the magic and the
+/// header frame), found by walking the length prefixes.
+pub fn record_frames(bytes: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let frame_len = |at: usize| {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        logchannel::FRAME_PREFIX + len
+    };
+    let mut at = logchannel::MAGIC.len();
+    at += frame_len(at);
+    let mut frames = Vec::new();
+    while at < bytes.len() {
+        let end = at + frame_len(at);
+        assert!(end <= bytes.len(), "log ends inside a frame at {at}");
+        frames.push(at..end);
+        at = end;
+    }
+    frames
+}
+
+/// A small deterministic PRNG (xorshift64*), so that a failing run can be
+/// repeated from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A value in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}

@@ -1,0 +1,383 @@
+//! `duet record` then `duet replay` reproduces the run bit for bit: the
+//! same serial transcript and the same final state (exit count, registers,
+//! memory hash). Replay checks every logged event against the position it
+//! reaches it at (exit ordinal, RIP, register checksum) and stops with exit
+//! 4 at the first mismatch, so a replay that exits 0 has also met every
+//! event at the position where it was recorded. Edited logs must diverge,
+//! at the record that was edited.
+
+mod common;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::*;
+use logchannel::{Event, Record};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// Exit status of `duet replay` on divergence.
+const EXIT_DIVERGENCE: i32 = 4;
+
+fn assert_ok(o: &Output, what: &str) {
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{what}: status {:?}, stderr: {}",
+        o.status,
+        stderr(o)
+    );
+    assert!(!stderr(o).contains("panicked"), "{what}: {}", stderr(o));
+}
+
+fn replay(image: &str, log: &std::path::Path, output: Option<&std::path::Path>) -> Output {
+    let mut cmd = duet();
+    cmd.args(["replay", "--image", image, "--log"]).arg(log);
+    if let Some(p) = output {
+        cmd.arg("--output").arg(p);
+    }
+    run_bounded(&mut cmd, None, LIMIT)
+}
+
+/// The record number in `duet: replay diverged: divergence at record N ...`.
+fn diverged_at(o: &Output) -> u64 {
+    let err = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(EXIT_DIVERGENCE),
+        "expected a divergence, got {:?}; stderr: {err}",
+        o.status
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("duet: replay diverged: divergence at record "))
+        .unwrap_or_else(|| panic!("no divergence line in stderr: {err}"));
+    line["duet: replay diverged: divergence at record ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("no record number in {line:?}"))
+}
+
+/// Records `ticker` with no input (its default 2000 ticks) into `log`.
+fn record_ticker(dir: &TempDir, log: &std::path::Path) -> Output {
+    let o = run_bounded(
+        duet()
+            .args(["record", "--image", "ticker", "--serial", "stdio", "--log"])
+            .arg(log)
+            .arg("--transcript")
+            .arg(dir.join("ticker.transcript")),
+        None,
+        LIMIT,
+    );
+    assert_ok(&o, "duet record --image ticker");
+    o
+}
+
+#[test]
+fn ticker_with_random_input_replays_identically() {
+    if !kvm_available("ticker_with_random_input_replays_identically") {
+        return;
+    }
+    let dir = TempDir::new("rr-ticker-input");
+    let (log, transcript, replayed) = (
+        dir.join("ticker.log"),
+        dir.join("record.transcript"),
+        dir.join("replay.out"),
+    );
+    let seed = 0x5eed_0000_0000_0001u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+    eprintln!("input seed {seed:#x}");
+    let mut rng = Rng(seed);
+
+    let mut rec = Running::start(
+        duet()
+            .args(["record", "--image", "ticker", "--serial", "stdio", "--log"])
+            .arg(&log)
+            .arg("--transcript")
+            .arg(&transcript),
+        true,
+    );
+    // Input at random moments while the guest runs: first a shorter run
+    // length, then printable noise (with the odd newline) in random bursts.
+    let mut stdin = rec.stdin.take().unwrap();
+    let mut sent = b"ticks=1500\n".to_vec();
+    stdin.write_all(&sent).unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < end && rec.guard.0.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(rng.below(51)));
+        let burst: Vec<u8> = (0..1 + rng.below(24))
+            .map(|_| match rng.below(40) {
+                0 => b'\n',
+                _ => b' ' + rng.below(95) as u8,
+            })
+            .collect();
+        if stdin.write_all(&burst).is_err() {
+            break; // the guest powered off and duet closed its stdin
+        }
+        sent.extend_from_slice(&burst);
+    }
+    drop(stdin);
+    let recorded = rec.finish(LIMIT);
+    assert_ok(&recorded, "duet record --image ticker");
+
+    let transcript = std::fs::read(&transcript).unwrap();
+    let text = String::from_utf8_lossy(&transcript);
+    assert_eq!(
+        transcript, recorded.stdout,
+        "the transcript should be what the client saw"
+    );
+    assert!(
+        text.contains("ticker done ticks=1500 "),
+        "ticks=1500 was not applied: {text}"
+    );
+    // The echo shows the guest took input beyond the first line.
+    assert!(
+        text.contains("ticks=1500") && sent.len() > 20,
+        "little input reached the guest ({} bytes sent)",
+        sent.len()
+    );
+    let (_, records) = read_log(&log);
+    let serial_in = records
+        .iter()
+        .filter(|r| matches!(r.event, Event::SerialIn { .. }))
+        .count();
+    assert!(serial_in >= 2, "only {serial_in} serial input records");
+
+    let replay = replay("ticker", &log, Some(&replayed));
+    // Exit 0 also means every logged event was met at its recorded position:
+    // replay exits 4 at the first event whose position differs.
+    assert_ok(&replay, "duet replay --image ticker");
+    assert!(
+        std::fs::read(&replayed).unwrap() == transcript,
+        "replayed output differs from the recorded transcript"
+    );
+    assert!(
+        replay.stdout.is_empty(),
+        "--output given, but replay wrote to stdout"
+    );
+    assert_eq!(final_state(&replay), final_state(&recorded));
+}
+
+/// Two thousand and more mixed commands, as redis-cli sends them one at a
+/// time, with a reply between each.
+fn kv_workload(rng: &mut Rng) -> (String, usize) {
+    let mut script = String::new();
+    let mut n = 0;
+    while n < 2200 {
+        let key = format!("key:{}", rng.below(64));
+        let line = match rng.below(8) {
+            0 => format!("SET {key} v{}", rng.next()),
+            1 => format!("GET {key}"),
+            2 => format!("INCR n:{}", rng.below(16)),
+            3 => format!("INCRBY n:{} {}", rng.below(16), rng.below(1000)),
+            4 => format!("DEL {key}"),
+            5 => format!("EXISTS {key}"),
+            6 => "DBSIZE".to_string(),
+            _ => format!("ECHO hello-{}", rng.next()),
+        };
+        script.push_str(&line);
+        script.push('\n');
+        n += 1;
+    }
+    (script, n)
+}
+
+#[test]
+fn kv_under_redis_cli_replays_identically() {
+    if !kvm_available("kv_under_redis_cli_replays_identically") {
+        return;
+    }
+    let dir = TempDir::new("rr-kv");
+    let (log, transcript, replayed) = (
+        dir.join("kv.log"),
+        dir.join("record.transcript"),
+        dir.join("replay.out"),
+    );
+    let addr: SocketAddr = free_addr();
+    let rec = Running::start(
+        duet()
+            .args(["record", "--image", "kv", "--serial"])
+            .arg(format!("tcp:{addr}"))
+            .arg("--log")
+            .arg(&log)
+            .arg("--transcript")
+            .arg(&transcript),
+        false,
+    );
+    wait_for_port(addr, Duration::from_secs(10));
+
+    let (script, n) = kv_workload(&mut Rng(0x6b76_2d72_6563_6f72));
+    let cli = redis_cli(addr, &[], Some(script.as_bytes()), LIMIT);
+    let replies = stdout(&cli);
+    assert!(
+        cli.status.success(),
+        "redis-cli failed: {:?} {}",
+        cli.status,
+        stderr(&cli)
+    );
+    assert_eq!(
+        replies.lines().count(),
+        n,
+        "one reply line per command expected: {replies}"
+    );
+    assert!(!replies.contains("ERR"), "kv refused a command: {replies}");
+
+    rec.terminate();
+    let recorded = rec.finish(Duration::from_secs(30));
+    assert_ok(&recorded, "duet record --image kv, stopped by SIGTERM");
+    let (_, records) = read_log(&log);
+    assert_eq!(
+        records.iter().rev().nth(1).map(|r| &r.event),
+        Some(&Event::Stop),
+        "a stopped recording ends with Stop and the final digest"
+    );
+
+    let replay = replay("kv", &log, Some(&replayed));
+    assert_ok(&replay, "duet replay --image kv");
+    let transcript = std::fs::read(&transcript).unwrap();
+    assert!(
+        transcript.len() > 2000,
+        "transcript has only {} bytes",
+        transcript.len()
+    );
+    assert!(
+        std::fs::read(&replayed).unwrap() == transcript,
+        "replayed output differs from the recorded transcript"
+    );
+    assert_eq!(final_state(&replay), final_state(&recorded));
+}
+
+/// Rewrites `log` to `edited` with `edit` applied to record `seq`.
+fn edit_record(
+    log: &std::path::Path,
+    edited: &std::path::Path,
+    seq: u64,
+    edit: impl FnOnce(&mut Record),
+) {
+    let (header, mut records) = read_log(log);
+    edit(&mut records[seq as usize]);
+    write_log(edited, &header, &records);
+}
+
+#[test]
+fn changed_clock_value_diverges_at_the_next_exit() {
+    if !kvm_available("changed_clock_value_diverges_at_the_next_exit") {
+        return;
+    }
+    let dir = TempDir::new("rr-clock");
+    let (log, edited) = (dir.join("ticker.log"), dir.join("edited.log"));
+    record_ticker(&dir, &log);
+    let (_, records) = read_log(&log);
+
+    // A clock read in the middle of the run.
+    let target = records[records.len() / 2..]
+        .iter()
+        .find(|r| matches!(r.event, Event::Clock { .. }))
+        .expect("ticker reads the clock")
+        .clone();
+    edit_record(&log, &edited, target.seq, |r| match &mut r.event {
+        Event::Clock { ns } => *ns += 1,
+        _ => unreachable!(),
+    });
+
+    // The edited record itself is met where the log says (the value it
+    // carries is only seen once the read returns), and so is every later
+    // record at the same exit. Ticker folds the value into its running
+    // digest, which it keeps in a register, so the general registers at the
+    // next exit that has a record differ from the recording: that is the
+    // first record whose position check can fail, and it must.
+    let first_later = records[target.seq as usize + 1..]
+        .iter()
+        .find(|r| r.pos.exit > target.pos.exit)
+        .expect("records after the edited one")
+        .seq;
+    let o = replay("ticker", &edited, None);
+    let seq = diverged_at(&o);
+    assert!(
+        seq >= target.seq,
+        "divergence reported at {seq}, before the edit at {}",
+        target.seq
+    );
+    assert_eq!(
+        seq,
+        first_later,
+        "clock record {} ({}) edited; expected the divergence at the next \
+         exit's record {first_later}; stderr: {}",
+        target.seq,
+        target.pos,
+        stderr(&o)
+    );
+}
+
+#[test]
+fn moved_interrupt_diverges_at_that_record() {
+    if !kvm_available("moved_interrupt_diverges_at_that_record") {
+        return;
+    }
+    let dir = TempDir::new("rr-interrupt");
+    let (log, edited) = (dir.join("ticker.log"), dir.join("edited.log"));
+    record_ticker(&dir, &log);
+    let (_, records) = read_log(&log);
+
+    let target = records[records.len() / 2..]
+        .iter()
+        .find(|r| matches!(r.event, Event::Interrupt { .. }))
+        .expect("ticker takes timer interrupts")
+        .clone();
+    edit_record(&log, &edited, target.seq, |r| r.pos.exit += 1);
+
+    // Everything before the record still matches, so replay reaches the exit
+    // where the interrupt was injected, injects it there (the timer tick
+    // before it is unchanged) and finds the log placing it one exit later.
+    let o = replay("ticker", &edited, None);
+    assert_eq!(
+        diverged_at(&o),
+        target.seq,
+        "interrupt record {} moved from {}; stderr: {}",
+        target.seq,
+        target.pos,
+        stderr(&o)
+    );
+}
+
+#[test]
+fn replaying_twice_gives_the_same_output_and_state() {
+    if !kvm_available("replaying_twice_gives_the_same_output_and_state") {
+        return;
+    }
+    let dir = TempDir::new("rr-twice");
+    let log = dir.join("ticker.log");
+    let recorded = run_bounded(
+        duet()
+            .args(["record", "--image", "ticker", "--log"])
+            .arg(&log),
+        Some(b"ticks=400\nsome input, replayed twice\n"),
+        LIMIT,
+    );
+    assert_ok(&recorded, "duet record --image ticker");
+
+    let first = replay("ticker", &log, None);
+    let second = replay("ticker", &log, None);
+    assert_ok(&first, "first replay");
+    assert_ok(&second, "second replay");
+    assert!(
+        stdout(&first).contains("ticker done ticks=400 "),
+        "{}",
+        stdout(&first)
+    );
+    assert!(
+        first.stdout == second.stdout,
+        "two replays of one log printed different output"
+    );
+    assert_eq!(first.stdout, recorded.stdout);
+    assert_eq!(final_state(&first), final_state(&second));
+    assert_eq!(final_state(&first), final_state(&recorded));
+}
