@@ -217,6 +217,8 @@ pub struct LinkCounters {
     pub replayed_exit: u64,
     /// Why the link failed, if it did.
     pub failure: Option<String>,
+    /// When the failure was noticed, to report detection delays.
+    pub failed_at: Option<Instant>,
     /// The peer said goodbye cleanly.
     pub closed: bool,
 }
@@ -232,6 +234,7 @@ impl LinkState {
         self.update(|c| {
             if c.failure.is_none() && !c.closed {
                 c.failure = Some(why);
+                c.failed_at = Some(Instant::now());
             }
         });
     }

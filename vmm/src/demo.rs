@@ -193,6 +193,12 @@ fn call_with_retry(
                 return Ok(reply);
             }
             Err(e) => {
+                if std::env::var_os("DUET_DEMO_DEBUG").is_some() {
+                    eprintln!(
+                        "demo: {:?} {args:?} failed: {e}",
+                        killed_at.map(|k| k.elapsed())
+                    );
+                }
                 *conn = None;
                 ledger.reconnects += 1;
                 if Instant::now() >= deadline {

@@ -20,9 +20,21 @@ pub enum Error {
     #[error(transparent)]
     Kvm(#[from] kvm::Error),
     #[error(transparent)]
-    Device(#[from] bus::Error),
+    Device(bus::Error),
     #[error(transparent)]
     Timeline(#[from] timeline::Error),
+}
+
+/// A timeline error raised inside a device access (a clock read, say) is
+/// still a timeline error: divergence and a lost channel must look the same
+/// wherever they are found.
+impl From<bus::Error> for Error {
+    fn from(e: bus::Error) -> Self {
+        match e {
+            bus::Error::Timeline(t) => Error::Timeline(t),
+            other => Error::Device(other),
+        }
+    }
 }
 
 /// How a run ended.

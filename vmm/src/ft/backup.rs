@@ -20,6 +20,9 @@ use crate::timeline::live::{Live, World};
 use crate::timeline::replay::{RecordSource, Replay};
 use crate::timeline::{Demand, Ending, Error, Input, Position, StateDigest, Timeline};
 
+/// How often (in exits) a backup that is behind reports its progress.
+const PROGRESS_EVERY: u64 = 256;
+
 /// Records received but not yet replayed, and how far they reach.
 pub struct StreamSource {
     link: BackupLink,
@@ -118,6 +121,11 @@ impl RecordSource for StreamSource {
 
     fn wait_horizon(&mut self, exit: u64) -> Result<(), Error> {
         if self.known_exit >= exit {
+            // Running behind: still tell the primary now and then, since it
+            // throttles itself on our progress (bounded execution lag).
+            if exit % PROGRESS_EVERY == 0 && !self.promoted {
+                self.link.report_progress(exit - 1);
+            }
             return Ok(());
         }
         // Caught up: say so now, so the primary measures lag at this moment.
@@ -184,7 +192,18 @@ impl<O: Write> BackupTimeline<O> {
         let Some(arbiter) = &self.takeover.arbiter else {
             return Err(Error::Channel(why));
         };
-        arbiter.claim(&format!("lost the primary ({why})"), &self.takeover.metrics)?;
+        let noticed = self
+            .replay
+            .source()
+            .link
+            .state()
+            .snapshot()
+            .failed_at
+            .map_or(0, |t| t.elapsed().as_millis());
+        arbiter.claim(
+            &format!("lost the primary ({why}; the channel noticed {noticed} ms ago)"),
+            &self.takeover.metrics,
+        )?;
         let world = (self.takeover.open_world)()?;
         self.replay.source_mut().promote();
         self.live = Some(Live::new(world));
