@@ -431,3 +431,94 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// Sends signal `sig` to our child `pid` (SIGTERM, SIGSTOP, SIGCONT...).
+pub fn send_signal(pid: u32, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).unwrap();
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours;
+    // the pid is our own child, not yet reaped (its Guard reaps it).
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+}
+
+/// `duet backup --image IMAGE --vm-id VM_ID --listen LISTEN`; add more
+/// flags, then start it with [`Running::start`].
+pub fn backup_cmd(image: &str, vm_id: &str, listen: SocketAddr) -> Command {
+    let mut cmd = duet();
+    cmd.args(["backup", "--image", image, "--vm-id", vm_id])
+        .args(["--listen", &listen.to_string()]);
+    cmd
+}
+
+/// `duet primary --image IMAGE --vm-id VM_ID --backup BACKUP`; add more
+/// flags, then start it with [`Running::start`].
+pub fn primary_cmd(image: &str, vm_id: &str, backup: SocketAddr) -> Command {
+    let mut cmd = duet();
+    cmd.args(["primary", "--image", image, "--vm-id", vm_id])
+        .args(["--backup", &backup.to_string()]);
+    cmd
+}
+
+/// One HTTP GET of the Prometheus text served by `--metrics ADDR`, or
+/// `None` if nothing answers within two seconds.
+pub fn scrape_metrics(addr: SocketAddr) -> Option<String> {
+    use std::io::Write;
+    let limit = Duration::from_secs(2);
+    let mut s = TcpStream::connect_timeout(&addr, limit).ok()?;
+    s.set_read_timeout(Some(limit)).ok()?;
+    s.set_write_timeout(Some(limit)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200").then(|| body.to_string())
+}
+
+/// The value of the sample `name` (exactly, labels included) in Prometheus
+/// text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Polls until the file at `path` contains `needle`; false after `limit`.
+pub fn wait_for_file_containing(path: &Path, needle: &[u8], limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if let Ok(bytes) = std::fs::read(path) {
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until every thread of process `pid` is stopped (after SIGSTOP:
+/// kill(2) returns before the group stop completes); false after `limit`.
+pub fn wait_until_stopped(pid: u32, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    let stopped = || -> Option<bool> {
+        let mut all = true;
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+            // pid (comm) STATE ...: the state follows the last ')'.
+            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+            all &= state == "T";
+        }
+        Some(all)
+    };
+    loop {
+        if stopped() == Some(true) {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -1,0 +1,103 @@
+//! The Output Rule, seen from a client: with the backup frozen (SIGSTOP),
+//! the primary's guest still answers a PING (its transcript shows `+PONG`
+//! at once), but the client receives nothing until the backup, resumed,
+//! has acknowledged the log up to that reply.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+#[test]
+fn reply_waits_for_the_backup() {
+    if !kvm_available("reply_waits_for_the_backup") {
+        return;
+    }
+    let dir = TempDir::new("ft_output_rule");
+    let transcript = dir.join("primary.txt");
+    let (chan, serial, metrics) = (free_addr(), free_addr(), free_addr());
+    // Long timeouts: a frozen backup is the point here, not a failure.
+    let backup = Running::start(
+        backup_cmd("kv", "ft-rule", chan).args(["--timeout-ms", "60000"]),
+        false,
+    );
+    let primary = Running::start(
+        primary_cmd("kv", "ft-rule", chan)
+            .args(["--timeout-ms", "60000"])
+            .args(["--serial", &format!("tcp:{serial}")])
+            .args(["--metrics", &metrics.to_string()])
+            .arg("--transcript")
+            .arg(&transcript),
+        false,
+    );
+    wait_for_port(serial, LIMIT);
+    let mut client = connect(serial, LIMIT);
+    client.set_nodelay(true).unwrap();
+    // A first round trip with the backup running: the pair works.
+    client.write_all(b"PING\r\n").unwrap();
+    assert_eq!(
+        read_replies(&mut client, 1, LIMIT),
+        [Reply::Simple("PONG".into())]
+    );
+
+    send_signal(backup.pid(), libc::SIGSTOP);
+    assert!(
+        wait_until_stopped(backup.pid(), Duration::from_secs(5)),
+        "the backup did not stop"
+    );
+    client
+        .write_all(&resp_command(&[b"ECHO", b"held"]))
+        .unwrap();
+    assert!(
+        wait_for_file_containing(&transcript, b"$4\r\nheld\r\n", Duration::from_secs(10)),
+        "the primary's guest did not produce its reply within 10 s"
+    );
+
+    // For a second, nothing reaches the client, and the primary says why.
+    let mut held_seen = 0.0f64;
+    let end = Instant::now() + Duration::from_secs(1);
+    let mut buf = [0u8; 256];
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        if let Some(text) = scrape_metrics(metrics) {
+            held_seen = held_seen.max(metric(&text, "duet_outputs_held").unwrap_or(0.0));
+        }
+        client
+            .set_read_timeout(Some(
+                left.clamp(Duration::from_millis(1), Duration::from_millis(100)),
+            ))
+            .unwrap();
+        match client.read(&mut buf) {
+            Ok(0) => panic!("the primary closed the client connection"),
+            Ok(n) => panic!(
+                "the client got {:?} while the backup was stopped",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+    assert!(
+        held_seen >= 1.0,
+        "duet_outputs_held stayed below 1 while the reply was held"
+    );
+
+    send_signal(backup.pid(), libc::SIGCONT);
+    let start = Instant::now();
+    assert_eq!(
+        read_replies(&mut client, 1, Duration::from_secs(5)),
+        [Reply::bulk("held")]
+    );
+    eprintln!("reply released {:?} after SIGCONT", start.elapsed());
+    drop(client);
+
+    send_signal(primary.pid(), libc::SIGTERM);
+    let p = primary.finish(LIMIT);
+    let b = backup.finish(LIMIT);
+    assert_eq!(p.status.code(), Some(0), "primary: {}", stderr(&p));
+    assert_eq!(b.status.code(), Some(0), "backup: {}", stderr(&b));
+    assert_eq!(final_state(&p), final_state(&b));
+}

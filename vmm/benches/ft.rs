@@ -1,0 +1,452 @@
+//! What fault tolerance costs: the same workloads solo (`duet run`) and
+//! under FT (`duet primary` with a `duet backup` on loopback), interleaved
+//! in rounds (solo, FT, solo, FT, ...) within one run, medians reported.
+//! `cargo bench -p vmm --bench ft` prints one JSON object on stdout
+//! (progress goes to stderr):
+//!
+//! ```text
+//! {"rounds":..,
+//!  "solo_kv_set_rps":..,"ft_kv_set_rps":..,"kv_set_ratio":..,  (also get, incr)
+//!  "solo_ping_p50_us":..,"ft_ping_p50_us":..,"output_rule_added_p50_us":.., (also p99)
+//!  "solo_compute_wall_s":..,"ft_compute_wall_s":..,"compute_wall_ratio":..,
+//!  "solo_compute_guest_s":..,"ft_compute_guest_s":..,"compute_guest_ratio":..,
+//!  "kv_lag_p50_ms":..,"kv_lag_p99_ms":..,"compute_lag_p50_ms":..,..,"idle_lag_p99_ms":..,
+//!  "kv_log_mbit_s":..,"compute_log_mbit_s":..,"idle_log_mbit_s":..}
+//! ```
+//!
+//! - `*_kv_*_rps`: `redis-benchmark -c 1 -n 2000 -t set,get,incr` against
+//!   the `kv` image; ratios are FT over solo;
+//! - `*_ping_*_us`: round trips of 500 sequential inline PINGs over one raw
+//!   TCP connection; `output_rule_added_*` is FT minus solo, what holding
+//!   output until the backup acknowledges costs a client;
+//! - `*_compute_wall_s`: the whole `compute` run as the host saw it;
+//!   `*_compute_guest_s`: the guest's own `elapsed_ns`;
+//! - `*_lag_*_ms`: the primary's execution lag percentiles (how far the
+//!   backup runs behind), scraped from `--metrics` at the end of each FT
+//!   workload: kv after redis-benchmark and the PINGs, compute just before
+//!   it powers off, idle after 3 s of an idle `kv`;
+//! - `*_log_mbit_s`: log bytes sent during the workload over its duration.
+//!
+//! Every child runs under a time limit and is killed if it overruns; a
+//! backup that does not finish with exit 0 (a digest mismatch) fails the
+//! benchmark.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+
+use common::*;
+
+/// Rounds of (solo, FT) per workload.
+const ROUNDS: usize = 2;
+/// Limit for one guest run or one process exit.
+const RUN_LIMIT: Duration = Duration::from_secs(120);
+/// Limit for the whole `redis-benchmark` run.
+const REDIS_LIMIT: Duration = Duration::from_secs(300);
+/// Requests per `redis-benchmark` test.
+const REDIS_REQUESTS: &str = "2000";
+/// Sequential PING round trips measured per run.
+const PINGS: usize = 500;
+/// How long the idle `kv` is watched.
+const IDLE: Duration = Duration::from_secs(3);
+
+/// `redis-benchmark --csv` output: requests per second by test name.
+fn parse_redis_csv(out: &str) -> anyhow::Result<BTreeMap<String, f64>> {
+    let mut rps = BTreeMap::new();
+    for line in out.lines() {
+        let cols: Vec<&str> = line.split(',').map(|c| c.trim_matches('"')).collect();
+        if cols.len() < 2 || cols[0] == "test" {
+            continue;
+        }
+        let value = cols[1]
+            .parse()
+            .with_context(|| format!("bad rps in redis-benchmark line {line:?}"))?;
+        rps.insert(cols[0].to_string(), value);
+    }
+    for test in ["SET", "GET", "INCR"] {
+        ensure!(
+            rps.contains_key(test),
+            "redis-benchmark reported no {test}: {out}"
+        );
+    }
+    Ok(rps)
+}
+
+/// `redis-benchmark` against the `kv` serving on `addr`.
+fn redis_benchmark(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
+    let o = run_bounded(
+        Command::new("redis-benchmark").args([
+            "-h",
+            &addr.ip().to_string(),
+            "-p",
+            &addr.port().to_string(),
+            "-c",
+            "1",
+            "-n",
+            REDIS_REQUESTS,
+            "-t",
+            "set,get,incr",
+            "--csv",
+        ]),
+        None,
+        REDIS_LIMIT,
+    );
+    ensure!(
+        o.status.success(),
+        "redis-benchmark failed ({}): {}{}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    parse_redis_csv(&stdout(&o))
+}
+
+/// Round trips of `PINGS` sequential inline PINGs, in microseconds, sorted.
+fn ping_round_trips(addr: SocketAddr) -> anyhow::Result<Vec<f64>> {
+    let mut s = connect(addr, Duration::from_secs(10));
+    s.set_nodelay(true)?;
+    let mut times = Vec::with_capacity(PINGS);
+    let mut buf = [0u8; 64];
+    for i in 0..PINGS {
+        let start = Instant::now();
+        s.write_all(b"PING\r\n")?;
+        let mut got = Vec::new();
+        while got.len() < 7 {
+            let n = s
+                .read(&mut buf)
+                .with_context(|| format!("no reply to PING #{i}"))?;
+            ensure!(n > 0, "kv closed the connection at PING #{i}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        times.push(start.elapsed().as_secs_f64() * 1e6);
+        ensure!(got == b"+PONG\r\n", "PING #{i} got {got:?}");
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
+}
+
+/// The `q` quantile of sorted samples.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// The median (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The `compute result=.. rounds=.. elapsed_ns=N` line: N in seconds.
+fn compute_guest_s(out: &str) -> anyhow::Result<f64> {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("compute "))
+        .with_context(|| format!("no compute line in output:\n{out}"))?;
+    let ns = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("elapsed_ns="))
+        .with_context(|| format!("no elapsed_ns= in {line:?}"))?;
+    Ok(ns.parse::<f64>()? / 1e9)
+}
+
+/// The primary's metrics, scraped now; fails if it does not answer.
+fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    scrape_metrics(addr).with_context(|| format!("the primary's metrics at {addr} did not answer"))
+}
+
+fn gauge(text: &str, name: &str) -> anyhow::Result<f64> {
+    metric(text, name).with_context(|| format!("no {name} in metrics:\n{text}"))
+}
+
+/// Execution lag (p50, p99) in milliseconds from a scrape.
+fn lag_ms(text: &str) -> anyhow::Result<(f64, f64)> {
+    Ok((
+        gauge(text, "duet_lag_p50_seconds")? * 1e3,
+        gauge(text, "duet_lag_p99_seconds")? * 1e3,
+    ))
+}
+
+/// A running primary and backup.
+struct Pair {
+    primary: Running,
+    backup: Running,
+    metrics: SocketAddr,
+}
+
+impl Pair {
+    /// Starts a backup and a primary of `image`; `serial` is the primary's
+    /// `--serial` value.
+    fn start(image: &str, serial: &str) -> Pair {
+        let (chan, metrics) = (free_addr(), free_addr());
+        let backup = Running::start(&mut backup_cmd(image, "bench", chan), false);
+        let primary = Running::start(
+            primary_cmd(image, "bench", chan)
+                .args(["--serial", serial])
+                .args(["--metrics", &metrics.to_string()]),
+            false,
+        );
+        Pair {
+            primary,
+            backup,
+            metrics,
+        }
+    }
+
+    /// Waits for both to exit (after `stop`, or by themselves) and checks
+    /// that both exited 0 with the same final state; the primary's output.
+    fn finish(self, stop: bool) -> anyhow::Result<Output> {
+        if stop {
+            send_signal(self.primary.pid(), libc::SIGTERM);
+        }
+        let p = self.primary.finish(RUN_LIMIT);
+        let b = self.backup.finish(RUN_LIMIT);
+        ensure!(p.status.success(), "primary: {}: {}", p.status, stderr(&p));
+        ensure!(
+            b.status.success(),
+            "backup (4 = diverged): {}: {}",
+            b.status,
+            stderr(&b)
+        );
+        ensure!(
+            final_state(&p) == final_state(&b),
+            "final states differ: {} vs {}",
+            final_state(&p),
+            final_state(&b)
+        );
+        Ok(p)
+    }
+}
+
+/// Results of one kv run.
+struct KvRun {
+    rps: BTreeMap<String, f64>,
+    pings: Vec<f64>,
+}
+
+fn kv_workload(addr: SocketAddr) -> anyhow::Result<KvRun> {
+    let rps = redis_benchmark(addr)?;
+    let pings = ping_round_trips(addr)?;
+    Ok(KvRun { rps, pings })
+}
+
+fn solo_kv() -> anyhow::Result<KvRun> {
+    let addr = free_addr();
+    let _vm = start_tcp_guest("kv", addr);
+    kv_workload(addr)
+}
+
+/// FT kv: the workload, then 3 s idle.
+struct FtKvRun {
+    kv: KvRun,
+    lag: (f64, f64),
+    mbit: f64,
+    idle_lag: (f64, f64),
+    idle_mbit: f64,
+}
+
+fn ft_kv() -> anyhow::Result<FtKvRun> {
+    let addr = free_addr();
+    let pair = Pair::start("kv", &format!("tcp:{addr}"));
+    wait_for_port(addr, Duration::from_secs(10));
+    let (t0, b0) = (
+        Instant::now(),
+        gauge(&scrape(pair.metrics)?, "duet_log_bytes_total")?,
+    );
+    let kv = kv_workload(addr)?;
+    let busy = scrape(pair.metrics)?;
+    let (t1, b1) = (Instant::now(), gauge(&busy, "duet_log_bytes_total")?);
+    std::thread::sleep(IDLE);
+    let idle = scrape(pair.metrics)?;
+    let (t2, b2) = (Instant::now(), gauge(&idle, "duet_log_bytes_total")?);
+    pair.finish(true)?;
+    let mbit = |bytes: f64, d: Duration| bytes * 8.0 / 1e6 / d.as_secs_f64();
+    Ok(FtKvRun {
+        kv,
+        lag: lag_ms(&busy)?,
+        mbit: mbit(b1 - b0, t1 - t0),
+        idle_lag: lag_ms(&idle)?,
+        idle_mbit: mbit(b2 - b1, t2 - t1),
+    })
+}
+
+/// `compute` solo: (wall s, guest s).
+fn solo_compute() -> anyhow::Result<(f64, f64)> {
+    let start = Instant::now();
+    let o = run_bounded(duet().args(["run", "--image", "compute"]), None, RUN_LIMIT);
+    let wall = start.elapsed().as_secs_f64();
+    ensure!(o.status.success(), "compute: {}: {}", o.status, stderr(&o));
+    Ok((wall, compute_guest_s(&stdout(&o))?))
+}
+
+/// `compute` under FT: (wall s, guest s, lag ms, log Mbit/s). The
+/// primary's metrics are scraped every 100 ms while it runs; the last
+/// scrape stands for the end of the workload.
+fn ft_compute() -> anyhow::Result<(f64, f64, (f64, f64), f64)> {
+    let start = Instant::now();
+    let pair = Pair::start("compute", "stdio");
+    let last: Arc<Mutex<Option<(String, Instant)>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let scraper = {
+        let (last, done, addr) = (last.clone(), done.clone(), pair.metrics);
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                if let Some(text) = scrape_metrics(addr) {
+                    *last.lock().unwrap() = Some((text, Instant::now()));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let o = pair.finish(false)?;
+    let wall = start.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let _ = scraper.join();
+    let (text, at) = last
+        .lock()
+        .unwrap()
+        .take()
+        .context("the FT compute primary's metrics never answered")?;
+    let bytes = gauge(&text, "duet_log_bytes_total")?;
+    let mbit = bytes * 8.0 / 1e6 / (at - start).as_secs_f64();
+    Ok((wall, compute_guest_s(&stdout(&o))?, lag_ms(&text)?, mbit))
+}
+
+/// A JSON number: finite, three decimals.
+fn json_number(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.3}")
+    } else {
+        "null".to_string()
+    }
+}
+
+/// Samples of every named quantity, one per round.
+#[derive(Default)]
+struct Samples(BTreeMap<&'static str, Vec<f64>>);
+
+impl Samples {
+    fn add(&mut self, name: &'static str, v: f64) {
+        self.0.entry(name).or_default().push(v);
+    }
+
+    fn median(&self, name: &str) -> f64 {
+        median(self.0.get(name).cloned().unwrap_or_default())
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        bail!("the ft benchmark needs /dev/kvm");
+    }
+    if Command::new("redis-benchmark")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        bail!("redis-benchmark not found on PATH: install Debian's redis-tools");
+    }
+    let bench_start = Instant::now();
+    let mut s = Samples::default();
+    for round in 1..=ROUNDS {
+        eprintln!("ft bench: round {round}/{ROUNDS}: solo kv");
+        let solo = solo_kv()?;
+        eprintln!("ft bench: round {round}/{ROUNDS}: FT kv (+{IDLE:?} idle)");
+        let ft = ft_kv()?;
+        for (test, key_solo, key_ft) in [
+            ("SET", "solo_kv_set_rps", "ft_kv_set_rps"),
+            ("GET", "solo_kv_get_rps", "ft_kv_get_rps"),
+            ("INCR", "solo_kv_incr_rps", "ft_kv_incr_rps"),
+        ] {
+            s.add(key_solo, solo.rps[test]);
+            s.add(key_ft, ft.kv.rps[test]);
+        }
+        s.add("solo_ping_p50_us", quantile(&solo.pings, 0.5));
+        s.add("solo_ping_p99_us", quantile(&solo.pings, 0.99));
+        s.add("ft_ping_p50_us", quantile(&ft.kv.pings, 0.5));
+        s.add("ft_ping_p99_us", quantile(&ft.kv.pings, 0.99));
+        s.add("kv_lag_p50_ms", ft.lag.0);
+        s.add("kv_lag_p99_ms", ft.lag.1);
+        s.add("kv_log_mbit_s", ft.mbit);
+        s.add("idle_lag_p50_ms", ft.idle_lag.0);
+        s.add("idle_lag_p99_ms", ft.idle_lag.1);
+        s.add("idle_log_mbit_s", ft.idle_mbit);
+
+        eprintln!("ft bench: round {round}/{ROUNDS}: solo compute");
+        let (wall, guest) = solo_compute()?;
+        s.add("solo_compute_wall_s", wall);
+        s.add("solo_compute_guest_s", guest);
+        eprintln!("ft bench: round {round}/{ROUNDS}: FT compute");
+        let (wall, guest, lag, mbit) = ft_compute()?;
+        s.add("ft_compute_wall_s", wall);
+        s.add("ft_compute_guest_s", guest);
+        s.add("compute_lag_p50_ms", lag.0);
+        s.add("compute_lag_p99_ms", lag.1);
+        s.add("compute_log_mbit_s", mbit);
+    }
+    eprintln!("ft bench: {:?} in all", bench_start.elapsed());
+
+    let m = |k: &str| s.median(k);
+    let mut pairs: Vec<(String, f64)> = vec![("rounds".into(), ROUNDS as f64)];
+    for t in ["set", "get", "incr"] {
+        let (solo, ft) = (m(&format!("solo_kv_{t}_rps")), m(&format!("ft_kv_{t}_rps")));
+        pairs.push((format!("solo_kv_{t}_rps"), solo));
+        pairs.push((format!("ft_kv_{t}_rps"), ft));
+        pairs.push((format!("kv_{t}_ratio"), ft / solo));
+    }
+    for q in ["p50", "p99"] {
+        let (solo, ft) = (
+            m(&format!("solo_ping_{q}_us")),
+            m(&format!("ft_ping_{q}_us")),
+        );
+        pairs.push((format!("solo_ping_{q}_us"), solo));
+        pairs.push((format!("ft_ping_{q}_us"), ft));
+        pairs.push((format!("output_rule_added_{q}_us"), ft - solo));
+    }
+    for what in ["wall", "guest"] {
+        let (solo, ft) = (
+            m(&format!("solo_compute_{what}_s")),
+            m(&format!("ft_compute_{what}_s")),
+        );
+        pairs.push((format!("solo_compute_{what}_s"), solo));
+        pairs.push((format!("ft_compute_{what}_s"), ft));
+        pairs.push((format!("compute_{what}_ratio"), ft / solo));
+    }
+    for k in [
+        "kv_lag_p50_ms",
+        "kv_lag_p99_ms",
+        "compute_lag_p50_ms",
+        "compute_lag_p99_ms",
+        "idle_lag_p50_ms",
+        "idle_lag_p99_ms",
+        "kv_log_mbit_s",
+        "compute_log_mbit_s",
+        "idle_log_mbit_s",
+    ] {
+        pairs.push((k.to_string(), m(k)));
+    }
+    let body: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| {
+            if k == "rounds" {
+                format!("\"{k}\":{v}")
+            } else {
+                format!("\"{k}\":{}", json_number(*v))
+            }
+        })
+        .collect();
+    println!("{{{}}}", body.join(","));
+    Ok(())
+}
