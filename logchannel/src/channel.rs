@@ -330,11 +330,19 @@ async fn read_message(r: &mut OwnedReadHalf, offset: &mut u64) -> Result<Message
     r.read_exact(&mut frame[FRAME_PREFIX..]).await?;
     let at = *offset;
     *offset += frame.len() as u64;
+    let crc = u32::from_le_bytes(prefix[4..].try_into().unwrap_or_default());
+    if crc32fast::hash(&frame[FRAME_PREFIX..]) != crc {
+        return Err(Error::Failed(format!(
+            "checksum mismatch in the message at stream offset {at}: the channel is corrupt"
+        )));
+    }
     match decode_frame::<Message>(&frame) {
         Ok(Some((m, _))) => Ok(m),
-        Ok(None) => Err(Error::Failed(format!("short frame at offset {at}"))),
+        Ok(None) => Err(Error::Failed(format!(
+            "short message at stream offset {at}"
+        ))),
         Err(e) => Err(Error::Failed(format!(
-            "corrupt message at offset {at}: {e}"
+            "undecodable message at stream offset {at}: {e}"
         ))),
     }
 }

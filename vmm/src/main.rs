@@ -46,7 +46,7 @@ struct RunArgs {
     #[arg(long)]
     image: String,
     /// Guest memory, e.g. 64M, 1G or a byte count.
-    #[arg(long, default_value = "64M", value_parser = parse_mem_size)]
+    #[arg(long, default_value = "64M", value_parser = parse_mem_size, allow_hyphen_values = true)]
     mem: u64,
     /// Where COM1 goes: stdio, none, or tcp:ADDR:PORT (one client at a time).
     #[arg(long, default_value = "stdio")]
@@ -148,7 +148,7 @@ struct BackupArgs {
     #[arg(long)]
     image: String,
     /// Guest memory; must equal the primary's.
-    #[arg(long, default_value = "64M", value_parser = parse_mem_size)]
+    #[arg(long, default_value = "64M", value_parser = parse_mem_size, allow_hyphen_values = true)]
     mem: u64,
     /// Where to listen for the primary's log channel.
     #[arg(long)]
@@ -198,7 +198,7 @@ struct ReplayArgs {
     #[arg(long)]
     log: PathBuf,
     /// Guest memory; defaults to the recorded size, and must equal it.
-    #[arg(long, value_parser = parse_mem_size)]
+    #[arg(long, value_parser = parse_mem_size, allow_hyphen_values = true)]
     mem: Option<u64>,
     /// Where the replayed serial output goes (default: stdout).
     #[arg(long)]

@@ -10,6 +10,10 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+/// Bytes tagged with the client connection they came from or go to (0:
+/// none in particular). The guest never sees the tag.
+pub type Chunk = (u64, Vec<u8>);
+
 /// Chunks in flight between the backend and the vCPU thread, each direction.
 const CHANNEL_DEPTH: usize = 16;
 /// Largest chunk read from the host at once.
@@ -58,15 +62,15 @@ impl FromStr for SerialSpec {
 /// from the backend's threads. Bounded, so that a full receive FIFO pushes
 /// back on the client instead of dropping bytes.
 pub struct SerialLink {
-    pub input: Receiver<Vec<u8>>,
-    pub output: SyncSender<Vec<u8>>,
+    pub input: Receiver<Chunk>,
+    pub output: SyncSender<Chunk>,
     /// The thread writing output to the world, joined by [`SerialLink::close`].
     pub writer: Option<thread::JoinHandle<()>>,
 }
 
 impl SerialLink {
     /// A link not connected to anything, for tests and replay.
-    pub fn detached() -> (SerialLink, SyncSender<Vec<u8>>, Receiver<Vec<u8>>) {
+    pub fn detached() -> (SerialLink, SyncSender<Chunk>, Receiver<Chunk>) {
         let (in_tx, in_rx) = sync_channel(CHANNEL_DEPTH);
         let (out_tx, out_rx) = sync_channel(CHANNEL_DEPTH);
         (
@@ -86,18 +90,18 @@ impl SerialLink {
 /// in use is reported at once.
 pub fn start(spec: &SerialSpec) -> Result<SerialLink, Error> {
     let (in_tx, in_rx) = sync_channel(CHANNEL_DEPTH);
-    let (out_tx, out_rx) = sync_channel::<Vec<u8>>(CHANNEL_DEPTH);
+    let (out_tx, out_rx) = sync_channel::<Chunk>(CHANNEL_DEPTH);
     let writer = match spec {
         SerialSpec::Stdio => {
             thread::Builder::new()
                 .name("serial-in".into())
-                .spawn(move || pump_in(std::io::stdin().lock(), &in_tx))
+                .spawn(move || pump_in(std::io::stdin().lock(), 1, &in_tx))
                 .expect("spawn serial-in");
             thread::Builder::new()
                 .name("serial-out".into())
                 .spawn(move || {
                     let mut out = std::io::stdout().lock();
-                    while let Ok(bytes) = out_rx.recv() {
+                    while let Ok((_, bytes)) = out_rx.recv() {
                         if out.write_all(&bytes).and_then(|_| out.flush()).is_err() {
                             // stdout closed: keep draining so the guest runs on.
                             while out_rx.recv().is_ok() {}
@@ -132,15 +136,16 @@ pub fn start(spec: &SerialSpec) -> Result<SerialLink, Error> {
     })
 }
 
-/// Copies a reader into the input channel until EOF; `send` blocks while
-/// the guest's FIFO is full, which is the back-pressure.
-fn pump_in(mut reader: impl Read, tx: &SyncSender<Vec<u8>>) -> bool {
+/// Copies a reader into the input channel until EOF, tagging every chunk
+/// with the connection it came from; `send` blocks while the guest's FIFO
+/// is full, which is the back-pressure.
+fn pump_in(mut reader: impl Read, conn: u64, tx: &SyncSender<Chunk>) -> bool {
     let mut buf = vec![0u8; CHUNK];
     loop {
         match reader.read(&mut buf) {
             Ok(0) => return true,
             Ok(n) => {
-                if tx.send(buf[..n].to_vec()).is_err() {
+                if tx.send((conn, buf[..n].to_vec())).is_err() {
                     return false;
                 }
             }
@@ -150,25 +155,38 @@ fn pump_in(mut reader: impl Read, tx: &SyncSender<Vec<u8>>) -> bool {
     }
 }
 
+/// Connections whose replies may still be on their way.
+const RECENT_CLIENTS: usize = 4;
+
 /// Accepts one client at a time; the next is accepted when the last one has
 /// closed its side.
-/// Output produced while no client is connected is discarded, as on a
-/// serial line with nobody listening.
+///
+/// The guest sees one serial line, but clients come and go: each output
+/// chunk is tagged with the connection whose input the guest had read
+/// last, and goes to that connection only. A reply to a client that left
+/// is dropped instead of reaching the next one, and a client that only
+/// half-closed (sent everything, still reading) gets its replies. Output
+/// produced before any input goes to the newest client; with nobody
+/// connected it is discarded, as on a serial line with nobody listening.
 fn serve_tcp(
     listener: TcpListener,
-    in_tx: SyncSender<Vec<u8>>,
-    out_rx: Receiver<Vec<u8>>,
+    in_tx: SyncSender<Chunk>,
+    out_rx: Receiver<Chunk>,
 ) -> thread::JoinHandle<()> {
-    let client: Arc<Mutex<Option<TcpStream>>> = Arc::new(Mutex::new(None));
-    let writer_client = client.clone();
+    let clients: Arc<Mutex<Vec<(u64, TcpStream)>>> = Arc::new(Mutex::new(Vec::new()));
+    let writer_clients = clients.clone();
     let writer = thread::Builder::new()
         .name("serial-out".into())
         .spawn(move || {
-            while let Ok(bytes) = out_rx.recv() {
-                let mut guard = writer_client.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(stream) = guard.as_mut() {
-                    if stream.write_all(&bytes).is_err() {
-                        *guard = None;
+            while let Ok((conn, bytes)) = out_rx.recv() {
+                let mut clients = writer_clients.lock().unwrap_or_else(|e| e.into_inner());
+                let target = match conn {
+                    0 => clients.len().checked_sub(1),
+                    c => clients.iter().position(|(id, _)| *id == c),
+                };
+                if let Some(i) = target {
+                    if clients[i].1.write_all(&bytes).is_err() {
+                        clients.remove(i);
                     }
                 }
             }
@@ -177,21 +195,23 @@ fn serve_tcp(
     thread::Builder::new()
         .name("serial-accept".into())
         .spawn(move || {
-            for stream in listener.incoming() {
+            for (conn, stream) in (1..).zip(listener.incoming()) {
                 let Ok(stream) = stream else { continue };
                 let _ = stream.set_nodelay(true);
                 let peer = stream.peer_addr().ok();
-                tracing::debug!("serial: client {peer:?} connected");
+                tracing::debug!("serial: client {conn} {peer:?} connected");
                 let Ok(writer) = stream.try_clone() else {
                     continue;
                 };
-                *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
-                let alive = pump_in(&stream, &in_tx);
-                // The client may only have half-closed (sent everything and
-                // shut down its write side): it still reads the replies to
-                // what it sent, so the writer stays until a write fails or
-                // the next client takes its place.
-                tracing::debug!("serial: client {peer:?} finished sending");
+                {
+                    let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
+                    if clients.len() == RECENT_CLIENTS {
+                        clients.remove(0);
+                    }
+                    clients.push((conn, writer));
+                }
+                let alive = pump_in(&stream, conn, &in_tx);
+                tracing::debug!("serial: client {conn} {peer:?} finished sending");
                 if !alive {
                     return;
                 }
@@ -233,13 +253,34 @@ mod tests {
         for round in 0..2u8 {
             let mut c = TcpStream::connect(addr).unwrap();
             c.write_all(&[round; 3]).unwrap();
-            let got = link.input.recv().unwrap();
+            let (conn, got) = link.input.recv().unwrap();
             assert_eq!(got, vec![round; 3]);
-            // Give the acceptor a moment to register the writer.
-            link.output.send(b"ok".to_vec()).unwrap();
+            link.output.send((conn, b"ok".to_vec())).unwrap();
             let mut buf = [0u8; 2];
             c.read_exact(&mut buf).unwrap();
             assert_eq!(&buf, b"ok");
         }
+    }
+
+    #[test]
+    fn replies_to_a_departed_client_do_not_reach_the_next() {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let link = start(&SerialSpec::Tcp(addr)).unwrap();
+        let mut first = TcpStream::connect(addr).unwrap();
+        first.write_all(b"q1").unwrap();
+        let (c1, _) = link.input.recv().unwrap();
+        drop(first);
+        let mut second = TcpStream::connect(addr).unwrap();
+        second.write_all(b"q2").unwrap();
+        let (c2, _) = link.input.recv().unwrap();
+        assert_ne!(c1, c2);
+        // The guest answers the first client late, then the second.
+        link.output.send((c1, b"late".to_vec())).unwrap();
+        link.output.send((c2, b"a2".to_vec())).unwrap();
+        let mut buf = [0u8; 2];
+        second.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"a2");
     }
 }

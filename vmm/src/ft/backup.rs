@@ -123,7 +123,7 @@ impl RecordSource for StreamSource {
         if self.known_exit >= exit {
             // Running behind: still tell the primary now and then, since it
             // throttles itself on our progress (bounded execution lag).
-            if exit % PROGRESS_EVERY == 0 && !self.promoted {
+            if exit.is_multiple_of(PROGRESS_EVERY) && !self.promoted {
                 self.link.report_progress(exit - 1);
             }
             return Ok(());

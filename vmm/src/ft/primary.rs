@@ -16,6 +16,7 @@ use logchannel::{encode_frame, Event, Position, Record};
 
 use super::arbiter::Arbiter;
 use super::metrics::Metrics;
+use crate::serial_backend::Chunk;
 use crate::timeline::live::World;
 use crate::timeline::record::LogSink;
 use crate::timeline::Error;
@@ -45,6 +46,8 @@ enum GateMsg {
 /// Output produced after `needs` records existed.
 struct Held {
     needs: u64,
+    /// The client connection it is for (see `serial_backend::Chunk`).
+    conn: u64,
     bytes: Vec<u8>,
     since: Instant,
 }
@@ -76,7 +79,7 @@ impl ChannelSink {
     pub fn new(
         link: PrimaryLink,
         metrics: Arc<Metrics>,
-        world_output: SyncSender<Vec<u8>>,
+        world_output: SyncSender<Chunk>,
         arbiter: Option<Arbiter>,
     ) -> Self {
         let state = link.state();
@@ -178,6 +181,7 @@ impl LogSink for ChannelSink {
         world.write_transcript(&bytes)?;
         let held = Held {
             needs: if self.alone { 0 } else { self.next_seq },
+            conn: world.output_tag(),
             bytes,
             since: Instant::now(),
         };
@@ -269,7 +273,7 @@ fn run_gate(
     gate_rx: Receiver<GateMsg>,
     state: Arc<LinkState>,
     metrics: Arc<Metrics>,
-    out: SyncSender<Vec<u8>>,
+    out: SyncSender<Chunk>,
 ) {
     let mut held: VecDeque<Held> = VecDeque::new();
     let mut closed = false;
@@ -312,7 +316,7 @@ fn run_gate(
         {
             if let Some(h) = held.pop_front() {
                 metrics.outputs_held.fetch_sub(1, Ordering::Relaxed);
-                if out.send(h.bytes).is_err() {
+                if out.send((h.conn, h.bytes)).is_err() {
                     return;
                 }
             }

@@ -10,7 +10,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{Demand, Ending, Error, Input, Position, StateDigest, Timeline};
-use crate::serial_backend::SerialLink;
+use crate::serial_backend::{Chunk, SerialLink};
 
 /// Longest single blocking wait while idle, so that a stop request is seen
 /// even by a guest that programmed no timer.
@@ -78,17 +78,32 @@ impl TickClock {
 
 /// Host input waiting for room in the guest's FIFO, fed from the backend.
 pub struct InputQueue {
-    link: Receiver<Vec<u8>>,
-    pending: VecDeque<u8>,
+    link: Receiver<Chunk>,
+    /// Pending bytes, in order, each run tagged with its connection.
+    pending: VecDeque<(u64, VecDeque<u8>)>,
+    pending_len: usize,
     closed: bool,
+    /// The connection of the last byte handed to the guest: its output is
+    /// presumed to answer that connection.
+    last_conn: u64,
 }
 
 impl InputQueue {
-    pub fn new(link: Receiver<Vec<u8>>) -> Self {
+    pub fn new(link: Receiver<Chunk>) -> Self {
         InputQueue {
             link,
             pending: VecDeque::new(),
+            pending_len: 0,
             closed: false,
+            last_conn: 0,
+        }
+    }
+
+    fn push(&mut self, (conn, bytes): Chunk) {
+        self.pending_len += bytes.len();
+        match self.pending.back_mut() {
+            Some((c, run)) if *c == conn => run.extend(bytes),
+            _ => self.pending.push_back((conn, bytes.into())),
         }
     }
 
@@ -96,22 +111,39 @@ impl InputQueue {
     /// backend only when what is pending would not fill the room, so the
     /// backlog stays bounded and the channel back-pressures the client.
     pub fn take(&mut self, room: usize) -> Option<Vec<u8>> {
-        while self.pending.len() < room && !self.closed {
+        while self.pending_len < room && !self.closed {
             match self.link.try_recv() {
-                Ok(chunk) => self.pending.extend(chunk),
+                Ok(chunk) => self.push(chunk),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => self.closed = true,
             }
         }
-        let n = room.min(self.pending.len());
-        (n > 0).then(|| self.pending.drain(..n).collect())
+        let mut out = Vec::new();
+        while out.len() < room {
+            let Some((conn, run)) = self.pending.front_mut() else {
+                break;
+            };
+            let n = (room - out.len()).min(run.len());
+            out.extend(run.drain(..n));
+            self.last_conn = *conn;
+            if run.is_empty() {
+                self.pending.pop_front();
+            }
+        }
+        self.pending_len -= out.len();
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// The connection whose input the guest read last (0: none yet).
+    pub fn last_conn(&self) -> u64 {
+        self.last_conn
     }
 
     /// Blocks until input is pending or `deadline` passes. Returns false if
     /// the input is closed, nothing is pending and there is no deadline (so
     /// waiting is pointless).
     pub fn wait(&mut self, deadline: Option<Instant>) -> bool {
-        if !self.pending.is_empty() {
+        if self.pending_len > 0 {
             return true;
         }
         if self.closed {
@@ -126,7 +158,7 @@ impl InputQueue {
             .unwrap_or(MAX_IDLE_WAIT)
             .min(MAX_IDLE_WAIT);
         match self.link.recv_timeout(limit) {
-            Ok(chunk) => self.pending.extend(chunk),
+            Ok(chunk) => self.push(chunk),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 self.closed = true;
@@ -150,7 +182,7 @@ pub fn host_entropy() -> Result<u64, Error> {
 
 /// The output half of a [`SerialLink`].
 struct SerialOutput {
-    output: std::sync::mpsc::SyncSender<Vec<u8>>,
+    output: std::sync::mpsc::SyncSender<Chunk>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -218,27 +250,36 @@ impl World {
         }
     }
 
-    /// Sends serial output to the world (and the transcript).
+    /// Sends serial output to the world (and the transcript), addressed to
+    /// the connection whose input the guest read last.
     pub fn output(&mut self, bytes: Vec<u8>) -> Result<(), Error> {
-        if let Some(t) = self.transcript.as_mut() {
-            t.write_all(&bytes).map_err(Error::Transcript)?;
-        }
+        self.write_transcript(&bytes)?;
+        let chunk = (self.output_tag(), bytes);
         match self.output.as_ref() {
-            Some(o) => o.output.send(bytes).map_err(|_| Error::OutputClosed),
+            Some(o) => o.output.send(chunk).map_err(|_| Error::OutputClosed),
             None => Err(Error::OutputClosed),
         }
     }
 
+    /// The connection that output produced now is meant for.
+    pub fn output_tag(&self) -> u64 {
+        self.input.last_conn()
+    }
+
     /// A sender for serial output to the world, for a thread that releases
     /// held output later (the Output Rule).
-    pub fn output_sender(&self) -> Option<std::sync::mpsc::SyncSender<Vec<u8>>> {
+    pub fn output_sender(&self) -> Option<std::sync::mpsc::SyncSender<Chunk>> {
         self.output.as_ref().map(|o| o.output.clone())
     }
 
-    /// Writes serial output to the transcript only.
+    /// Writes serial output to the transcript only, at once: the transcript
+    /// shows what the guest produced when it produced it, even while the
+    /// Output Rule still holds it back from the client.
     pub fn write_transcript(&mut self, bytes: &[u8]) -> Result<(), Error> {
         if let Some(t) = self.transcript.as_mut() {
-            t.write_all(bytes).map_err(Error::Transcript)?;
+            t.write_all(bytes)
+                .and_then(|_| t.flush())
+                .map_err(Error::Transcript)?;
         }
         Ok(())
     }
@@ -340,11 +381,13 @@ mod tests {
     fn input_queue_never_exceeds_room_and_loses_nothing() {
         let (tx, rx) = sync_channel(4);
         let mut q = InputQueue::new(rx);
-        tx.send(b"hello".to_vec()).unwrap();
-        tx.send(b" world".to_vec()).unwrap();
+        tx.send((1, b"hello".to_vec())).unwrap();
+        tx.send((2, b" world".to_vec())).unwrap();
         assert_eq!(q.take(3).unwrap(), b"hel");
+        assert_eq!(q.last_conn(), 1);
         assert_eq!(q.take(0), None);
         assert_eq!(q.take(100).unwrap(), b"lo world");
+        assert_eq!(q.last_conn(), 2);
         assert_eq!(q.take(100), None);
         drop(tx);
         assert!(!q.wait(None));
@@ -356,7 +399,7 @@ mod tests {
         let mut live = Live::new(World::new(link, None));
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
-            tx.send(b"x".to_vec()).unwrap();
+            tx.send((1, b"x".to_vec())).unwrap();
         });
         let mut out = Vec::new();
         let demand = Demand {
@@ -391,7 +434,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("duet-transcript-{}", std::process::id()));
         let mut world = World::new(link, Some(File::create(&path).unwrap()));
         world.output(b"abc".to_vec()).unwrap();
-        assert_eq!(out_rx.recv().unwrap(), b"abc");
+        assert_eq!(out_rx.recv().unwrap(), (0, b"abc".to_vec()));
         world.close().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"abc");
         std::fs::remove_file(&path).ok();
