@@ -10,6 +10,7 @@ pub mod ft;
 pub mod images;
 pub mod kvm;
 pub mod machine;
+pub mod netns;
 pub mod serial_backend;
 pub mod timeline;
 pub mod vcpu;

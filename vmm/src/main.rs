@@ -38,6 +38,20 @@ enum Command {
     Demo(DemoArgs),
     /// List the embedded guest images.
     Images,
+    /// Build, break and tear down the two-host network namespaces that the
+    /// end-to-end tests use (as root).
+    Netns(NetnsArgs),
+}
+
+#[derive(Args)]
+struct NetnsArgs {
+    action: vmm::netns::Action,
+    /// Every namespace is named PREFIX-{a,b,arb,cli,sw}.
+    #[arg(long)]
+    prefix: String,
+    /// Where `move-vip` puts the service address: a or b.
+    #[arg(long)]
+    to: Option<vmm::netns::Host>,
 }
 
 #[derive(Args)]
@@ -249,6 +263,7 @@ fn main() -> ExitCode {
             keep_logs: a.keep_logs,
             netns: a.netns,
         }),
+        Command::Netns(a) => vmm::netns::run_action(a.action, &a.prefix, a.to).map_err(Into::into),
         Command::Images => {
             for name in vmm::images::NAMES {
                 println!("{name}");

@@ -1,0 +1,585 @@
+//! Shared harness of the two-host failover tests: the namespaces of
+//! `vmm::netns`, an arbiter, a primary on host A and a backup on host B,
+//! each process run with `ip netns exec`, and a RESP client whose socket is
+//! made inside the client namespace.
+//!
+//! Everything is bounded and cleaned up on every path: processes are killed
+//! when their [`Proc`] drops, then the namespaces go with the [`Topology`],
+//! then the scratch directory.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tas_server::protocol::Status;
+use vmm::netns::{self, Host, Topology};
+
+use crate::common::{parse_reply, resp_command, Reply};
+
+/// The arbiter's port on 198.18.0.3.
+pub const TAS_PORT: u16 = 7700;
+/// The log channel's port on B's logging address.
+pub const CHANNEL_PORT: u16 = 7000;
+/// The kv service's port on the VIP.
+pub const SERVICE_PORT: u16 = 6380;
+/// The VM id both sides claim for.
+pub const VM_ID: &str = "kv-netns";
+
+/// Fails the test unless we are root, or says loudly that it did not run
+/// when DUET_ALLOW_NO_NETNS=1.
+pub fn netns_available(test: &str) -> bool {
+    if netns::is_root() {
+        return true;
+    }
+    if std::env::var("DUET_ALLOW_NO_NETNS").as_deref() == Ok("1") {
+        eprintln!("NOT RUN: {test} needs root for network namespaces (DUET_ALLOW_NO_NETNS=1)");
+        return false;
+    }
+    panic!("{test} needs root for network namespaces; set DUET_ALLOW_NO_NETNS=1 to allow skipping");
+}
+
+/// The tas-server binary next to `duet`, built with the same profile if
+/// it is missing.
+pub fn tas_server_bin() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_duet")).with_file_name("tas-server");
+    if path.exists() {
+        return path;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(&cargo);
+    cmd.args(["build", "-p", "tas-server"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null());
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    eprintln!("{} is missing; running {cmd:?}", path.display());
+    let mut child = Proc::spawn_plain("cargo build", cmd);
+    let status = child.wait_exit(Duration::from_secs(600));
+    assert!(
+        status.is_some_and(|s| s.success()) && path.exists(),
+        "tas-server is missing at {} and `{cargo} build -p tas-server` did not make it ({status:?}); \
+         build it with `cargo build --release --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A scratch directory, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("duet-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process whose stdout and stderr go to a log file; SIGKILLed and
+/// reaped on drop.
+pub struct Proc {
+    pub name: &'static str,
+    child: Child,
+    pub log: Option<PathBuf>,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the {name} ({cmd:?}): {e}"));
+        Proc {
+            name,
+            child,
+            log: Some(log),
+            status: None,
+        }
+    }
+
+    fn spawn_plain(name: &'static str, mut cmd: Command) -> Proc {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name,
+            child,
+            log: None,
+            status: None,
+        }
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|l| std::fs::read(l).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Waits up to `limit` for the exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        if let Ok(s) = self.child.wait() {
+            self.status.get_or_insert(s);
+        }
+    }
+
+    /// Polls the output until it contains `needle`; false after `limit` or
+    /// once the process has exited without printing it.
+    pub fn wait_for_output(&mut self, needle: &str, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        loop {
+            if self.output().contains(needle) {
+                return true;
+            }
+            if self.exited().is_some() || Instant::now() >= end {
+                return self.output().contains(needle);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Which side survived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Primary,
+    Backup,
+}
+
+/// Why no reply came.
+#[derive(Debug)]
+pub enum NoReply {
+    /// Nothing within the limit.
+    Timeout,
+    /// The server closed or reset the connection.
+    Closed(String),
+}
+
+/// A RESP client over a socket made in the client namespace.
+pub struct Resp {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Resp {
+    pub fn send(&mut self, args: &[&str]) {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        // A write into a dead connection shows up as Closed on read.
+        let _ = self.stream.write_all(&resp_command(&args));
+    }
+
+    /// The next reply, or why none came within `limit`.
+    pub fn reply(&mut self, limit: Duration) -> Result<Reply, NoReply> {
+        let end = Instant::now() + limit;
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some((reply, used)) = parse_reply(&self.buf) {
+                self.buf.drain(..used);
+                return Ok(reply);
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(NoReply::Timeout);
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(NoReply::Closed("end of stream".into())),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(NoReply::Closed(e.to_string())),
+            }
+        }
+    }
+
+    pub fn call(&mut self, args: &[&str], limit: Duration) -> Result<Reply, NoReply> {
+        self.send(args);
+        self.reply(limit)
+    }
+}
+
+/// One two-host pair with its arbiter. Field order is drop order:
+/// processes first, then the namespaces, then the directory.
+pub struct Pair {
+    pub arbiter: Option<Proc>,
+    pub primary: Proc,
+    pub backup: Proc,
+    pub topo: Topology,
+    pub dir: Scratch,
+    tas_bin: PathBuf,
+    arbiter_starts: u32,
+}
+
+impl Pair {
+    pub fn tas_addr() -> SocketAddr {
+        SocketAddr::from((Host::Arbiter.service_ip(), TAS_PORT))
+    }
+
+    pub fn service_addr() -> SocketAddr {
+        SocketAddr::from((netns::VIP, SERVICE_PORT))
+    }
+
+    /// Builds the namespaces and starts the arbiter, the backup (B) and
+    /// the primary (A), with a 300 ms failure timeout on both sides.
+    pub fn start(prefix: &str) -> Pair {
+        let tas_bin = tas_server_bin();
+        let topo = Topology::up(prefix).unwrap_or_else(|e| panic!("netns up: {e}"));
+        let dir = Scratch::new(prefix);
+        let duet = env!("CARGO_BIN_EXE_duet");
+        let channel = SocketAddr::from((Host::B.log_ip().unwrap(), CHANNEL_PORT));
+        let pair_args = |role: &str| -> Vec<String> {
+            [
+                role,
+                "--image",
+                "kv",
+                "--vm-id",
+                VM_ID,
+                "--tas",
+                &Self::tas_addr().to_string(),
+                "--serial",
+                &format!("tcp:{}", Self::service_addr()),
+                "--timeout-ms",
+                "300",
+                "--heartbeat-ms",
+                "50",
+            ]
+            .map(str::to_string)
+            .to_vec()
+        };
+        let mut backup_cmd = Command::new(duet);
+        backup_cmd
+            .args(pair_args("backup"))
+            .args(["--listen", &channel.to_string()])
+            .args([
+                "--go-live-exec",
+                &format!("{duet} netns move-vip --prefix {prefix} --to b"),
+            ])
+            .env("DUET_LOG", "info");
+        let mut primary_cmd = Command::new(duet);
+        primary_cmd
+            .args(pair_args("primary"))
+            .args(["--backup", &channel.to_string()])
+            .env("DUET_LOG", "info");
+
+        // Fields are filled in drop-safe order: if a later step panics, the
+        // processes started so far are killed before the namespaces go.
+        let mut arbiter = None;
+        start_arbiter_into(&mut arbiter, &topo, &tas_bin, &dir.0, 1);
+        let mut backup = Proc::spawn(
+            "backup",
+            topo.exec(Host::B, &backup_cmd),
+            dir.0.join("backup.log"),
+        );
+        assert!(
+            backup.wait_for_output("waiting for a primary", Duration::from_secs(10)),
+            "the backup did not start listening: {}",
+            backup.output()
+        );
+        let primary = Proc::spawn(
+            "primary",
+            topo.exec(Host::A, &primary_cmd),
+            dir.0.join("primary.log"),
+        );
+        Pair {
+            arbiter,
+            primary,
+            backup,
+            topo,
+            dir,
+            tas_bin,
+            arbiter_starts: 1,
+        }
+    }
+
+    /// Starts (or restarts) the arbiter on the same address and state file.
+    pub fn start_arbiter(&mut self) {
+        self.arbiter_starts += 1;
+        start_arbiter_into(
+            &mut self.arbiter,
+            &self.topo,
+            &self.tas_bin,
+            &self.dir.0,
+            self.arbiter_starts,
+        );
+    }
+
+    /// The arbiter's decisions, asked from the client namespace.
+    pub fn arbiter_status(&self) -> Status {
+        self.topo
+            .in_namespace(Host::Client, || {
+                tas_server::client::Client::new(Self::tas_addr(), Duration::from_secs(2)).status()
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("arbiter status: {e}"))
+    }
+
+    /// A connection to the service address from the client namespace.
+    pub fn connect(&self) -> std::io::Result<Resp> {
+        let stream = self
+            .topo
+            .in_namespace(Host::Client, || {
+                TcpStream::connect_timeout(&Self::service_addr(), Duration::from_millis(500))
+            })
+            .unwrap()?;
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+        Ok(Resp {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Connects until a PING is answered with PONG, within `limit`.
+    pub fn wait_for_service(&mut self, limit: Duration) -> Resp {
+        let end = Instant::now() + limit;
+        loop {
+            if let Ok(mut c) = self.connect() {
+                match c.call(&["PING"], Duration::from_secs(2)) {
+                    Ok(Reply::Simple(s)) if s == "PONG" => return c,
+                    Ok(other) => panic!("PING got {other:?}"),
+                    Err(_) => {}
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "the service at {} did not answer PING within {limit:?}\n{}",
+                Self::service_addr(),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits up to `limit` for one side to exit, checks that it lost the
+    /// arbiter (exit 5 and the halting message) and that the other side is
+    /// still running; returns the survivor and when the loser's exit was
+    /// seen.
+    pub fn outcome(&mut self, limit: Duration) -> (Side, Instant) {
+        let end = Instant::now() + limit;
+        let (loser, survivor) = loop {
+            if self.primary.exited().is_some() {
+                break (Side::Primary, Side::Backup);
+            }
+            if self.backup.exited().is_some() {
+                break (Side::Backup, Side::Primary);
+            }
+            assert!(
+                Instant::now() < end,
+                "neither side exited within {limit:?} of the failure\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let seen = Instant::now();
+        // The survivor must not follow the loser out.
+        std::thread::sleep(Duration::from_millis(300));
+        let logs = self.logs();
+        let (l, s) = match loser {
+            Side::Primary => (&mut self.primary, &mut self.backup),
+            Side::Backup => (&mut self.backup, &mut self.primary),
+        };
+        let status = l.exited().unwrap();
+        assert_eq!(
+            status.code(),
+            Some(5),
+            "the {} exited with {status}, not 5 (lost arbitration)\n{logs}",
+            l.name
+        );
+        let halt = format!("duet: the arbiter gave {VM_ID}/epoch ");
+        assert!(
+            l.output().contains(&halt) && l.output().contains(": halting"),
+            "the {} exited 5 without the halting message\n{logs}",
+            l.name
+        );
+        let other = s.exited();
+        assert!(
+            other.is_none(),
+            "both sides exited: the {} with {status}, the {} with {other:?}\n{logs}",
+            l.name,
+            s.name,
+        );
+        (survivor, seen)
+    }
+
+    /// The survivor's process.
+    pub fn proc_of(&mut self, side: Side) -> &mut Proc {
+        match side {
+            Side::Primary => &mut self.primary,
+            Side::Backup => &mut self.backup,
+        }
+    }
+
+    /// The name the arbiter knows `side` by (duet's default, role@pid; the
+    /// pid is duet's own, since `ip netns exec` execs it).
+    pub fn claimant(&self, side: Side) -> String {
+        match side {
+            Side::Primary => format!("primary@{}", self.primary.pid()),
+            Side::Backup => format!("backup@{}", self.backup.pid()),
+        }
+    }
+
+    /// The epoch in the loser's halting message.
+    pub fn halted_epoch(&self, loser: Side) -> u64 {
+        let out = match loser {
+            Side::Primary => self.primary.output(),
+            Side::Backup => self.backup.output(),
+        };
+        let tail = out
+            .split(&format!("the arbiter gave {VM_ID}/epoch "))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no halting message in {out}"));
+        tail.split(' ').next().unwrap().parse().unwrap()
+    }
+
+    /// Checks that the arbiter's record names `survivor` for the pair's
+    /// epoch.
+    pub fn check_arbiter_names(&self, survivor: Side) {
+        let loser = match survivor {
+            Side::Primary => Side::Backup,
+            Side::Backup => Side::Primary,
+        };
+        let epoch = self.halted_epoch(loser);
+        let status = self.arbiter_status();
+        let vm = status
+            .vms
+            .iter()
+            .find(|v| v.vm_id == VM_ID)
+            .unwrap_or_else(|| panic!("the arbiter knows nothing of {VM_ID}: {status:?}"));
+        assert_eq!(
+            vm.holders.get(&epoch),
+            Some(&self.claimant(survivor)),
+            "the arbiter's holder of epoch {epoch} is not the {survivor:?} that went on: {status:?}"
+        );
+    }
+
+    /// Every process's output, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        let procs = [
+            self.arbiter.as_ref(),
+            Some(&self.primary),
+            Some(&self.backup),
+        ];
+        for p in procs.into_iter().flatten() {
+            all.push_str(&format!("----- {} -----\n{}\n", p.name, p.output()));
+        }
+        all
+    }
+
+    /// Kills everything and removes the namespaces, reporting errors.
+    pub fn shutdown(mut self) {
+        self.primary.kill();
+        self.backup.kill();
+        if let Some(a) = self.arbiter.as_mut() {
+            a.kill();
+        }
+        let namespaces = self.topo.namespaces();
+        self.topo.down().unwrap();
+        let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        let left = String::from_utf8_lossy(&left.stdout);
+        for ns in namespaces {
+            assert!(
+                !left
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(&ns)),
+                "{ns} left behind"
+            );
+        }
+    }
+}
+
+fn start_arbiter_into(slot: &mut Option<Proc>, topo: &Topology, bin: &Path, dir: &Path, n: u32) {
+    if let Some(mut old) = slot.take() {
+        old.kill();
+    }
+    let mut cmd = Command::new(bin);
+    cmd.args(["--listen", &Pair::tas_addr().to_string()])
+        .arg("--state")
+        .arg(dir.join("tas.state"));
+    let mut p = Proc::spawn(
+        "arbiter",
+        topo.exec(Host::Arbiter, &cmd),
+        dir.join(format!("tas-{n}.log")),
+    );
+    let ok = p.wait_for_output("tas-server: listening on", Duration::from_secs(10));
+    let out = p.output();
+    *slot = Some(p);
+    assert!(ok, "the arbiter did not start: {out}");
+}
+
+/// Sets `key` to `value` and insists on +OK within `limit`.
+pub fn set_ok(c: &mut Resp, key: &str, value: &str, limit: Duration, logs: impl Fn() -> String) {
+    match c.call(&["SET", key, value], limit) {
+        Ok(Reply::Simple(s)) if s == "OK" => {}
+        other => panic!("SET {key} got {other:?}\n{}", logs()),
+    }
+}
+
+/// Checks that every acknowledged (key, value) is on the server `c` talks to.
+pub fn check_acked(c: &mut Resp, acked: &[(String, String)], logs: impl Fn() -> String) {
+    for (k, v) in acked {
+        match c.call(&["GET", k], Duration::from_secs(5)) {
+            Ok(Reply::Bulk(Some(got))) if got == v.as_bytes() => {}
+            other => panic!(
+                "acknowledged {k}={v} is not on the survivor: GET got {other:?}\n{}",
+                logs()
+            ),
+        }
+    }
+}
