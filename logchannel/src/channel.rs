@@ -175,7 +175,7 @@ impl Default for ChannelConfig {
     fn default() -> Self {
         ChannelConfig {
             heartbeat: Duration::from_millis(50),
-            timeout: Duration::from_millis(1000),
+            timeout: Duration::from_millis(500),
             max_unacked: 200_000,
             backup_queue: 65_536,
         }

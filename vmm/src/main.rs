@@ -117,8 +117,9 @@ struct PairArgs {
     /// Heartbeat interval on the log channel, in milliseconds.
     #[arg(long, default_value_t = 50)]
     heartbeat_ms: u64,
-    /// Silence on the log channel longer than this is a failure.
-    #[arg(long, default_value_t = 1000)]
+    /// Silence on the log channel longer than this is a failure (see
+    /// docs/ARCHITECTURE.md, "Failure detection", for why 500 ms).
+    #[arg(long, default_value_t = 500)]
     timeout_ms: u64,
     /// Serve status as Prometheus text over HTTP on this address.
     #[arg(long)]
