@@ -9,7 +9,6 @@
 //! the target is stated for 600) set the sizes.
 
 #[path = "../../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::path::{Path, PathBuf};
