@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::netns::{self, Host};
+
 /// Options of `duet demo`.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -79,14 +81,92 @@ impl Proc {
     }
 }
 
+/// Where the demo's processes run and how the client reaches them:
+/// loopback, or the two-host network namespaces (`--netns`).
+enum Net {
+    Loopback,
+    Netns(netns::Topology),
+}
+
+/// The addresses of one demo run.
+struct Addrs {
+    tas: SocketAddr,
+    /// Where the backup listens for the log channel (and the primary dials).
+    channel: SocketAddr,
+    service: SocketAddr,
+    m_primary: SocketAddr,
+    m_backup: SocketAddr,
+}
+
+impl Net {
+    fn addrs(&self) -> anyhow::Result<Addrs> {
+        Ok(match self {
+            Net::Loopback => {
+                let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+                Addrs {
+                    tas: a(free_port()?),
+                    channel: a(free_port()?),
+                    service: a(free_port()?),
+                    m_primary: a(free_port()?),
+                    m_backup: a(free_port()?),
+                }
+            }
+            Net::Netns(_) => {
+                let ip = |h: Host| std::net::IpAddr::V4(h.service_ip());
+                let log_b = Host::B.log_ip().map(std::net::IpAddr::V4);
+                Addrs {
+                    tas: SocketAddr::new(ip(Host::Arbiter), 7000),
+                    channel: SocketAddr::new(log_b.unwrap_or(ip(Host::B)), 7001),
+                    service: SocketAddr::new(std::net::IpAddr::V4(netns::VIP), 6380),
+                    m_primary: SocketAddr::new(ip(Host::A), 9100),
+                    m_backup: SocketAddr::new(ip(Host::B), 9100),
+                }
+            }
+        })
+    }
+
+    /// A command for `program` on `host` (inside its namespace, if any).
+    fn command(&self, host: Host, program: &Path) -> Command {
+        match self {
+            Net::Loopback => Command::new(program),
+            Net::Netns(t) => t.command(host, program),
+        }
+    }
+
+    /// Connects from the client's host.
+    fn connect(&self, addr: SocketAddr, limit: Duration) -> std::io::Result<TcpStream> {
+        match self {
+            Net::Loopback => TcpStream::connect_timeout(&addr, limit),
+            Net::Netns(t) => t
+                .in_namespace(Host::Client, || TcpStream::connect_timeout(&addr, limit))
+                .map_err(std::io::Error::other)?,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Net::Loopback => "on 127.0.0.1".into(),
+            Net::Netns(t) => format!(
+                "across network namespaces {}-{{a,b,arb,cli}} (198.18.0.0/15)",
+                t.prefix()
+            ),
+        }
+    }
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn wait_for_port(addr: SocketAddr, limit: Duration, proc: &mut Proc) -> anyhow::Result<()> {
+fn wait_for_port(
+    net: &Net,
+    addr: SocketAddr,
+    limit: Duration,
+    proc: &mut Proc,
+) -> anyhow::Result<()> {
     let end = Instant::now() + limit;
     while Instant::now() < end {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+        if net.connect(addr, Duration::from_millis(100)).is_ok() {
             return Ok(());
         }
         proc.check_running()?;
@@ -111,8 +191,8 @@ enum Reply {
 }
 
 impl Resp {
-    fn connect(addr: SocketAddr) -> std::io::Result<Resp> {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+    fn connect(net: &Net, addr: SocketAddr) -> std::io::Result<Resp> {
+        let s = net.connect(addr, Duration::from_millis(200))?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         Ok(Resp {
@@ -164,6 +244,7 @@ struct Ledger {
 /// Runs one call, reconnecting (bounded) when the connection breaks.
 /// Returns the reply, and whether the call may have reached the server.
 fn call_with_retry(
+    net: &Net,
     conn: &mut Option<Resp>,
     addr: SocketAddr,
     args: &[&str],
@@ -173,7 +254,7 @@ fn call_with_retry(
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if conn.is_none() {
-            match Resp::connect(addr) {
+            match Resp::connect(net, addr) {
                 Ok(c) => *conn = Some(c),
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
@@ -212,8 +293,8 @@ fn call_with_retry(
     }
 }
 
-fn scrape(addr: SocketAddr) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
+fn scrape(net: &Net, addr: SocketAddr) -> Option<String> {
+    let mut s = net.connect(addr, Duration::from_millis(300)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
     let mut text = String::new();
@@ -230,9 +311,6 @@ fn gauge(text: &str, name: &str) -> Option<f64> {
 
 /// Runs the demo and returns the process exit code.
 pub fn run(opts: &DemoOptions) -> anyhow::Result<u8> {
-    if opts.netns {
-        bail!("--netns: the two-host namespaces are not built yet in this version");
-    }
     if opts.kill_after >= opts.ops {
         bail!(
             "--kill-after ({}) must be below --ops ({})",
@@ -254,7 +332,18 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<u8> {
     let temp = std::env::temp_dir().join(format!("duet-demo-{}", std::process::id()));
     let dir = opts.keep_logs.clone().unwrap_or_else(|| temp.clone());
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let result = run_in(opts, &duet, &tas_bin, &dir);
+    let net = if opts.netns {
+        if !netns::is_root() {
+            bail!("--netns needs root (it creates network namespaces)");
+        }
+        let prefix = format!("dd{}", std::process::id() % 100_000);
+        Net::Netns(netns::Topology::up(&prefix).context("cannot build the two-host namespaces")?)
+    } else {
+        Net::Loopback
+    };
+    let result = run_in(opts, &net, &duet, &tas_bin, &dir);
+    // Dropping the topology removes the namespaces.
+    drop(net);
     if opts.keep_logs.is_none() {
         let _ = std::fs::remove_dir_all(&temp);
     } else {
@@ -263,27 +352,28 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<u8> {
     result
 }
 
-fn run_in(opts: &DemoOptions, duet: &Path, tas_bin: &Path, dir: &Path) -> anyhow::Result<u8> {
-    let host = "127.0.0.1";
-    let addr = |p: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], p)) };
-    let (tas, chan, service, m_primary, m_backup) = (
-        free_port()?,
-        free_port()?,
-        free_port()?,
-        free_port()?,
-        free_port()?,
+fn run_in(
+    opts: &DemoOptions,
+    net: &Net,
+    duet: &Path,
+    tas_bin: &Path,
+    dir: &Path,
+) -> anyhow::Result<u8> {
+    let a = net.addrs()?;
+    println!(
+        "duet demo: arbiter, primary and backup as separate processes {}",
+        net.describe()
     );
-    println!("duet demo: arbiter, primary and backup as separate processes on {host}");
 
     let mut arbiter = Proc::spawn(
         "arbiter",
-        Command::new(tas_bin)
-            .args(["--listen", &format!("{host}:{tas}")])
+        net.command(Host::Arbiter, tas_bin)
+            .args(["--listen", &a.tas.to_string()])
             .arg("--state")
             .arg(dir.join("tas.state")),
         &dir.join("tas-server.log"),
     )?;
-    wait_for_port(addr(tas), Duration::from_secs(10), &mut arbiter)?;
+    wait_for_port(net, a.tas, Duration::from_secs(10), &mut arbiter)?;
 
     let pair = |role: &str| -> Vec<String> {
         vec![
@@ -293,34 +383,46 @@ fn run_in(opts: &DemoOptions, duet: &Path, tas_bin: &Path, dir: &Path) -> anyhow
             "--vm-id".into(),
             "demo".into(),
             "--tas".into(),
-            format!("{host}:{tas}"),
+            a.tas.to_string(),
             "--serial".into(),
-            format!("tcp:{host}:{service}"),
+            format!("tcp:{}", a.service),
         ]
     };
-    let mut backup = Proc::spawn(
-        "backup",
-        Command::new(duet)
-            .args(pair("backup"))
-            .args(["--listen", &format!("{host}:{chan}")])
-            .args(["--metrics", &format!("{host}:{m_backup}")])
-            .env("DUET_LOG", "info"),
-        &dir.join("backup.log"),
-    )?;
-    wait_for_port(addr(m_backup), Duration::from_secs(10), &mut backup)?;
+    let mut backup_cmd = net.command(Host::B, duet);
+    backup_cmd
+        .args(pair("backup"))
+        .args(["--listen", &a.channel.to_string()])
+        .args(["--metrics", &a.m_backup.to_string()])
+        .env("DUET_LOG", "info");
+    if let Net::Netns(t) = net {
+        // Going live moves the service address to host B.
+        backup_cmd.args([
+            "--go-live-exec",
+            &format!(
+                "{} netns move-vip --prefix {} --to b",
+                duet.display(),
+                t.prefix()
+            ),
+        ]);
+    }
+    let mut backup = Proc::spawn("backup", &mut backup_cmd, &dir.join("backup.log"))?;
+    wait_for_port(net, a.m_backup, Duration::from_secs(10), &mut backup)?;
     let mut primary = Proc::spawn(
         "primary",
-        Command::new(duet)
+        net.command(Host::A, duet)
             .args(pair("primary"))
-            .args(["--backup", &format!("{host}:{chan}")])
-            .args(["--metrics", &format!("{host}:{m_primary}")])
+            .args(["--backup", &a.channel.to_string()])
+            .args(["--metrics", &a.m_primary.to_string()])
             .env("DUET_LOG", "info"),
         &dir.join("primary.log"),
     )?;
-    // Probe the service with a real request: a bare connect would be taken
-    // as a client.
-    wait_for_port(addr(service), Duration::from_secs(20), &mut primary)?;
-    println!("primary serving kv on {host}:{service}; backup replaying; arbiter on {host}:{tas}");
+    wait_for_port(net, a.service, Duration::from_secs(20), &mut primary)?;
+    println!(
+        "primary serving kv on {}; backup replaying; arbiter on {}",
+        a.service, a.tas
+    );
+    let (service, m_primary, tas) = (a.service, a.m_primary, a.tas);
+    let addr = |x: SocketAddr| x;
 
     let mut ledger = Ledger::default();
     let mut conn: Option<Resp> = None;
@@ -329,13 +431,14 @@ fn run_in(opts: &DemoOptions, duet: &Path, tas_bin: &Path, dir: &Path) -> anyhow
     let started = Instant::now();
     for i in 0..opts.ops {
         if i == opts.kill_after {
-            before_kill = scrape(addr(m_primary));
+            before_kill = scrape(net, addr(m_primary));
             primary.signal(libc::SIGKILL);
             killed_at = Some(Instant::now());
             println!("op {i}: killed the primary (SIGKILL)");
         }
         let (key, value) = (format!("key:{i}"), format!("value:{i}"));
         match call_with_retry(
+            net,
             &mut conn,
             addr(service),
             &["SET", &key, &value],
@@ -349,6 +452,7 @@ fn run_in(opts: &DemoOptions, duet: &Path, tas_bin: &Path, dir: &Path) -> anyhow
         }
         ledger.sent_incrs += 1;
         match call_with_retry(
+            net,
             &mut conn,
             addr(service),
             &["INCR", "counter"],
@@ -368,6 +472,7 @@ fn run_in(opts: &DemoOptions, duet: &Path, tas_bin: &Path, dir: &Path) -> anyhow
     for i in ledger.acked_sets.clone() {
         let want = format!("value:{i}").into_bytes();
         match call_with_retry(
+            net,
             &mut conn,
             addr(service),
             &["GET", &format!("key:{i}")],
@@ -379,6 +484,7 @@ fn run_in(opts: &DemoOptions, duet: &Path, tas_bin: &Path, dir: &Path) -> anyhow
         }
     }
     let counter = match call_with_retry(
+        net,
         &mut conn,
         addr(service),
         &["GET", "counter"],
@@ -393,16 +499,25 @@ fn run_in(opts: &DemoOptions, duet: &Path, tas_bin: &Path, dir: &Path) -> anyhow
         .unwrap_or_default()
         .matches("going live")
         .count();
-    let status = tas_server::client::Client::new(addr(tas), Duration::from_secs(1))
-        .status()
-        .map(|s| {
-            s.vms
-                .iter()
-                .map(|vm| format!("{} epoch {} held by {:?}", vm.vm_id, vm.epoch, vm.holders))
-                .collect::<Vec<_>>()
-                .join("; ")
-        })
-        .unwrap_or_else(|e| format!("unavailable: {e}"));
+    let status = match net {
+        Net::Loopback => {
+            tas_server::client::Client::new(addr(tas), Duration::from_secs(1)).status()
+        }
+        Net::Netns(t) => t
+            .in_namespace(Host::Client, || {
+                tas_server::client::Client::new(addr(tas), Duration::from_secs(1)).status()
+            })
+            .map_err(|e| tas_server::client::ClientError::Protocol(e.to_string()))
+            .and_then(|r| r),
+    }
+    .map(|s| {
+        s.vms
+            .iter()
+            .map(|vm| format!("{} epoch {} held by {:?}", vm.vm_id, vm.epoch, vm.holders))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+    .unwrap_or_else(|e| format!("unavailable: {e}"));
 
     let metrics = before_kill.unwrap_or_default();
     println!();
