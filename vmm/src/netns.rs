@@ -634,6 +634,19 @@ mod tests {
         .unwrap()
     }
 
+    /// Like `connect`, retried for a few seconds: a link just brought up
+    /// takes a moment (carrier, neighbour entries) to carry traffic.
+    fn connect_retry(t: &Topology, from: Host, to: SocketAddr) -> TcpStream {
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match connect(t, from, to) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() >= end => panic!("connect to {to}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
     /// Builds a real topology, checks each link with TCP (there is no
     /// `ping` here), cuts and heals the logging link, moves the VIP, and
     /// tears it all down. Needs root: fails without it, unless
@@ -691,8 +704,7 @@ mod tests {
         assert_eq!(server.join().unwrap(), b"up");
         t.heal_logging_link().unwrap();
         let server = accept_one(l);
-        connect(&t, Host::A, addr)
-            .unwrap()
+        connect_retry(&t, Host::A, addr)
             .write_all(b"healed")
             .unwrap();
         assert_eq!(server.join().unwrap(), b"healed");
@@ -703,8 +715,7 @@ mod tests {
         assert!(connect(&t, Host::Client, addr).is_err());
         t.plug(Host::Client).unwrap();
         let server = accept_one(l);
-        connect(&t, Host::Client, addr)
-            .unwrap()
+        connect_retry(&t, Host::Client, addr)
             .write_all(b"plugged")
             .unwrap();
         assert_eq!(server.join().unwrap(), b"plugged");
