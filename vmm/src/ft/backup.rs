@@ -204,7 +204,8 @@ impl<O: Write> BackupTimeline<O> {
             &format!("lost the primary ({why}; the channel noticed {noticed} ms ago)"),
             &self.takeover.metrics,
         )?;
-        let world = (self.takeover.open_world)()?;
+        let mut world = (self.takeover.open_world)()?;
+        world.continue_clock_from(self.replay.last_clock_ns());
         self.replay.source_mut().promote();
         self.live = Some(Live::new(world));
         self.takeover.metrics.set_role(Role::Primary);

@@ -217,6 +217,13 @@ impl World {
         self.boot.elapsed().as_nanos() as u64
     }
 
+    /// Makes the monotonic clock read `ns` now and go on from there (a
+    /// backup going live continues the primary's clock).
+    pub fn continue_clock_from(&mut self, ns: u64) {
+        let now = Instant::now();
+        self.boot = now.checked_sub(Duration::from_nanos(ns)).unwrap_or(now);
+    }
+
     pub fn wall_clock(&self) -> i64 {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)

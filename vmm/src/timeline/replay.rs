@@ -69,6 +69,8 @@ pub struct Replay<S: RecordSource, O: Write> {
     output: O,
     /// Events applied so far, for reports.
     applied: u64,
+    /// The last monotonic clock value the guest was given.
+    last_clock_ns: u64,
 }
 
 fn describe(r: &Record) -> String {
@@ -100,6 +102,7 @@ impl<S: RecordSource, O: Write> Replay<S, O> {
             source,
             output,
             applied: 0,
+            last_clock_ns: 0,
         }
     }
 
@@ -109,6 +112,12 @@ impl<S: RecordSource, O: Write> Replay<S, O> {
 
     pub fn source_mut(&mut self) -> &mut S {
         &mut self.source
+    }
+
+    /// The last clock value replayed: a timeline that takes over must not
+    /// let the guest's monotonic clock go backwards.
+    pub fn last_clock_ns(&self) -> u64 {
+        self.last_clock_ns
     }
 
     pub fn events_applied(&self) -> u64 {
@@ -164,7 +173,10 @@ impl<S: RecordSource, O: Write> Replay<S, O> {
 impl<S: RecordSource, O: Write> Timeline for Replay<S, O> {
     fn clock_ns(&mut self, at: &Position) -> Result<u64, Error> {
         match self.expect(at, "a clock read", |e| matches!(e, Event::Clock { .. }))? {
-            Event::Clock { ns } => Ok(ns),
+            Event::Clock { ns } => {
+                self.last_clock_ns = ns;
+                Ok(ns)
+            }
             _ => unreachable!("checked by expect"),
         }
     }
