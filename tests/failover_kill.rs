@@ -12,32 +12,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// The tas-server binary next to `duet`; built with the same profile if a
-/// plain `cargo test -p vmm` did not build it.
-fn tas_server_bin() -> PathBuf {
-    let path = std::path::Path::new(env!("CARGO_BIN_EXE_duet")).with_file_name("tas-server");
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(&cargo);
-        cmd.args(["build", "-p", "tas-server"]);
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build -p tas-server");
-        assert!(
-            status.success() && path.exists(),
-            "tas-server is missing at {} and cargo could not build it",
-            path.display()
-        );
-    }
-    path
-}
 
 fn field<'a>(out: &'a str, label: &str) -> &'a str {
     out.lines()

@@ -522,3 +522,30 @@ pub fn wait_until_stopped(pid: u32, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// The tas-server binary next to `duet`. `cargo test --workspace` builds it;
+/// a narrower `cargo test -p vmm` may not, so it is built here (same
+/// profile, bounded) if missing.
+pub fn tas_server_bin() -> std::path::PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_duet")).with_file_name("tas-server");
+    if path.exists() {
+        return path;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(&cargo);
+    cmd.args(["build", "-p", "tas-server"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    eprintln!("{} is missing; running {cmd:?}", path.display());
+    let o = run_bounded(&mut cmd, None, Duration::from_secs(600));
+    assert!(
+        o.status.success() && path.exists(),
+        "tas-server is missing at {} and `{cargo} build -p tas-server` did not make it: {}; \
+         build it with `cargo build --release --workspace`",
+        path.display(),
+        stderr(&o)
+    );
+    path
+}

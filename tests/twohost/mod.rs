@@ -42,32 +42,7 @@ pub fn netns_available(test: &str) -> bool {
     panic!("{test} needs root for network namespaces; set DUET_ALLOW_NO_NETNS=1 to allow skipping");
 }
 
-/// The tas-server binary next to `duet`, built with the same profile if
-/// it is missing.
-pub fn tas_server_bin() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_duet")).with_file_name("tas-server");
-    if path.exists() {
-        return path;
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(&cargo);
-    cmd.args(["build", "-p", "tas-server"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdin(Stdio::null());
-    if !cfg!(debug_assertions) {
-        cmd.arg("--release");
-    }
-    eprintln!("{} is missing; running {cmd:?}", path.display());
-    let mut child = Proc::spawn_plain("cargo build", cmd);
-    let status = child.wait_exit(Duration::from_secs(600));
-    assert!(
-        status.is_some_and(|s| s.success()) && path.exists(),
-        "tas-server is missing at {} and `{cargo} build -p tas-server` did not make it ({status:?}); \
-         build it with `cargo build --release --workspace`",
-        path.display()
-    );
-    path
-}
+pub use crate::common::tas_server_bin;
 
 /// A scratch directory, removed on drop.
 pub struct Scratch(pub PathBuf);

@@ -11,7 +11,7 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,19 +22,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn tas_server_bin() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_duet")).with_file_name("tas-server");
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--release", "-p", "tas-server"])
-            .status()
-            .expect("cargo build -p tas-server");
-        assert!(status.success() && path.exists(), "cannot build tas-server");
-    }
-    path
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
