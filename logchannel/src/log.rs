@@ -249,6 +249,9 @@ pub enum Event {
     /// The recording was stopped here by the operator (the guest was still
     /// running); replay ends at this position too.
     Stop,
+    /// The serial line changed hands: one client left and another's bytes
+    /// come next (the guest sees delta-DCD).
+    SerialHangup,
 }
 
 impl Event {
@@ -261,6 +264,7 @@ impl Event {
             Event::Entropy { .. } => "entropy",
             Event::TimerTick => "timer tick",
             Event::Stop => "stop",
+            Event::SerialHangup => "serial hang-up",
             Event::SerialIn { .. } => "serial input",
             Event::NetFrame { .. } => "network frame",
             Event::DiskData { .. } => "disk data",
@@ -678,6 +682,7 @@ mod tests {
             },
             Event::PowerOff { code: 7 },
             Event::Stop,
+            Event::SerialHangup,
         ]
     }
 

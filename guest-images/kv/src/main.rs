@@ -7,7 +7,9 @@
 //! multibulk or inline form, pipelined or not, with binary-safe values.
 //!
 //! Nothing but RESP replies is ever written to the serial port. The PIT runs
-//! at 100 Hz; the server idles with `wait()` when no byte is waiting.
+//! at 100 Hz; the server idles with `wait()` when no byte is waiting. When
+//! the line changes hands (delta-DCD), a partial request left by the last
+//! client is dropped, as Redis drops a closed connection's buffer.
 
 #![no_std]
 #![no_main]
@@ -35,6 +37,12 @@ fn main() {
     let mut rx: Vec<u8> = Vec::new();
     let mut tx: Vec<u8> = Vec::new();
     loop {
+        // A new client: whatever the last one left half-sent is not a
+        // request of this one's (checked before reading, see
+        // `serial_hung_up`).
+        if serial::serial_hung_up() {
+            rx.clear();
+        }
         // Take everything the UART has (up to a batch) before parsing, so a
         // pipelined batch is answered in one write.
         let got = serial::serial_drain(DRAIN_BATCH, |b| rx.push(b));

@@ -15,9 +15,12 @@ const COM1: u16 = 0x3f8;
 const THR: u16 = COM1;
 const RBR: u16 = COM1;
 const LSR: u16 = COM1 + 5;
+const MSR: u16 = COM1 + 6;
 
 const LSR_DATA_READY: u8 = 0x01;
 const LSR_THR_EMPTY: u8 = 0x20;
+/// Delta data-carrier-detect: the line was hung up since the last read.
+const MSR_DDCD: u8 = 0x08;
 
 /// Bytes the 16550 transmit FIFO holds once THRE says it is empty.
 const TX_FIFO: usize = 16;
@@ -27,6 +30,14 @@ const TX_FIFO: usize = 16;
 /// exits once per byte (KVM reports count = 1 each time), so it saves
 /// nothing, and plain `out` asks less of a VMM (no string I/O).
 const USE_REP_OUTSB: bool = false;
+
+/// True once after the line changed hands (the VMM's client left and
+/// another's bytes come next). Duet signals this only when every byte of
+/// the client before has been read, so a caller that checks it before
+/// reading can drop a request the last client left half-sent.
+pub fn serial_hung_up() -> bool {
+    inb(MSR) & MSR_DDCD != 0
+}
 
 /// Writes `bytes` to COM1.
 pub fn serial_write(bytes: &[u8]) {

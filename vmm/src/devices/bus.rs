@@ -176,6 +176,7 @@ impl Devices {
         Demand {
             timer_period_ns: self.pit.channel0_period_ns(),
             serial_room: self.com1.rx_room(),
+            serial_rx_empty: self.com1.rx_empty(),
             idle,
         }
     }
@@ -190,6 +191,7 @@ impl Devices {
                     .enqueue(bytes)
                     .map_err(|e| Error::Serial(e.to_string()))?;
             }
+            Input::SerialHangup => self.com1.hang_up(),
         }
         self.latch_irqs();
         Ok(())

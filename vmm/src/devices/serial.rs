@@ -97,13 +97,23 @@ pub struct Com1State {
     pub irq_pending: bool,
     /// Guest output not yet taken by the VMM.
     pub output: Vec<u8>,
+    /// The line was hung up (a client left) and the guest has not read
+    /// MSR since: its delta-DCD bit reads 1 once.
+    pub carrier_lost: bool,
 }
+
+/// Modem status register offset, and its delta-DCD bit.
+const MSR: u8 = 6;
+const MSR_DDCD: u8 = 0x08;
+/// vm-superio's receive FIFO size.
+const FIFO_BYTES: usize = 64;
 
 /// The COM1 UART.
 #[derive(Debug)]
 pub struct Com1 {
     serial: Serial<IrqLine, NoEvents, Vec<u8>>,
     irq: IrqLine,
+    carrier_lost: bool,
 }
 
 impl Default for Com1 {
@@ -119,6 +129,7 @@ impl Com1 {
         Self {
             serial: Serial::new(irq.clone(), Vec::new()),
             irq,
+            carrier_lost: false,
         }
     }
 
@@ -130,7 +141,11 @@ impl Com1 {
         let serial = Serial::from_state(&state.serial, irq.clone(), NoEvents, state.output.clone())
             .map_err(map_err)?;
         irq.set(state.irq_pending);
-        Ok(Self { serial, irq })
+        Ok(Self {
+            serial,
+            irq,
+            carrier_lost: state.carrier_lost,
+        })
     }
 
     /// The full state, for state transfer.
@@ -139,13 +154,32 @@ impl Com1 {
             serial: self.serial.state(),
             irq_pending: self.irq.is_raised(),
             output: self.serial.writer().clone(),
+            carrier_lost: self.carrier_lost,
         }
     }
 
     /// Handles a guest read of register `offset` (port minus
     /// [`COM1_BASE`]). Unknown offsets read 0.
     pub fn read(&mut self, offset: u8) -> u8 {
-        self.serial.read(offset)
+        let value = self.serial.read(offset);
+        if offset == MSR && std::mem::take(&mut self.carrier_lost) {
+            value | MSR_DDCD
+        } else {
+            value
+        }
+    }
+
+    /// The host side of the line changed hands (one client left, another
+    /// came): the next MSR read shows delta-DCD, so that a guest can drop a
+    /// request the last client left half-sent. vm-superio keeps DCD itself
+    /// asserted and has no delta bits, so the wrapper adds this one.
+    pub fn hang_up(&mut self) {
+        self.carrier_lost = true;
+    }
+
+    /// True when the guest has read every received byte.
+    pub fn rx_empty(&self) -> bool {
+        self.serial.fifo_capacity() == FIFO_BYTES
     }
 
     /// Handles a guest write of `value` to register `offset`. Any value is
@@ -346,5 +380,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn hang_up_shows_delta_dcd_once_and_survives_state_transfer() {
+        let mut c = Com1::new();
+        assert_eq!(c.read(MSR) & MSR_DDCD, 0);
+        assert!(c.rx_empty());
+        c.hang_up();
+        let mut moved = Com1::from_state(&c.state()).unwrap();
+        assert_ne!(moved.read(MSR) & MSR_DDCD, 0);
+        assert_eq!(moved.read(MSR) & MSR_DDCD, 0, "delta bits clear on read");
+        moved.write(1, 1).unwrap();
+        moved.enqueue(b"x").unwrap();
+        assert!(!moved.rx_empty());
     }
 }

@@ -206,6 +206,7 @@ impl<O: Write> BackupTimeline<O> {
         )?;
         let mut world = (self.takeover.open_world)()?;
         world.continue_clock_from(self.replay.last_clock_ns());
+        world.expect_new_client();
         self.replay.source_mut().promote();
         self.live = Some(Live::new(world));
         self.takeover.metrics.set_role(Role::Primary);
@@ -265,10 +266,11 @@ impl<O: Write> Timeline for BackupTimeline<O> {
             .iter()
             .fold(demand.serial_room, |room, i| match i {
                 Input::Serial(b) => room.saturating_sub(b.len()),
-                Input::TimerTick => room,
+                Input::TimerTick | Input::SerialHangup => room,
             });
         let live_demand = Demand {
             serial_room: room,
+            serial_rx_empty: demand.serial_rx_empty && room == demand.serial_room,
             idle: demand.idle && out.len() == first,
             ..*demand
         };

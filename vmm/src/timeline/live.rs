@@ -107,10 +107,14 @@ impl InputQueue {
         }
     }
 
-    /// Takes up to `room` bytes without blocking. Reads more from the
-    /// backend only when what is pending would not fill the room, so the
-    /// backlog stays bounded and the channel back-pressures the client.
-    pub fn take(&mut self, room: usize) -> Option<Vec<u8>> {
+    /// The next input for the guest, without blocking: up to `room` bytes
+    /// of one connection, or a hang-up when the bytes that come next are
+    /// from another connection than the last ones (offered only once the
+    /// guest has read everything before, `rx_empty`, so that it can tell
+    /// the two clients' bytes apart). Reads more from the backend only when
+    /// what is pending would not fill the room, so the backlog stays
+    /// bounded and the channel back-pressures the client.
+    pub fn take(&mut self, room: usize, rx_empty: bool) -> Option<Input> {
         while self.pending_len < room && !self.closed {
             match self.link.try_recv() {
                 Ok(chunk) => self.push(chunk),
@@ -118,20 +122,38 @@ impl InputQueue {
                 Err(TryRecvError::Disconnected) => self.closed = true,
             }
         }
+        let conn = self.pending.front()?.0;
+        if self.last_conn != 0 && conn != self.last_conn {
+            if !rx_empty {
+                return None;
+            }
+            self.last_conn = conn;
+            return Some(Input::SerialHangup);
+        }
         let mut out = Vec::new();
         while out.len() < room {
-            let Some((conn, run)) = self.pending.front_mut() else {
+            let Some((c, run)) = self.pending.front_mut() else {
                 break;
             };
+            if *c != conn {
+                break;
+            }
             let n = (room - out.len()).min(run.len());
             out.extend(run.drain(..n));
-            self.last_conn = *conn;
             if run.is_empty() {
                 self.pending.pop_front();
             }
         }
+        self.last_conn = conn;
         self.pending_len -= out.len();
-        (!out.is_empty()).then_some(out)
+        (!out.is_empty()).then_some(Input::Serial(out))
+    }
+
+    /// After a failover the guest may hold part of a request from a client
+    /// of the dead primary: the first bytes from any client come after a
+    /// hang-up.
+    pub fn expect_new_client(&mut self) {
+        self.last_conn = u64::MAX;
     }
 
     /// The connection whose input the guest read last (0: none yet).
@@ -245,8 +267,8 @@ impl World {
             if self.ticks.due(demand.timer_period_ns, now) {
                 out.push(Input::TimerTick);
             }
-            if let Some(bytes) = self.input.take(demand.serial_room) {
-                out.push(Input::Serial(bytes));
+            if let Some(input) = self.input.take(demand.serial_room, demand.serial_rx_empty) {
+                out.push(input);
             }
             if !demand.idle || !out.is_empty() || stop_requested() || wake() {
                 return Ok(());
@@ -271,6 +293,11 @@ impl World {
     /// The connection that output produced now is meant for.
     pub fn output_tag(&self) -> u64 {
         self.input.last_conn()
+    }
+
+    /// See [`InputQueue::expect_new_client`].
+    pub fn expect_new_client(&mut self) {
+        self.input.expect_new_client();
     }
 
     /// A sender for serial output to the world, for a thread that releases
@@ -390,12 +417,18 @@ mod tests {
         let mut q = InputQueue::new(rx);
         tx.send((1, b"hello".to_vec())).unwrap();
         tx.send((2, b" world".to_vec())).unwrap();
-        assert_eq!(q.take(3).unwrap(), b"hel");
+        let bytes = |b: &[u8]| Some(Input::Serial(b.to_vec()));
+        assert_eq!(q.take(3, true), bytes(b"hel"));
         assert_eq!(q.last_conn(), 1);
-        assert_eq!(q.take(0), None);
-        assert_eq!(q.take(100).unwrap(), b"lo world");
+        assert_eq!(q.take(0, true), None);
+        // The first client's bytes only, then (once the guest has read
+        // them) a hang-up, then the second client's.
+        assert_eq!(q.take(100, false), bytes(b"lo"));
+        assert_eq!(q.take(100, false), None);
+        assert_eq!(q.take(100, true), Some(Input::SerialHangup));
+        assert_eq!(q.take(100, false), bytes(b" world"));
         assert_eq!(q.last_conn(), 2);
-        assert_eq!(q.take(100), None);
+        assert_eq!(q.take(100, true), None);
         drop(tx);
         assert!(!q.wait(None));
     }
@@ -412,6 +445,7 @@ mod tests {
         let demand = Demand {
             timer_period_ns: None,
             serial_room: 16,
+            serial_rx_empty: true,
             idle: true,
         };
         live.inputs(&Position::default(), &demand, &mut out)

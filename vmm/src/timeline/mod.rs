@@ -28,6 +28,9 @@ pub enum Input {
     TimerTick,
     /// Bytes for COM1's receive FIFO; never more than [`Demand::serial_room`].
     Serial(Vec<u8>),
+    /// The serial line changed hands; only offered when the guest has read
+    /// every byte of the client before ([`Demand::serial_rx_empty`]).
+    SerialHangup,
 }
 
 /// What the machine can take at this exit, from deterministic device state.
@@ -37,6 +40,8 @@ pub struct Demand {
     pub timer_period_ns: Option<u64>,
     /// Free slots in COM1's receive FIFO.
     pub serial_room: usize,
+    /// COM1's receive FIFO is empty (the guest read everything).
+    pub serial_rx_empty: bool,
     /// The guest is idle (HLT, or the paravirtual wait) and nothing is
     /// pending: block until at least one input arrives.
     pub idle: bool,

@@ -150,6 +150,7 @@ impl<S: LogSink> Timeline for Record<S> {
                 Input::Serial(bytes) => Event::SerialIn {
                     bytes: bytes.clone(),
                 },
+                Input::SerialHangup => Event::SerialHangup,
             };
             self.sink.append(at, event)?;
         }

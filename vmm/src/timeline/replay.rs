@@ -210,6 +210,7 @@ impl<S: RecordSource, O: Write> Timeline for Replay<S, O> {
         loop {
             let next = match self.due_here(at)? {
                 Some(Event::TimerTick) => Input::TimerTick,
+                Some(Event::SerialHangup) => Input::SerialHangup,
                 Some(Event::SerialIn { bytes }) if bytes.len() <= room => {
                     room -= bytes.len();
                     Input::Serial(bytes.clone())
