@@ -47,12 +47,12 @@ const MAX_BATCH: usize = 1 << 20;
 /// Errors of the log channel.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot connect to the backup at {addr}: {source}")]
+    #[error("cannot connect to the backup at {addr}")]
     Connect {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
@@ -63,7 +63,7 @@ pub enum Error {
     Mismatch(String),
     #[error("log channel failed: {0}")]
     Failed(String),
-    #[error("log channel I/O: {0}")]
+    #[error("log channel I/O")]
     Io(#[from] std::io::Error),
 }
 
@@ -392,8 +392,21 @@ async fn handshake(
 fn plain(e: Error) -> String {
     match e {
         Error::Failed(why) => why,
-        other => other.to_string(),
+        other => error_chain(&other),
     }
+}
+
+/// An error and its sources on one line ("a: b: c"), for places that keep
+/// an error as text.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
@@ -558,17 +571,17 @@ async fn primary_io(
                             Err(_) => break,
                         }
                     }
-                    write_message(&mut wr, &Message::Records { frames }, &mut buf).await.map_err(|e| e.to_string())?;
+                    write_message(&mut wr, &Message::Records { frames }, &mut buf).await.map_err(plain)?;
                     tick.reset();
                 }
                 _ = tick.tick() => {
-                    write_message(&mut wr, &Message::Heartbeat { replayed_exit: 0 }, &mut buf).await.map_err(|e| e.to_string())?;
+                    write_message(&mut wr, &Message::Heartbeat { replayed_exit: 0 }, &mut buf).await.map_err(plain)?;
                 }
             }
         }
         write_message(&mut wr, &Message::Bye, &mut buf)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(plain)?;
         // Keep heartbeating until the backup has acked everything and said
         // Bye, which ends the reader and so this whole task.
         loop {
@@ -576,7 +589,7 @@ async fn primary_io(
             if let Err(e) =
                 write_message(&mut wr, &Message::Heartbeat { replayed_exit: 0 }, &mut buf).await
             {
-                return Err::<(), String>(e.to_string());
+                return Err::<(), String>(plain(e));
             }
         }
     };
@@ -791,7 +804,7 @@ async fn backup_io(
             let bye = msg == Message::Bye;
             write_message(&mut wr, &msg, &mut buf)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(plain)?;
             if bye {
                 let _ = wr.shutdown().await;
                 return Ok(());

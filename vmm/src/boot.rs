@@ -68,7 +68,7 @@ pub enum Error {
     MemorySize(u64),
     #[error("cannot allocate guest memory: {0}")]
     Allocate(String),
-    #[error("writing boot tables failed: {0}")]
+    #[error("writing boot tables failed")]
     Tables(#[from] vm_memory::GuestMemoryError),
     #[error("not a loadable x86-64 ELF: {0}")]
     Elf(String),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use logchannel::channel::{self, BackupLink, ChannelConfig, Hello, PrimaryLink};
+use logchannel::channel::{self, error_chain, BackupLink, ChannelConfig, Hello, PrimaryLink};
 use logchannel::{Header, LogReader, LogWriter};
 
 use crate::ft::arbiter::Arbiter;
@@ -365,7 +365,7 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
     .with_context(|| format!("cannot boot {:?}", opts.image))?;
     tracing::info!("backup: waiting for a primary on {}", opts.listen);
     let link = BackupLink::accept(opts.listen, hello, opts.pair.channel_config(), |e| {
-        eprintln!("duet: refused a primary: {e}");
+        eprintln!("duet: refused a primary: {}", error_chain(e));
     })?;
     let epoch = link.peer().epoch;
     tracing::info!("backup: paired with a primary, epoch {epoch}");
@@ -379,8 +379,9 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
                 run_hook(cmd)
                     .map_err(|e| timeline::Error::Arbiter(format!("go-live command: {e}")))?;
             }
-            let link = serial_backend::start(&serial)
-                .map_err(|e| timeline::Error::Arbiter(format!("cannot go live: {e}")))?;
+            let link = serial_backend::start(&serial).map_err(|e| {
+                timeline::Error::Arbiter(format!("cannot go live: {}", error_chain(&e)))
+            })?;
             Ok(World::new(link, None))
         }),
     };

@@ -56,14 +56,14 @@ pub enum Error {
     BadPrefix(String),
     #[error("network namespaces need root (running as uid {0})")]
     NotRoot(u32),
-    #[error("cannot run `{command}`: {source}")]
+    #[error("cannot run `{command}`")]
     Spawn {
         command: String,
         source: std::io::Error,
     },
     #[error("`{command}` failed: {stderr}")]
     Ip { command: String, stderr: String },
-    #[error("cannot enter network namespace {ns}: {source}")]
+    #[error("cannot enter network namespace {ns}")]
     Enter { ns: String, source: std::io::Error },
     #[error("{0} has no logging link and cannot hold the service address")]
     NotAServer(Host),

@@ -24,7 +24,7 @@ const CHUNK: usize = 4096;
 pub enum Error {
     #[error("bad serial spec {0:?}: expected stdio, none or tcp:HOST:PORT")]
     Spec(String),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,

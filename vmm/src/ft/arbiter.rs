@@ -13,6 +13,7 @@ use tas_server::client::{Client, ClientError};
 
 use super::metrics::{ArbiterState, Metrics};
 use crate::timeline::{live::stop_requested, Error};
+use logchannel::channel::error_chain;
 
 /// How long one request to the arbiter may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
@@ -37,7 +38,7 @@ impl Arbiter {
     pub fn new_epoch(&self) -> Result<u64, Error> {
         self.client()
             .new_epoch(&self.vm_id)
-            .map_err(|e| Error::Arbiter(e.to_string()))
+            .map_err(|e| Error::Arbiter(error_chain(&e)))
     }
 
     /// Claims the pair, retrying while the arbiter is unreachable. Returns
@@ -94,7 +95,7 @@ impl Arbiter {
                     }
                     std::thread::sleep(RETRY_EVERY);
                 }
-                Err(e) => return Err(Error::Arbiter(e.to_string())),
+                Err(e) => return Err(Error::Arbiter(error_chain(&e))),
             }
         }
     }

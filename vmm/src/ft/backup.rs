@@ -19,6 +19,7 @@ use super::metrics::{Metrics, Role};
 use crate::timeline::live::{Live, World};
 use crate::timeline::replay::{RecordSource, Replay};
 use crate::timeline::{Demand, Ending, Error, Input, Position, StateDigest, Timeline};
+use logchannel::channel::error_chain;
 
 /// How often (in exits) a backup that is behind reports its progress.
 const PROGRESS_EVERY: u64 = 256;
@@ -96,7 +97,7 @@ impl StreamSource {
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    self.failed = Some(e.to_string());
+                    self.failed = Some(error_chain(&e));
                     return;
                 }
             }
@@ -137,7 +138,7 @@ impl RecordSource for StreamSource {
             match self.link.recv() {
                 Ok(Some(rec)) => self.take(rec),
                 Ok(None) => self.known_exit = u64::MAX,
-                Err(e) => self.failed = Some(e.to_string()),
+                Err(e) => self.failed = Some(error_chain(&e)),
             }
         }
         self.link.state().set_replayed_exit(exit - 1);

@@ -18,7 +18,7 @@ const LAG_WINDOW: usize = 4096;
 /// Errors starting the status endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot serve metrics on {addr}: {source}")]
+    #[error("cannot serve metrics on {addr}")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,

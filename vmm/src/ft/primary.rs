@@ -20,6 +20,7 @@ use crate::serial_backend::Chunk;
 use crate::timeline::live::World;
 use crate::timeline::record::LogSink;
 use crate::timeline::Error;
+use logchannel::channel::error_chain;
 
 /// How long records may sit in the batch before they go out anyway. Also
 /// bounds the execution lag a busy guest adds.
@@ -221,7 +222,7 @@ impl LogSink for ChannelSink {
         }
         match self.link()?.send(frames, n, bytes) {
             Ok(()) => Ok(()),
-            Err(e) => self.lost_backup(e.to_string()),
+            Err(e) => self.lost_backup(error_chain(&e)),
         }
     }
 
@@ -255,7 +256,7 @@ impl LogSink for ChannelSink {
         let result = match self.link.take() {
             Some(link) => link
                 .close(CLOSE_TIMEOUT)
-                .map_err(|e| Error::Channel(e.to_string())),
+                .map_err(|e| Error::Channel(error_chain(&e))),
             None => Ok(()),
         };
         // The gate releases what the final acks allow, then ends.

@@ -22,23 +22,23 @@ use crate::boot;
 /// Errors from setting up or running the KVM machine.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open {}: {source}", path.display())]
+    #[error("cannot open {}", path.display())]
     OpenKvm { path: PathBuf, source: errno::Error },
     #[error("{} is not a KVM device", .0.display())]
     NotKvm(PathBuf),
-    #[error("KVM_CREATE_VM failed: {0}")]
+    #[error("KVM_CREATE_VM failed")]
     CreateVm(#[source] errno::Error),
-    #[error("KVM_CREATE_VCPU failed: {0}")]
+    #[error("KVM_CREATE_VCPU failed")]
     CreateVcpu(#[source] errno::Error),
-    #[error("KVM_SET_USER_MEMORY_REGION failed: {0}")]
+    #[error("KVM_SET_USER_MEMORY_REGION failed")]
     SetMemory(#[source] errno::Error),
-    #[error("setting up vCPU registers failed: {0}")]
+    #[error("setting up vCPU registers failed")]
     SetupRegs(#[source] errno::Error),
-    #[error("reading vCPU registers failed: {0}")]
+    #[error("reading vCPU registers failed")]
     GetRegs(#[source] errno::Error),
-    #[error("KVM_RUN failed: {0}")]
+    #[error("KVM_RUN failed")]
     Run(#[source] errno::Error),
-    #[error("KVM_INTERRUPT failed for vector {vector:#x}: {source}")]
+    #[error("KVM_INTERRUPT failed for vector {vector:#x}")]
     Inject { vector: u8, source: errno::Error },
 }
 

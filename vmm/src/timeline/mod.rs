@@ -96,11 +96,11 @@ pub enum Error {
     },
     #[error("arbiter: {0}")]
     Arbiter(String),
-    #[error("writing the transcript failed: {0}")]
+    #[error("writing the transcript failed")]
     Transcript(#[source] std::io::Error),
     #[error("the guest is idle with interrupts that can never arrive (no timer, input closed)")]
     Deadlock,
-    #[error("reading entropy failed: {0}")]
+    #[error("reading entropy failed")]
     Entropy(#[source] std::io::Error),
     #[error("the serial output is closed")]
     OutputClosed,
