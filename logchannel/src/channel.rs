@@ -933,6 +933,11 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.to_string().contains("image"), "{err}");
+        // The backup reports a refusal after sending it: give it a moment.
+        let end = Instant::now() + Duration::from_secs(5);
+        while refusals.lock().unwrap().len() < 2 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let seen = refusals.lock().unwrap().clone();
         assert_eq!(seen.len(), 2, "{seen:?}");
         assert!(seen[0].contains("VM id"));
