@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use logchannel::channel::BackupLink;
 use logchannel::{Event, Record};
@@ -22,7 +23,9 @@ use crate::timeline::{Demand, Ending, Error, Input, Position, StateDigest, Timel
 use logchannel::channel::error_chain;
 
 /// How often (in exits) a backup that is behind reports its progress.
-const PROGRESS_EVERY: u64 = 256;
+const PROGRESS_EVERY: u64 = 16;
+/// ... and at most this often, so a fast replay does not flood the channel.
+const PROGRESS_PERIOD: Duration = Duration::from_millis(1);
 
 /// Records received but not yet replayed, and how far they reach.
 pub struct StreamSource {
@@ -36,6 +39,7 @@ pub struct StreamSource {
     failed: Option<String>,
     /// We won the arbiter: what is buffered is all there will ever be.
     promoted: bool,
+    last_report: Instant,
 }
 
 impl StreamSource {
@@ -49,6 +53,7 @@ impl StreamSource {
             last_seq: None,
             failed: None,
             promoted: false,
+            last_report: Instant::now(),
         }
     }
 
@@ -124,7 +129,11 @@ impl RecordSource for StreamSource {
         if self.known_exit >= exit {
             // Running behind: still tell the primary now and then, since it
             // throttles itself on our progress (bounded execution lag).
-            if exit.is_multiple_of(PROGRESS_EVERY) && !self.promoted {
+            if exit.is_multiple_of(PROGRESS_EVERY)
+                && !self.promoted
+                && self.last_report.elapsed() >= PROGRESS_PERIOD
+            {
+                self.last_report = Instant::now();
                 self.link.report_progress(exit - 1);
             }
             return Ok(());

@@ -36,6 +36,10 @@ const HISTORY: usize = 65_536;
 /// catch up before it can go live: about 100 ms at this platform's ~30k
 /// exits per second. VMware FT slows the primary for the same reason.
 const MAX_AHEAD_EXITS: u64 = 3_000;
+/// The same bound in time, for guests that exit rarely (a compute loop
+/// makes a few thousand exits a second): the primary waits once the oldest
+/// position the backup has not reached was flushed this long ago.
+const MAX_LAG: Duration = Duration::from_millis(50);
 
 /// What the gate is told.
 enum GateMsg {
@@ -234,8 +238,26 @@ impl LogSink for ChannelSink {
         if self.last_flush.elapsed() >= FLUSH_EVERY {
             self.flush()?;
         }
-        if exit.saturating_sub(self.state.snapshot().replayed_exit) > MAX_AHEAD_EXITS {
+        let replayed = self.state.snapshot().replayed_exit;
+        if exit.saturating_sub(replayed) > MAX_AHEAD_EXITS {
             self.throttle(exit)?;
+        }
+        let oldest = {
+            let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            // Flushes of positions the backup had already passed when they
+            // were made say nothing about lag.
+            while h.front().is_some_and(|&(horizon, _)| horizon <= replayed) {
+                h.pop_front();
+            }
+            h.front().copied()
+        };
+        if let Some((horizon, at)) = oldest {
+            if at.elapsed() > MAX_LAG {
+                self.flush()?;
+                self.state.wait_until(Duration::from_secs(3600), |c| {
+                    c.replayed_exit >= horizon || c.failure.is_some()
+                });
+            }
         }
         self.attend()
     }
