@@ -24,6 +24,8 @@ const CHUNK: usize = 4096;
 pub enum Error {
     #[error("bad serial spec {0:?}: expected stdio, none or tcp:HOST:PORT")]
     Spec(String),
+    #[error("cannot start a serial thread")]
+    Spawn(#[source] std::io::Error),
     #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -96,7 +98,7 @@ pub fn start(spec: &SerialSpec) -> Result<SerialLink, Error> {
             thread::Builder::new()
                 .name("serial-in".into())
                 .spawn(move || pump_in(std::io::stdin().lock(), 1, &in_tx))
-                .expect("spawn serial-in");
+                .map_err(Error::Spawn)?;
             thread::Builder::new()
                 .name("serial-out".into())
                 .spawn(move || {
@@ -108,7 +110,7 @@ pub fn start(spec: &SerialSpec) -> Result<SerialLink, Error> {
                         }
                     }
                 })
-                .expect("spawn serial-out")
+                .map_err(Error::Spawn)?
         }
         SerialSpec::Tcp(addr) => {
             let listener = TcpListener::bind(addr).map_err(|source| Error::Listen {
@@ -119,14 +121,14 @@ pub fn start(spec: &SerialSpec) -> Result<SerialLink, Error> {
                 "serial: listening on {}",
                 listener.local_addr().unwrap_or(*addr)
             );
-            serve_tcp(listener, in_tx, out_rx)
+            serve_tcp(listener, in_tx, out_rx)?
         }
         SerialSpec::None => {
             drop(in_tx);
             thread::Builder::new()
                 .name("serial-out".into())
                 .spawn(move || while out_rx.recv().is_ok() {})
-                .expect("spawn serial-out")
+                .map_err(Error::Spawn)?
         }
     };
     Ok(SerialLink {
@@ -172,7 +174,7 @@ fn serve_tcp(
     listener: TcpListener,
     in_tx: SyncSender<Chunk>,
     out_rx: Receiver<Chunk>,
-) -> thread::JoinHandle<()> {
+) -> Result<thread::JoinHandle<()>, Error> {
     let clients: Arc<Mutex<Vec<(u64, TcpStream)>>> = Arc::new(Mutex::new(Vec::new()));
     let writer_clients = clients.clone();
     let writer = thread::Builder::new()
@@ -191,7 +193,7 @@ fn serve_tcp(
                 }
             }
         })
-        .expect("spawn serial-out");
+        .map_err(Error::Spawn)?;
     thread::Builder::new()
         .name("serial-accept".into())
         .spawn(move || {
@@ -217,8 +219,8 @@ fn serve_tcp(
                 }
             }
         })
-        .expect("spawn serial-accept");
-    writer
+        .map_err(Error::Spawn)?;
+    Ok(writer)
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ pub enum Error {
     CreateVm(#[source] errno::Error),
     #[error("KVM_CREATE_VCPU failed")]
     CreateVcpu(#[source] errno::Error),
+    #[error("guest memory has no host mapping")]
+    HostAddress,
     #[error("KVM_SET_USER_MEMORY_REGION failed")]
     SetMemory(#[source] errno::Error),
     #[error("setting up vCPU registers failed")]
@@ -132,7 +134,7 @@ impl Vm {
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .expect("mmap-backed region has a host address");
+                .map_err(|_| Error::HostAddress)?;
             let desc = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
