@@ -110,11 +110,12 @@ impl InputQueue {
     /// The next input for the guest, without blocking: up to `room` bytes
     /// of one connection, or a hang-up when the bytes that come next are
     /// from another connection than the last ones (offered only once the
-    /// guest has read everything before, `rx_empty`, so that it can tell
-    /// the two clients' bytes apart). Reads more from the backend only when
+    /// guest has read everything before and waits, `can_hang_up`, so that
+    /// it can tell the two clients' bytes apart and has finished answering
+    /// the first). Reads more from the backend only when
     /// what is pending would not fill the room, so the backlog stays
     /// bounded and the channel back-pressures the client.
-    pub fn take(&mut self, room: usize, rx_empty: bool) -> Option<Input> {
+    pub fn take(&mut self, room: usize, can_hang_up: bool) -> Option<Input> {
         while self.pending_len < room && !self.closed {
             match self.link.try_recv() {
                 Ok(chunk) => self.push(chunk),
@@ -124,7 +125,7 @@ impl InputQueue {
         }
         let conn = self.pending.front()?.0;
         if self.last_conn != 0 && conn != self.last_conn {
-            if !rx_empty {
+            if !can_hang_up {
                 return None;
             }
             self.last_conn = conn;
@@ -267,7 +268,11 @@ impl World {
             if self.ticks.due(demand.timer_period_ns, now) {
                 out.push(Input::TimerTick);
             }
-            if let Some(input) = self.input.take(demand.serial_room, demand.serial_rx_empty) {
+            // The line changes hands only while the guest waits with
+            // nothing unread: by then it has finished answering the last
+            // client, so no reply is split between two clients.
+            let can_hang_up = demand.serial_rx_empty && demand.idle;
+            if let Some(input) = self.input.take(demand.serial_room, can_hang_up) {
                 out.push(input);
             }
             if !demand.idle || !out.is_empty() || stop_requested() || wake() {

@@ -28,8 +28,8 @@ pub enum Input {
     TimerTick,
     /// Bytes for COM1's receive FIFO; never more than [`Demand::serial_room`].
     Serial(Vec<u8>),
-    /// The serial line changed hands; only offered when the guest has read
-    /// every byte of the client before ([`Demand::serial_rx_empty`]).
+    /// The serial line changed hands; only offered when the guest waits
+    /// with every byte of the client before read ([`Demand::serial_rx_empty`]).
     SerialHangup,
 }
 
