@@ -44,10 +44,12 @@ pub struct RunOptions {
     pub transcript: Option<PathBuf>,
 }
 
-/// Logs go to stderr, filtered by `DUET_LOG` (default: warnings).
+/// Logs go to stderr, filtered by `DUET_LOG` (default: warnings, plus the
+/// primary's and backup's periodic status line).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DUET_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // Warnings, and the FT roles' periodic one-line status.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,vmm::ft=info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -26,6 +26,8 @@ use logchannel::channel::error_chain;
 const PROGRESS_EVERY: u64 = 16;
 /// ... and at most this often, so a fast replay does not flood the channel.
 const PROGRESS_PERIOD: Duration = Duration::from_millis(1);
+/// How often the backup logs its one-line status.
+const SUMMARY_EVERY: Duration = Duration::from_secs(5);
 
 /// Records received but not yet replayed, and how far they reach.
 pub struct StreamSource {
@@ -40,6 +42,7 @@ pub struct StreamSource {
     /// We won the arbiter: what is buffered is all there will ever be.
     promoted: bool,
     last_report: Instant,
+    last_summary: Instant,
 }
 
 impl StreamSource {
@@ -54,6 +57,7 @@ impl StreamSource {
             failed: None,
             promoted: false,
             last_report: Instant::now(),
+            last_summary: Instant::now(),
         }
     }
 
@@ -126,6 +130,10 @@ impl RecordSource for StreamSource {
     }
 
     fn wait_horizon(&mut self, exit: u64) -> Result<(), Error> {
+        if exit.is_multiple_of(PROGRESS_EVERY) && self.last_summary.elapsed() >= SUMMARY_EVERY {
+            self.last_summary = Instant::now();
+            tracing::info!("backup: {}", self.metrics.summary());
+        }
         if self.known_exit >= exit {
             // Running behind: still tell the primary now and then, since it
             // throttles itself on our progress (bounded execution lag).
