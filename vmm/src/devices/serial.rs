@@ -104,6 +104,8 @@ pub struct Com1State {
 
 /// Modem status register offset, and its delta-DCD bit.
 const MSR: u8 = 6;
+/// Modem control register offset.
+const MCR: u8 = 4;
 const MSR_DDCD: u8 = 0x08;
 /// vm-superio's receive FIFO size.
 const FIFO_BYTES: usize = 64;
@@ -114,6 +116,10 @@ pub struct Com1 {
     serial: Serial<IrqLine, NoEvents, Vec<u8>>,
     irq: IrqLine,
     carrier_lost: bool,
+    /// MCR's loopback bit, mirrored from the guest's writes: `rx_room` is
+    /// asked at every exit, and vm-superio only exposes MCR through a full
+    /// state copy.
+    loopback: bool,
 }
 
 impl Default for Com1 {
@@ -130,6 +136,7 @@ impl Com1 {
             serial: Serial::new(irq.clone(), Vec::new()),
             irq,
             carrier_lost: false,
+            loopback: false,
         }
     }
 
@@ -142,6 +149,7 @@ impl Com1 {
             .map_err(map_err)?;
         irq.set(state.irq_pending);
         Ok(Self {
+            loopback: state.serial.modem_control & MCR_LOOP != 0,
             serial,
             irq,
             carrier_lost: state.carrier_lost,
@@ -185,16 +193,18 @@ impl Com1 {
     /// Handles a guest write of `value` to register `offset`. Any value is
     /// accepted; unknown offsets are ignored.
     pub fn write(&mut self, offset: u8, value: u8) -> Result<()> {
-        self.serial.write(offset, value).map_err(map_err)
+        self.serial.write(offset, value).map_err(map_err)?;
+        if offset == MCR {
+            self.loopback = value & MCR_LOOP != 0;
+        }
+        Ok(())
     }
 
     /// How many bytes [`Com1::enqueue`] will accept now: the free receive
     /// FIFO slots, or 0 in loopback mode (where the UART takes no input
     /// from outside).
     pub fn rx_room(&self) -> usize {
-        // vm-superio has no `&self` accessor for MCR; the state copy is
-        // cheap (the FIFO is 64 bytes at most).
-        if self.serial.state().modem_control & MCR_LOOP != 0 {
+        if self.loopback {
             0
         } else {
             self.serial.fifo_capacity()
