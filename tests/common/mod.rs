@@ -549,3 +549,61 @@ pub fn tas_server_bin() -> std::path::PathBuf {
     );
     path
 }
+
+/// `redis-benchmark -c 1 -n REQUESTS -t set,get,incr --csv` against `addr`:
+/// requests per second by test name (SET, GET, INCR). Its CSV looks like
+///
+/// ```text
+/// "test","rps","avg_latency_ms",...
+/// "SET","179.69","5.131",...
+/// ```
+pub fn redis_benchmark(
+    addr: SocketAddr,
+    requests: &str,
+    limit: Duration,
+) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    use anyhow::Context;
+    let o = run_bounded(
+        Command::new("redis-benchmark").args([
+            "-h",
+            &addr.ip().to_string(),
+            "-p",
+            &addr.port().to_string(),
+            "-c",
+            "1",
+            "-n",
+            requests,
+            "-t",
+            "set,get,incr",
+            "--csv",
+        ]),
+        None,
+        limit,
+    );
+    anyhow::ensure!(
+        o.status.success(),
+        "redis-benchmark failed ({}): {}{}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    let out = stdout(&o);
+    let mut rps = std::collections::BTreeMap::new();
+    for line in out.lines() {
+        let cols: Vec<&str> = line.split(',').map(|c| c.trim_matches('"')).collect();
+        if cols.len() < 2 || cols[0] == "test" {
+            continue;
+        }
+        let value = cols[1]
+            .parse()
+            .with_context(|| format!("bad rps in redis-benchmark line {line:?}"))?;
+        rps.insert(cols[0].to_string(), value);
+    }
+    for test in ["SET", "GET", "INCR"] {
+        anyhow::ensure!(
+            rps.contains_key(test),
+            "redis-benchmark reported no {test}: {out}"
+        );
+    }
+    Ok(rps)
+}

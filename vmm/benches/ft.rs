@@ -59,57 +59,6 @@ const PINGS: usize = 500;
 /// How long the idle `kv` is watched.
 const IDLE: Duration = Duration::from_secs(3);
 
-/// `redis-benchmark --csv` output: requests per second by test name.
-fn parse_redis_csv(out: &str) -> anyhow::Result<BTreeMap<String, f64>> {
-    let mut rps = BTreeMap::new();
-    for line in out.lines() {
-        let cols: Vec<&str> = line.split(',').map(|c| c.trim_matches('"')).collect();
-        if cols.len() < 2 || cols[0] == "test" {
-            continue;
-        }
-        let value = cols[1]
-            .parse()
-            .with_context(|| format!("bad rps in redis-benchmark line {line:?}"))?;
-        rps.insert(cols[0].to_string(), value);
-    }
-    for test in ["SET", "GET", "INCR"] {
-        ensure!(
-            rps.contains_key(test),
-            "redis-benchmark reported no {test}: {out}"
-        );
-    }
-    Ok(rps)
-}
-
-/// `redis-benchmark` against the `kv` serving on `addr`.
-fn redis_benchmark(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
-    let o = run_bounded(
-        Command::new("redis-benchmark").args([
-            "-h",
-            &addr.ip().to_string(),
-            "-p",
-            &addr.port().to_string(),
-            "-c",
-            "1",
-            "-n",
-            REDIS_REQUESTS,
-            "-t",
-            "set,get,incr",
-            "--csv",
-        ]),
-        None,
-        REDIS_LIMIT,
-    );
-    ensure!(
-        o.status.success(),
-        "redis-benchmark failed ({}): {}{}",
-        o.status,
-        stdout(&o),
-        stderr(&o)
-    );
-    parse_redis_csv(&stdout(&o))
-}
-
 /// Round trips of `PINGS` sequential inline PINGs, in microseconds, sorted.
 fn ping_round_trips(addr: SocketAddr) -> anyhow::Result<Vec<f64>> {
     let mut s = connect(addr, Duration::from_secs(10));
@@ -237,7 +186,7 @@ struct KvRun {
 }
 
 fn kv_workload(addr: SocketAddr) -> anyhow::Result<KvRun> {
-    let rps = redis_benchmark(addr)?;
+    let rps = redis_benchmark(addr, REDIS_REQUESTS, REDIS_LIMIT)?;
     let pings = ping_round_trips(addr)?;
     Ok(KvRun { rps, pings })
 }

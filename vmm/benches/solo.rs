@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use common::{duet, free_addr, run_bounded, start_tcp_guest, stderr, stdout};
+use common::{duet, free_addr, redis_benchmark, run_bounded, start_tcp_guest, stderr, stdout};
 
 /// Limit for one guest run (`bench`, `compute`).
 const RUN_LIMIT: Duration = Duration::from_secs(120);
@@ -75,27 +75,6 @@ fn run_image(name: &str) -> anyhow::Result<(String, Duration)> {
     Ok((stdout(&o), wall))
 }
 
-/// `redis-benchmark --csv` output: requests per second by test name.
-///
-/// ```text
-/// "test","rps","avg_latency_ms",...
-/// "SET","179.69","5.131",...
-/// ```
-fn parse_redis_csv(out: &str) -> anyhow::Result<BTreeMap<String, f64>> {
-    let mut rps = BTreeMap::new();
-    for line in out.lines() {
-        let cols: Vec<&str> = line.split(',').map(|c| c.trim_matches('"')).collect();
-        if cols.len() < 2 || cols[0] == "test" {
-            continue;
-        }
-        let value = cols[1]
-            .parse()
-            .with_context(|| format!("bad rps in redis-benchmark line {line:?}"))?;
-        rps.insert(cols[0].to_string(), value);
-    }
-    Ok(rps)
-}
-
 /// Runs `redis-benchmark` against a fresh `kv` guest.
 fn kv_rps() -> anyhow::Result<BTreeMap<String, f64>> {
     let probe = Command::new("redis-benchmark").arg("--version").output();
@@ -108,38 +87,7 @@ fn kv_rps() -> anyhow::Result<BTreeMap<String, f64>> {
     let addr = free_addr();
     eprintln!("solo: running image kv on {addr} with redis-benchmark");
     let _vm = start_tcp_guest("kv", addr);
-    let port = addr.port().to_string();
-    let o = run_bounded(
-        Command::new("redis-benchmark").args([
-            "-h",
-            &addr.ip().to_string(),
-            "-p",
-            &port,
-            "-c",
-            "1",
-            "-n",
-            REDIS_REQUESTS,
-            "-t",
-            "set,get,incr",
-            "--csv",
-        ]),
-        None,
-        REDIS_LIMIT,
-    );
-    if !o.status.success() {
-        bail!(
-            "redis-benchmark failed ({}): {}{}",
-            o.status,
-            stdout(&o),
-            stderr(&o)
-        );
-    }
-    let rps = parse_redis_csv(&stdout(&o))?;
-    for test in ["SET", "GET", "INCR"] {
-        if !rps.contains_key(test) {
-            bail!("redis-benchmark reported no {test}: {}", stdout(&o));
-        }
-    }
+    let rps = redis_benchmark(addr, REDIS_REQUESTS, REDIS_LIMIT)?;
     Ok(rps)
 }
 
