@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tas_server::protocol::Status;
 use vmm::netns::{self, Host, Topology};
 
-use crate::common::{parse_reply, resp_command, Reply};
+use crate::common::{parse_reply, resp_command, Reply, TempDir};
 
 /// The arbiter's port on 198.18.0.3.
 pub const TAS_PORT: u16 = 7700;
@@ -43,24 +43,6 @@ pub fn netns_available(test: &str) -> bool {
 }
 
 pub use crate::common::tas_server_bin;
-
-/// A scratch directory, removed on drop.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("duet-{name}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A child process whose stdout and stderr go to a log file; SIGKILLed and
 /// reaped on drop.
@@ -236,7 +218,7 @@ pub struct Pair {
     pub primary: Proc,
     pub backup: Proc,
     pub topo: Topology,
-    pub dir: Scratch,
+    pub dir: TempDir,
     tas_bin: PathBuf,
     arbiter_starts: u32,
 }
@@ -255,7 +237,7 @@ impl Pair {
     pub fn start(prefix: &str) -> Pair {
         let tas_bin = tas_server_bin();
         let topo = Topology::up(prefix).unwrap_or_else(|e| panic!("netns up: {e}"));
-        let dir = Scratch::new(prefix);
+        let dir = TempDir::new(prefix);
         let duet = env!("CARGO_BIN_EXE_duet");
         let channel = SocketAddr::from((Host::B.log_ip().unwrap(), CHANNEL_PORT));
         let pair_args = |role: &str| -> Vec<String> {

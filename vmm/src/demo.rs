@@ -253,9 +253,8 @@ impl Ledger {
     /// reconnect; anywhere else it is a failure.
     fn tolerate(&mut self, what: &str, reply: &Reply) -> anyhow::Result<()> {
         match reply {
-            Reply::Error(e) if self.reconnects > 0 && self.since_reconnect <= 1 => {
+            Reply::Error(_) if self.reconnects > 0 && self.since_reconnect <= 1 => {
                 self.refused_after_reconnect += 1;
-                let _ = e;
                 Ok(())
             }
             other => bail!("{what} got {other:?}"),
@@ -446,7 +445,6 @@ fn run_in(
         a.service, a.tas
     );
     let (service, m_primary, tas) = (a.service, a.m_primary, a.tas);
-    let addr = |x: SocketAddr| x;
 
     let mut ledger = Ledger::default();
     let mut conn: Option<Resp> = None;
@@ -455,7 +453,7 @@ fn run_in(
     let started = Instant::now();
     for i in 0..opts.ops {
         if i == opts.kill_after {
-            before_kill = scrape(net, addr(m_primary));
+            before_kill = scrape(net, m_primary);
             primary.signal(libc::SIGKILL);
             killed_at = Some(Instant::now());
             println!("op {i}: killed the primary (SIGKILL)");
@@ -464,7 +462,7 @@ fn run_in(
         match call_with_retry(
             net,
             &mut conn,
-            addr(service),
+            service,
             &["SET", &key, &value],
             &mut ledger,
             killed_at,
@@ -478,7 +476,7 @@ fn run_in(
         match call_with_retry(
             net,
             &mut conn,
-            addr(service),
+            service,
             &["INCR", "counter"],
             &mut ledger,
             killed_at,
@@ -498,7 +496,7 @@ fn run_in(
         match call_with_retry(
             net,
             &mut conn,
-            addr(service),
+            service,
             &["GET", &format!("key:{i}")],
             &mut ledger,
             None,
@@ -510,7 +508,7 @@ fn run_in(
     let counter = match call_with_retry(
         net,
         &mut conn,
-        addr(service),
+        service,
         &["GET", "counter"],
         &mut ledger,
         None,
@@ -524,12 +522,10 @@ fn run_in(
         .matches("going live")
         .count();
     let status = match net {
-        Net::Loopback => {
-            tas_server::client::Client::new(addr(tas), Duration::from_secs(1)).status()
-        }
+        Net::Loopback => tas_server::client::Client::new(tas, Duration::from_secs(1)).status(),
         Net::Netns(t) => t
             .in_namespace(Host::Client, || {
-                tas_server::client::Client::new(addr(tas), Duration::from_secs(1)).status()
+                tas_server::client::Client::new(tas, Duration::from_secs(1)).status()
             })
             .map_err(|e| tas_server::client::ClientError::Protocol(e.to_string()))
             .and_then(|r| r),

@@ -349,10 +349,11 @@ fn run_gate(
                 .map_or(0, |h| h.since.elapsed().as_micros() as u64),
             Ordering::Relaxed,
         );
-        if closed && (held.is_empty() || c.failure.is_some() || c.closed) && !release_all {
-            return;
-        }
-        if closed && held.is_empty() {
+        // Once the sink is done: stop when nothing is held, or when what is
+        // held can never be acknowledged (the link ended) and was not
+        // released by a won claim.
+        let link_over = c.failure.is_some() || c.closed;
+        if closed && (held.is_empty() || (link_over && !release_all)) {
             return;
         }
         if last_summary.elapsed() >= Duration::from_secs(5) {
