@@ -20,10 +20,14 @@ use crate::images;
 use crate::machine::{self, MachineConfig};
 use crate::serial_backend::{self, SerialSpec};
 
+use crate::doorbell::Doorbell;
+use crate::ft::{self, HookError};
+use crate::stop;
 use crate::timeline;
-use crate::timeline::live::{install_stop_handler, Live, World};
+use crate::timeline::live::Live;
 use crate::timeline::record::{FileSink, Record};
 use crate::timeline::replay::{LoadedLog, Replay};
+use crate::timeline::world::World;
 use crate::vcpu::Outcome;
 
 /// Exit status when duet itself fails (bad input, KVM trouble).
@@ -134,7 +138,7 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<u8> {
     let writer = LogWriter::new(BufWriter::new(file), &header)
         .with_context(|| format!("cannot write log {}", opts.log.display()))?;
     let world = open_world(&opts.run)?;
-    install_stop_handler();
+    stop::install()?;
     let every = (opts.digest_interval_ms > 0)
         .then(|| std::time::Duration::from_millis(opts.digest_interval_ms));
     let timeline = Record::new(world, FileSink::new(writer), every);
@@ -279,19 +283,22 @@ pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
         opts.backup
     );
     let world = open_world(&opts.run)?;
-    let Some(out) = world.output_sender() else {
-        bail!("the serial output is closed");
-    };
-    install_stop_handler();
+    let outlet = world.outlet()?;
+    stop::install()?;
     let every =
         (opts.digest_interval_ms > 0).then(|| Duration::from_millis(opts.digest_interval_ms));
-    let sink = ChannelSink::new(link, metrics.clone(), out, opts.pair.arbiter(epoch, node));
+    let sink = ChannelSink::new(
+        link,
+        metrics.clone(),
+        outlet,
+        opts.pair.arbiter(epoch, node),
+    )?;
     let timeline = Record::new(world, sink, every);
     let mut vcpu = machine::build(&config, Box::new(timeline))
         .with_context(|| format!("cannot boot {:?}", opts.run.image))?;
     let outcome = vcpu.run();
     tracing::info!("primary: {}", metrics.summary());
-    let outcome = ft_outcome(outcome, "backup")?;
+    let outcome = ft_outcome(outcome)?;
     print_final_state(&vcpu.stats());
     Ok(outcome)
 }
@@ -301,19 +308,21 @@ pub const EXIT_LOST_ARBITRATION: u8 = 5;
 
 /// Maps how a fault-tolerant run ended to an exit code, with the one-line
 /// reports an operator needs.
-fn ft_outcome(outcome: Result<Outcome, crate::vcpu::Error>, peer: &str) -> anyhow::Result<u8> {
+fn ft_outcome(outcome: Result<Outcome, crate::vcpu::Error>) -> anyhow::Result<u8> {
+    use crate::vcpu::Error::Timeline;
     match outcome {
         Ok(o) => Ok(report(&o)),
-        Err(crate::vcpu::Error::Timeline(e @ timeline::Error::Divergence { .. })) => {
+        Err(Timeline(e @ timeline::Error::Divergence { .. })) => {
             eprintln!("duet: diverged from the primary: {e}");
             Ok(EXIT_DIVERGENCE)
         }
-        Err(crate::vcpu::Error::Timeline(e @ timeline::Error::LostArbitration { .. })) => {
+        Err(Timeline(timeline::Error::Ft(e @ ft::Error::LostArbitration { .. }))) => {
             eprintln!("duet: {e}");
             Ok(EXIT_LOST_ARBITRATION)
         }
-        Err(crate::vcpu::Error::Timeline(timeline::Error::Channel(e))) => {
-            bail!("lost the {peer} and no arbiter was given (--tas): {e}")
+        Err(Timeline(timeline::Error::Interrupted)) => {
+            eprintln!("duet: stopped by a signal");
+            Ok(0)
         }
         Err(e) => Err(e.into()),
     }
@@ -378,35 +387,39 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
         metrics: metrics.clone(),
         open_world: Box::new(move || {
             if let Some(cmd) = &exec {
-                run_hook(cmd)
-                    .map_err(|e| timeline::Error::Arbiter(format!("go-live command: {e}")))?;
+                run_hook(cmd).map_err(ft::Error::GoLiveHook)?;
             }
-            let link = serial_backend::start(&serial).map_err(|e| {
-                timeline::Error::Arbiter(format!("cannot go live: {}", error_chain(&e)))
-            })?;
-            Ok(World::new(link, None))
+            let bell = Doorbell::new();
+            let port = serial_backend::start(&serial, &bell).map_err(ft::Error::GoLiveSerial)?;
+            Ok(World::new(bell, port, None))
         }),
     };
-    install_stop_handler();
+    stop::install()?;
     let replay = Replay::new(StreamSource::new(link, metrics.clone()), output);
     vcpu.set_timeline(Box::new(BackupTimeline::new(replay, takeover)));
     let outcome = vcpu.run();
     tracing::info!("backup: {}", metrics.summary());
-    let outcome = ft_outcome(outcome, "primary")?;
+    let outcome = ft_outcome(outcome)?;
     print_final_state(&vcpu.stats());
     Ok(outcome)
 }
 
 /// Runs an operator's hook command with `sh -c`.
-fn run_hook(cmd: &str) -> Result<(), String> {
+fn run_hook(cmd: &str) -> Result<(), HookError> {
     let status = std::process::Command::new("sh")
         .args(["-c", cmd])
         .status()
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| HookError::Spawn {
+            command: cmd.to_string(),
+            source,
+        })?;
     if status.success() {
         Ok(())
     } else {
-        Err(format!("{cmd:?} exited with {status}"))
+        Err(HookError::Failed {
+            command: cmd.to_string(),
+            status,
+        })
     }
 }
 
@@ -457,12 +470,16 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The final state line that tests and operators compare between runs.
+/// The final state line that tests and operators compare between runs;
+/// nothing when the run did not reach an end with a state to show (a side
+/// that lost the arbiter halts where it was).
 fn print_final_state(stats: &crate::vcpu::Stats) {
-    eprintln!(
-        "duet: final state exits={} regs={:08x} mem={:08x}",
-        stats.exits, stats.final_digest.regs_crc, stats.final_digest.mem_crc
-    );
+    if let Some(d) = stats.final_digest {
+        eprintln!(
+            "duet: final state exits={} regs={:08x} mem={:08x}",
+            stats.exits, d.regs_crc, d.mem_crc
+        );
+    }
 }
 
 fn machine_config(opts: &RunOptions) -> anyhow::Result<MachineConfig> {
@@ -480,8 +497,9 @@ fn open_world(opts: &RunOptions) -> anyhow::Result<World> {
         ),
         None => None,
     };
-    let link = serial_backend::start(&opts.serial)?;
-    Ok(World::new(link, transcript))
+    let bell = Doorbell::new();
+    let port = serial_backend::start(&opts.serial, &bell)?;
+    Ok(World::new(bell, port, transcript))
 }
 
 /// Prints a crash report and maps the outcome to an exit code.

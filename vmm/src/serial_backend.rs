@@ -1,14 +1,23 @@
 //! The host side of COM1: stdio, or a TCP listener that serves one client at
 //! a time. It runs on its own threads and meets the vCPU thread only through
-//! the bounded channels of a [`SerialLink`], so the device model never does
+//! the bounded channels of a [`SerialPort`], so the device model never does
 //! I/O and a slow consumer back-pressures instead of losing bytes.
+//!
+//! The serial policy lives here too, not in the timelines: which client
+//! each byte came from, when the line changes hands (a hang-up the guest
+//! sees), and which client an output answers. The rest of the VMM sees
+//! [`SerialInput`]s and opaque addressed [`Chunk`]s.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::str::FromStr;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread;
+
+use crate::doorbell::Doorbell;
+use crate::timeline::{SerialDemand, SerialInput};
 
 /// Bytes tagged with the client connection they came from or go to (0:
 /// none in particular). The guest never sees the tag.
@@ -60,44 +69,173 @@ impl FromStr for SerialSpec {
     }
 }
 
-/// The host side of COM1 as the vCPU thread sees it: bounded channels to and
-/// from the backend's threads. Bounded, so that a full receive FIFO pushes
-/// back on the client instead of dropping bytes.
-pub struct SerialLink {
-    pub input: Receiver<Chunk>,
-    pub output: SyncSender<Chunk>,
-    /// The thread writing output to the world, joined by [`SerialLink::close`].
-    pub writer: Option<thread::JoinHandle<()>>,
+/// Host input waiting for room in the guest's FIFO, in order, each run
+/// tagged with its connection.
+struct Pending {
+    link: Receiver<Chunk>,
+    runs: VecDeque<(u64, VecDeque<u8>)>,
+    len: usize,
+    closed: bool,
+    /// The connection of the last byte handed to the guest: its output is
+    /// presumed to answer that connection.
+    last_conn: u64,
 }
 
-impl SerialLink {
-    /// A link not connected to anything, for tests and replay.
-    pub fn detached() -> (SerialLink, SyncSender<Chunk>, Receiver<Chunk>) {
-        let (in_tx, in_rx) = sync_channel(CHANNEL_DEPTH);
-        let (out_tx, out_rx) = sync_channel(CHANNEL_DEPTH);
-        (
-            SerialLink {
-                input: in_rx,
-                output: out_tx,
-                writer: None,
-            },
-            in_tx,
-            out_rx,
-        )
+impl Pending {
+    fn push(&mut self, (conn, bytes): Chunk) {
+        self.len += bytes.len();
+        match self.runs.back_mut() {
+            Some((c, run)) if *c == conn => run.extend(bytes),
+            _ => self.runs.push_back((conn, bytes.into())),
+        }
+    }
+
+    /// Reads from the backend only while what is pending would not fill
+    /// `room`, so the backlog stays bounded and the channel back-pressures
+    /// the client.
+    fn fill(&mut self, room: usize) {
+        while self.len < room && !self.closed {
+            match self.link.try_recv() {
+                Ok(chunk) => self.push(chunk),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => self.closed = true,
+            }
+        }
+    }
+
+    /// See [`SerialPort::take`].
+    fn take(&mut self, room: usize, can_hang_up: bool) -> Option<SerialInput> {
+        self.fill(room.max(1));
+        let conn = self.runs.front()?.0;
+        if self.last_conn != 0 && conn != self.last_conn {
+            if !can_hang_up {
+                return None;
+            }
+            self.last_conn = conn;
+            return Some(SerialInput::Hangup);
+        }
+        let mut out = Vec::new();
+        while out.len() < room {
+            let Some((c, run)) = self.runs.front_mut() else {
+                break;
+            };
+            if *c != conn {
+                break;
+            }
+            let n = (room - out.len()).min(run.len());
+            out.extend(run.drain(..n));
+            if run.is_empty() {
+                self.runs.pop_front();
+            }
+        }
+        self.last_conn = conn;
+        self.len -= out.len();
+        (!out.is_empty()).then_some(SerialInput::Bytes(out))
     }
 }
 
-/// Starts the backend's threads and returns the vCPU side of the link.
-/// A TCP address is bound here, before the guest boots, so that an address
-/// in use is reported at once.
-pub fn start(spec: &SerialSpec) -> Result<SerialLink, Error> {
+/// The host side of COM1 as the vCPU thread sees it: bounded channels to and
+/// from the backend's threads (bounded, so that a full receive FIFO pushes
+/// back on the client instead of dropping bytes), and the serial policy.
+pub struct SerialPort {
+    input: Pending,
+    output: Option<SyncSender<Chunk>>,
+    /// The thread writing output to the world, joined by [`SerialPort::close`].
+    writer: Option<thread::JoinHandle<()>>,
+    /// The bound address of a TCP listener (so a caller can ask for port 0).
+    local_addr: Option<SocketAddr>,
+}
+
+impl SerialPort {
+    fn new(
+        input: Receiver<Chunk>,
+        output: SyncSender<Chunk>,
+        writer: Option<thread::JoinHandle<()>>,
+    ) -> Self {
+        SerialPort {
+            input: Pending {
+                link: input,
+                runs: VecDeque::new(),
+                len: 0,
+                closed: false,
+                last_conn: 0,
+            },
+            output: Some(output),
+            writer,
+            local_addr: None,
+        }
+    }
+
+    /// The address a TCP listener was bound to.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// A port not connected to anything, for tests: the returned sender
+    /// feeds its input (ring `bell` after each send) and the receiver
+    /// gets its output.
+    pub fn detached() -> (SerialPort, SyncSender<Chunk>, Receiver<Chunk>) {
+        let (in_tx, in_rx) = sync_channel(CHANNEL_DEPTH);
+        let (out_tx, out_rx) = sync_channel(CHANNEL_DEPTH);
+        (SerialPort::new(in_rx, out_tx, None), in_tx, out_rx)
+    }
+
+    /// The next input for the guest, without blocking: up to `demand.room`
+    /// bytes of one connection, or a hang-up when the bytes that come next
+    /// are from another connection than the last ones. The line changes
+    /// hands only while the guest waits (`idle`) with nothing unread: by
+    /// then it has finished answering the last client, so no reply is split
+    /// between two clients, and it can tell the two clients' bytes apart.
+    pub fn take(&mut self, demand: &SerialDemand, idle: bool) -> Option<SerialInput> {
+        self.input.take(demand.room, demand.rx_empty && idle)
+    }
+
+    /// True if the input has ended and nothing of it is left.
+    pub fn input_closed(&self) -> bool {
+        self.input.closed && self.input.len == 0
+    }
+
+    /// Addresses output produced now to the connection whose input the
+    /// guest read last.
+    pub fn address(&self, bytes: Vec<u8>) -> Chunk {
+        (self.input.last_conn, bytes)
+    }
+
+    /// A sender for addressed output, for a thread that releases held
+    /// output later (the Output Rule).
+    pub fn sender(&self) -> Option<SyncSender<Chunk>> {
+        self.output.clone()
+    }
+
+    /// After a failover the guest may hold part of a request from a client
+    /// of the dead primary: the first bytes from any client come after a
+    /// hang-up.
+    pub fn after_failover(&mut self) {
+        self.input.last_conn = u64::MAX;
+    }
+
+    /// Closes the output and waits until all of it was written.
+    pub fn close(&mut self) {
+        self.output.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Starts the backend's threads and returns the vCPU side. Input threads
+/// ring `bell` after each chunk they queue. A TCP address is bound here,
+/// before the guest boots, so that an address in use is reported at once.
+pub fn start(spec: &SerialSpec, bell: &Doorbell) -> Result<SerialPort, Error> {
     let (in_tx, in_rx) = sync_channel(CHANNEL_DEPTH);
     let (out_tx, out_rx) = sync_channel::<Chunk>(CHANNEL_DEPTH);
+    let mut local_addr = None;
     let writer = match spec {
         SerialSpec::Stdio => {
+            let bell = bell.clone();
             thread::Builder::new()
                 .name("serial-in".into())
-                .spawn(move || pump_in(std::io::stdin().lock(), 1, &in_tx))
+                .spawn(move || pump_in(std::io::stdin().lock(), 1, &in_tx, &bell))
                 .map_err(Error::Spawn)?;
             thread::Builder::new()
                 .name("serial-out".into())
@@ -117,11 +255,10 @@ pub fn start(spec: &SerialSpec) -> Result<SerialLink, Error> {
                 addr: *addr,
                 source,
             })?;
-            tracing::info!(
-                "serial: listening on {}",
-                listener.local_addr().unwrap_or(*addr)
-            );
-            serve_tcp(listener, in_tx, out_rx)?
+            let bound = listener.local_addr().unwrap_or(*addr);
+            local_addr = Some(bound);
+            tracing::info!("serial: listening on {bound}");
+            serve_tcp(listener, in_tx, out_rx, bell.clone())?
         }
         SerialSpec::None => {
             drop(in_tx);
@@ -131,17 +268,15 @@ pub fn start(spec: &SerialSpec) -> Result<SerialLink, Error> {
                 .map_err(Error::Spawn)?
         }
     };
-    Ok(SerialLink {
-        input: in_rx,
-        output: out_tx,
-        writer: Some(writer),
-    })
+    let mut port = SerialPort::new(in_rx, out_tx, Some(writer));
+    port.local_addr = local_addr;
+    Ok(port)
 }
 
 /// Copies a reader into the input channel until EOF, tagging every chunk
 /// with the connection it came from; `send` blocks while the guest's FIFO
 /// is full, which is the back-pressure.
-fn pump_in(mut reader: impl Read, conn: u64, tx: &SyncSender<Chunk>) -> bool {
+fn pump_in(mut reader: impl Read, conn: u64, tx: &SyncSender<Chunk>, bell: &Doorbell) -> bool {
     let mut buf = vec![0u8; CHUNK];
     loop {
         match reader.read(&mut buf) {
@@ -150,6 +285,7 @@ fn pump_in(mut reader: impl Read, conn: u64, tx: &SyncSender<Chunk>) -> bool {
                 if tx.send((conn, buf[..n].to_vec())).is_err() {
                     return false;
                 }
+                bell.ring();
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return true,
@@ -174,6 +310,7 @@ fn serve_tcp(
     listener: TcpListener,
     in_tx: SyncSender<Chunk>,
     out_rx: Receiver<Chunk>,
+    bell: Doorbell,
 ) -> Result<thread::JoinHandle<()>, Error> {
     let clients: Arc<Mutex<Vec<(u64, TcpStream)>>> = Arc::new(Mutex::new(Vec::new()));
     let writer_clients = clients.clone();
@@ -212,7 +349,7 @@ fn serve_tcp(
                     }
                     clients.push((conn, writer));
                 }
-                let alive = pump_in(&stream, conn, &in_tx);
+                let alive = pump_in(&stream, conn, &in_tx, &bell);
                 tracing::debug!("serial: client {conn} {peer:?} finished sending");
                 if !alive {
                     return;
@@ -226,6 +363,27 @@ fn serve_tcp(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
+
+    const ROOM: SerialDemand = SerialDemand {
+        room: 64,
+        rx_empty: true,
+    };
+
+    /// The next input, waiting on the bell for at most five seconds.
+    fn next(port: &mut SerialPort, bell: &Doorbell, idle: bool) -> Option<SerialInput> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let seen = bell.count();
+            if let Some(i) = port.take(&ROOM, idle) {
+                return Some(i);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            bell.wait(seen, Duration::from_millis(50));
+        }
+    }
 
     #[test]
     fn parses_specs() {
@@ -243,21 +401,67 @@ mod tests {
     fn address_in_use_is_an_error() {
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
         let spec = SerialSpec::Tcp(taken.local_addr().unwrap());
-        assert!(matches!(start(&spec), Err(Error::Listen { .. })));
+        assert!(matches!(
+            start(&spec, &Doorbell::new()),
+            Err(Error::Listen { .. })
+        ));
+    }
+
+    #[test]
+    fn input_never_exceeds_room_and_loses_nothing() {
+        let (mut port, tx, _out) = SerialPort::detached();
+        tx.send((1, b"hello".to_vec())).unwrap();
+        tx.send((2, b" world".to_vec())).unwrap();
+        let bytes = |b: &[u8]| Some(SerialInput::Bytes(b.to_vec()));
+        let room = |n| SerialDemand {
+            room: n,
+            rx_empty: true,
+        };
+        assert_eq!(port.take(&room(3), true), bytes(b"hel"));
+        assert_eq!(port.address(vec![]).0, 1);
+        assert_eq!(port.take(&room(0), true), None);
+        // The first client's bytes only, then (once the guest has read
+        // them and waits) a hang-up, then the second client's.
+        assert_eq!(port.take(&room(100), false), bytes(b"lo"));
+        assert_eq!(port.take(&room(100), false), None);
+        assert_eq!(port.take(&room(100), true), Some(SerialInput::Hangup));
+        assert_eq!(port.take(&room(100), false), bytes(b" world"));
+        assert_eq!(port.address(vec![]).0, 2);
+        assert_eq!(port.take(&room(100), true), None);
+        assert!(!port.input_closed());
+        drop(tx);
+        assert_eq!(port.take(&room(100), true), None);
+        assert!(port.input_closed());
+    }
+
+    #[test]
+    fn after_a_failover_the_first_client_starts_with_a_hang_up() {
+        let (mut port, tx, _out) = SerialPort::detached();
+        port.after_failover();
+        tx.send((7, b"x".to_vec())).unwrap();
+        assert_eq!(port.take(&ROOM, true), Some(SerialInput::Hangup));
+        assert_eq!(
+            port.take(&ROOM, true),
+            Some(SerialInput::Bytes(b"x".to_vec()))
+        );
     }
 
     #[test]
     fn tcp_round_trip_and_reconnect() {
-        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = probe.local_addr().unwrap();
-        drop(probe);
-        let link = start(&SerialSpec::Tcp(addr)).unwrap();
+        let bell = Doorbell::new();
+        let any = "127.0.0.1:0".parse().unwrap();
+        let mut port = start(&SerialSpec::Tcp(any), &bell).unwrap();
+        let addr = port.local_addr().unwrap();
+        let out = port.sender().unwrap();
         for round in 0..2u8 {
             let mut c = TcpStream::connect(addr).unwrap();
             c.write_all(&[round; 3]).unwrap();
-            let (conn, got) = link.input.recv().unwrap();
-            assert_eq!(got, vec![round; 3]);
-            link.output.send((conn, b"ok".to_vec())).unwrap();
+            let mut got = next(&mut port, &bell, true);
+            if got == Some(SerialInput::Hangup) {
+                got = next(&mut port, &bell, true);
+            }
+            assert_eq!(got, Some(SerialInput::Bytes(vec![round; 3])));
+            out.send(port.address(b"ok".to_vec())).unwrap();
             let mut buf = [0u8; 2];
             c.read_exact(&mut buf).unwrap();
             assert_eq!(&buf, b"ok");
@@ -266,21 +470,23 @@ mod tests {
 
     #[test]
     fn replies_to_a_departed_client_do_not_reach_the_next() {
-        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = probe.local_addr().unwrap();
-        drop(probe);
-        let link = start(&SerialSpec::Tcp(addr)).unwrap();
+        let bell = Doorbell::new();
+        let any = "127.0.0.1:0".parse().unwrap();
+        let mut port = start(&SerialSpec::Tcp(any), &bell).unwrap();
+        let addr = port.local_addr().unwrap();
+        let out = port.sender().unwrap();
         let mut first = TcpStream::connect(addr).unwrap();
         first.write_all(b"q1").unwrap();
-        let (c1, _) = link.input.recv().unwrap();
+        assert!(next(&mut port, &bell, true).is_some());
+        let late = port.address(b"late".to_vec());
         drop(first);
         let mut second = TcpStream::connect(addr).unwrap();
         second.write_all(b"q2").unwrap();
-        let (c2, _) = link.input.recv().unwrap();
-        assert_ne!(c1, c2);
+        assert_eq!(next(&mut port, &bell, true), Some(SerialInput::Hangup));
+        assert!(next(&mut port, &bell, true).is_some());
         // The guest answers the first client late, then the second.
-        link.output.send((c1, b"late".to_vec())).unwrap();
-        link.output.send((c2, b"a2".to_vec())).unwrap();
+        out.send(late).unwrap();
+        out.send(port.address(b"a2".to_vec())).unwrap();
         let mut buf = [0u8; 2];
         second.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"a2");

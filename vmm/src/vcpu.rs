@@ -12,7 +12,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use crate::devices::bus::{self, Action, Devices};
 use crate::kvm::{self, Exit, Vm};
 use crate::timeline::record::FINAL_DIGEST_TAG;
-use crate::timeline::{self, Ending, Input, Position, StateDigest, Timeline};
+use crate::timeline::{self, Ending, Input, Output, Position, StateDigest, Timeline};
 
 /// Errors that stop the vCPU loop (as opposed to the guest stopping).
 #[derive(Debug, thiserror::Error)]
@@ -63,8 +63,9 @@ enum State {
 pub struct Stats {
     pub exits: u64,
     pub injections: u64,
-    /// The state when the run ended (registers and memory).
-    pub final_digest: StateDigest,
+    /// The state when the run ended (registers and memory), if it reached
+    /// an end.
+    pub final_digest: Option<StateDigest>,
 }
 
 /// The vCPU with the devices and the timeline it answers to.
@@ -76,6 +77,7 @@ pub struct Vcpu {
     /// An interrupt was injected since the guest's last paravirtual wait.
     woke: bool,
     inputs: Vec<Input>,
+    outputs: Vec<Output>,
     stats: Stats,
 }
 
@@ -88,6 +90,7 @@ impl Vcpu {
             timeline,
             woke: false,
             inputs: Vec::new(),
+            outputs: Vec::new(),
             stats: Stats::default(),
         }
     }
@@ -187,7 +190,7 @@ impl Vcpu {
             mem_crc: memory_crc(&self.mem),
             tag: FINAL_DIGEST_TAG,
         };
-        self.stats.final_digest = digest;
+        self.stats.final_digest = Some(digest);
         self.timeline.finish(at, ending, &digest)?;
         Ok(State::Stopped(match ending {
             Ending::PowerOff(code) => Outcome::PowerOff(code),
@@ -214,8 +217,7 @@ impl Vcpu {
     /// Applies the timeline's inputs at `at` and injects the PIC's pending
     /// vector if the guest can take it. Returns whether it injected.
     fn poll_and_inject(&mut self, at: &Position, idle: bool) -> Result<bool, Error> {
-        let pending = self.devices.pic.pending_vector().is_some();
-        let demand = self.devices.demand(idle && !pending);
+        let demand = self.devices.demand(idle);
         self.inputs.clear();
         self.timeline.inputs(at, &demand, &mut self.inputs)?;
         for input in &self.inputs {
@@ -224,7 +226,7 @@ impl Vcpu {
         if !self.vm.ready_for_injection() {
             return Ok(false);
         }
-        let Some(vector) = self.devices.pic.acknowledge() else {
+        let Some(vector) = self.devices.acknowledge_interrupt() else {
             return Ok(false);
         };
         self.timeline.interrupt(at, vector)?;
@@ -235,9 +237,9 @@ impl Vcpu {
     }
 
     fn flush_output(&mut self, at: &Position) -> Result<(), Error> {
-        let out = self.devices.com1.take_output();
-        if !out.is_empty() {
-            self.timeline.serial_output(at, out)?;
+        self.devices.take_outputs(&mut self.outputs);
+        for output in self.outputs.drain(..) {
+            self.timeline.output(at, output)?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 //! stay deterministic.
 
 use crate::kvm::Exit;
-use crate::timeline::{self, Demand, Input, Position, Timeline};
+use crate::timeline::{self, Demand, Input, Output, Position, SerialDemand, SerialInput, Timeline};
 
 use super::pic::Pic;
 use super::pit::Pit;
@@ -24,8 +24,12 @@ const IRQ_COM1: u8 = 4;
 pub enum Error {
     #[error(transparent)]
     Timeline(#[from] timeline::Error),
-    #[error("serial device: {0}")]
-    Serial(String),
+    #[error("serial device")]
+    Serial(#[source] super::serial::SerialError),
+    /// A timeline offered more than [`Demand`] allowed: a bug, reported
+    /// rather than losing bytes.
+    #[error("{offered} serial bytes offered, the FIFO took {taken}")]
+    SerialOverrun { offered: usize, taken: usize },
 }
 
 /// What the vCPU loop must do after an exit was handled.
@@ -45,14 +49,15 @@ pub enum Action {
     Fatal(String),
 }
 
-/// All device models of the machine.
+/// All device models of the machine. The vCPU loop reaches them only
+/// through this bus: exits in, inputs in, outputs and interrupts out.
 #[derive(Default)]
 pub struct Devices {
-    pub pic: Pic,
-    pub pit: Pit,
-    pub rtc: Rtc,
-    pub com1: Com1,
-    pub pv: PvDevice,
+    pic: Pic,
+    pit: Pit,
+    rtc: Rtc,
+    com1: Com1,
+    pv: PvDevice,
 }
 
 impl Devices {
@@ -165,20 +170,44 @@ impl Devices {
             COM1_BASE..=0x3ff => self
                 .com1
                 .write((port - COM1_BASE) as u8, value)
-                .map_err(|e| Error::Serial(e.to_string()))?,
+                .map_err(Error::Serial)?,
             _ => {}
         }
         Ok(())
     }
 
-    /// What the machine can take from the world now.
+    /// What the machine can take from the world now, per device. `idle`:
+    /// the guest waits and no interrupt is pending, so the timeline may
+    /// block for input.
     pub fn demand(&self, idle: bool) -> Demand {
         Demand {
             timer_period_ns: self.pit.channel0_period_ns(),
-            serial_room: self.com1.rx_room(),
-            serial_rx_empty: self.com1.rx_empty(),
-            idle,
+            serial: SerialDemand {
+                room: self.com1.rx_room(),
+                rx_empty: self.com1.rx_empty(),
+            },
+            idle: idle && !self.interrupt_pending(),
         }
+    }
+
+    /// Every device's output since the last call, in a fixed device order
+    /// (part of the replay contract).
+    pub fn take_outputs(&mut self, out: &mut Vec<Output>) {
+        let serial = self.com1.take_output();
+        if !serial.is_empty() {
+            out.push(Output::Serial(serial));
+        }
+    }
+
+    /// True if the PIC has an interrupt to deliver.
+    pub fn interrupt_pending(&self) -> bool {
+        self.pic.pending_vector().is_some()
+    }
+
+    /// Takes the PIC's highest-priority pending vector, as the CPU's
+    /// interrupt acknowledge does.
+    pub fn acknowledge_interrupt(&mut self) -> Option<u8> {
+        self.pic.acknowledge()
     }
 
     /// Applies inputs from the timeline and latches the interrupts they
@@ -186,12 +215,16 @@ impl Devices {
     pub fn apply(&mut self, input: &Input) -> Result<(), Error> {
         match input {
             Input::TimerTick => self.pic.raise_irq(IRQ_TIMER),
-            Input::Serial(bytes) => {
-                self.com1
-                    .enqueue(bytes)
-                    .map_err(|e| Error::Serial(e.to_string()))?;
+            Input::Serial(SerialInput::Bytes(bytes)) => {
+                let taken = self.com1.enqueue(bytes).map_err(Error::Serial)?;
+                if taken < bytes.len() {
+                    return Err(Error::SerialOverrun {
+                        offered: bytes.len(),
+                        taken,
+                    });
+                }
             }
-            Input::SerialHangup => self.com1.hang_up(),
+            Input::Serial(SerialInput::Hangup) => self.com1.hang_up(),
         }
         self.latch_irqs();
         Ok(())
@@ -246,7 +279,7 @@ mod tests {
         fn digest(&mut self, _: &Position, _: &StateDigest) -> Result<(), timeline::Error> {
             Ok(())
         }
-        fn serial_output(&mut self, _: &Position, _: Vec<u8>) -> Result<(), timeline::Error> {
+        fn output(&mut self, _: &Position, _: Output) -> Result<(), timeline::Error> {
             Ok(())
         }
         fn stop_here(&mut self, _: &Position) -> Result<bool, timeline::Error> {
@@ -357,7 +390,9 @@ mod tests {
                 data: b"hi".to_vec(),
             },
         );
-        assert_eq!(d.com1.take_output(), b"hi");
+        let mut outputs = Vec::new();
+        d.take_outputs(&mut outputs);
+        assert_eq!(outputs, [Output::Serial(b"hi".to_vec())]);
         // Enable the RX interrupt, deliver input, and the PIC sees IRQ4.
         handle(
             &mut d,
@@ -368,8 +403,9 @@ mod tests {
                 data: vec![1],
             },
         );
-        d.apply(&Input::Serial(b"z".to_vec())).unwrap();
-        assert!(d.pic.irr() & (1 << IRQ_COM1) != 0 || d.pic.pending_vector().is_some());
+        d.apply(&Input::Serial(SerialInput::Bytes(b"z".to_vec())))
+            .unwrap();
+        assert!(d.pic.irr() & (1 << IRQ_COM1) != 0 || d.interrupt_pending());
         assert_eq!(
             handle(
                 &mut d,

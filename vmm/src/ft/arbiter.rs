@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use tas_server::client::{Client, ClientError};
 
 use super::metrics::{ArbiterState, Metrics};
-use crate::timeline::{live::stop_requested, Error};
-use logchannel::channel::error_chain;
+use super::{Error, Rival};
+use crate::stop;
 
 /// How long one request to the arbiter may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
@@ -36,9 +36,7 @@ impl Arbiter {
 
     /// A fresh epoch for a new pair.
     pub fn new_epoch(&self) -> Result<u64, Error> {
-        self.client()
-            .new_epoch(&self.vm_id)
-            .map_err(|e| Error::Arbiter(error_chain(&e)))
+        self.client().new_epoch(&self.vm_id).map_err(Error::Arbiter)
     }
 
     /// Claims the pair, retrying while the arbiter is unreachable. Returns
@@ -78,7 +76,7 @@ impl Arbiter {
                     return Err(Error::LostArbitration {
                         vm_id: self.vm_id.clone(),
                         epoch: self.epoch,
-                        holder: claim.holder,
+                        rival: Rival::Claimant(claim.holder),
                     });
                 }
                 Err(ClientError::Unreachable { .. }) | Err(ClientError::Io(_)) => {
@@ -90,12 +88,12 @@ impl Arbiter {
                             started.elapsed().as_secs()
                         );
                     }
-                    if stop_requested() {
-                        return Err(Error::Arbiter("stopped while claiming".into()));
+                    if stop::requested() {
+                        return Err(Error::StoppedClaiming);
                     }
                     std::thread::sleep(RETRY_EVERY);
                 }
-                Err(e) => return Err(Error::Arbiter(error_chain(&e))),
+                Err(e) => return Err(Error::Arbiter(e)),
             }
         }
     }

@@ -17,9 +17,12 @@ use logchannel::{Event, Record};
 
 use super::arbiter::Arbiter;
 use super::metrics::{Metrics, Role};
-use crate::timeline::live::{Live, World};
-use crate::timeline::replay::{RecordSource, Replay};
-use crate::timeline::{Demand, Ending, Error, Input, Position, StateDigest, Timeline};
+use super::{LinkFailure, Peer};
+use crate::stop;
+use crate::timeline::live::Live;
+use crate::timeline::replay::{Horizon, RecordSource, Replay};
+use crate::timeline::world::World;
+use crate::timeline::{Demand, Ending, Error, Input, Output, Position, StateDigest, Timeline};
 use logchannel::channel::error_chain;
 
 /// How often (in exits) a backup that is behind reports its progress.
@@ -38,7 +41,7 @@ pub struct StreamSource {
     known_exit: u64,
     last_seq: Option<u64>,
     /// The link failed; surfaced when the backup needs more than it has.
-    failed: Option<String>,
+    failed: Option<LinkFailure>,
     /// We won the arbiter: what is buffered is all there will ever be.
     promoted: bool,
     last_report: Instant,
@@ -129,7 +132,7 @@ impl RecordSource for StreamSource {
         }
     }
 
-    fn wait_horizon(&mut self, exit: u64) -> Result<(), Error> {
+    fn wait_horizon(&mut self, exit: u64) -> Result<Horizon, Error> {
         if exit.is_multiple_of(PROGRESS_EVERY) && self.last_summary.elapsed() >= SUMMARY_EVERY {
             self.last_summary = Instant::now();
             tracing::info!("backup: {}", self.metrics.summary());
@@ -144,13 +147,16 @@ impl RecordSource for StreamSource {
                 self.last_report = Instant::now();
                 self.link.report_progress(exit - 1);
             }
-            return Ok(());
+            return Ok(Horizon::Covered);
         }
         // Caught up: say so now, so the primary measures lag at this moment.
         self.link.report_progress(exit - 1);
         while self.known_exit < exit {
-            if let Some(why) = &self.failed {
-                return Err(Error::Channel(why.clone()));
+            if let Some(failure) = &self.failed {
+                return Ok(Horizon::PeerLost(failure.clone()));
+            }
+            if stop::requested() {
+                return Err(Error::Interrupted);
             }
             match self.link.recv() {
                 Ok(Some(rec)) => self.take(rec),
@@ -159,7 +165,7 @@ impl RecordSource for StreamSource {
             }
         }
         self.link.state().set_replayed_exit(exit - 1);
-        Ok(())
+        Ok(Horizon::Covered)
     }
 
     fn last_seq(&self) -> Option<u64> {
@@ -174,7 +180,7 @@ pub struct Takeover {
     pub metrics: Arc<Metrics>,
     /// Opens the world (the serial service address) at go-live; never
     /// before, since a backup touches no outside device while it replays.
-    pub open_world: Box<dyn FnMut() -> Result<World, Error>>,
+    pub open_world: Box<dyn FnMut() -> Result<World, super::Error>>,
 }
 
 /// The backup's timeline: replay from the stream until the primary is lost
@@ -186,6 +192,9 @@ pub struct BackupTimeline<O: Write> {
     replay: Replay<StreamSource, O>,
     live: Option<Live>,
     takeover: Takeover,
+    /// The operator stopped the backup: the run ends short of the
+    /// primary's end, which is not a divergence.
+    stopped: bool,
 }
 
 impl<O: Write> BackupTimeline<O> {
@@ -194,6 +203,7 @@ impl<O: Write> BackupTimeline<O> {
             replay,
             live: None,
             takeover,
+            stopped: false,
         }
     }
 
@@ -206,9 +216,13 @@ impl<O: Write> BackupTimeline<O> {
         }
     }
 
-    fn go_live(&mut self, next_exit: u64, why: String) -> Result<(), Error> {
+    fn go_live(&mut self, next_exit: u64, failure: LinkFailure) -> Result<(), Error> {
         let Some(arbiter) = &self.takeover.arbiter else {
-            return Err(Error::Channel(why));
+            return Err(super::Error::PeerLost {
+                peer: Peer::Primary,
+                failure,
+            }
+            .into());
         };
         let noticed = self
             .replay
@@ -219,12 +233,12 @@ impl<O: Write> BackupTimeline<O> {
             .failed_at
             .map_or(0, |t| t.elapsed().as_millis());
         arbiter.claim(
-            &format!("lost the primary ({why}; the channel noticed {noticed} ms ago)"),
+            &format!("lost the primary ({failure}; the channel noticed {noticed} ms ago)"),
             &self.takeover.metrics,
         )?;
         let mut world = (self.takeover.open_world)()?;
         world.continue_clock_from(self.replay.last_clock_ns());
-        world.expect_new_client();
+        world.after_failover();
         self.replay.source_mut().promote();
         self.live = Some(Live::new(world));
         self.takeover.metrics.set_role(Role::Primary);
@@ -280,19 +294,12 @@ impl<O: Write> Timeline for BackupTimeline<O> {
         let Some(live) = self.live_now() else {
             return Ok(());
         };
-        let room = out[first..]
-            .iter()
-            .fold(demand.serial_room, |room, i| match i {
-                Input::Serial(b) => room.saturating_sub(b.len()),
-                Input::TimerTick | Input::SerialHangup => room,
-            });
-        let live_demand = Demand {
-            serial_room: room,
-            serial_rx_empty: demand.serial_rx_empty && room == demand.serial_room,
-            idle: demand.idle && out.len() == first,
-            ..*demand
-        };
-        live.inputs(at, &live_demand, out)
+        let mut left = *demand;
+        for input in &out[first..] {
+            left.consume(input);
+        }
+        left.idle = demand.idle && out.len() == first;
+        live.inputs(at, &left, out)
     }
 
     fn interrupt(&mut self, at: &Position, vector: u8) -> Result<(), Error> {
@@ -316,10 +323,10 @@ impl<O: Write> Timeline for BackupTimeline<O> {
         }
     }
 
-    fn serial_output(&mut self, at: &Position, bytes: Vec<u8>) -> Result<(), Error> {
+    fn output(&mut self, at: &Position, output: Output) -> Result<(), Error> {
         match self.live_now() {
-            Some(l) => l.serial_output(at, bytes),
-            None => self.replay.serial_output(at, bytes),
+            Some(l) => l.output(at, output),
+            None => self.replay.output(at, output),
         }
     }
 
@@ -327,22 +334,27 @@ impl<O: Write> Timeline for BackupTimeline<O> {
         if self.live.is_some() {
             return Ok(());
         }
-        match self.replay.before_run(next_exit) {
-            Err(Error::Channel(why)) => self.go_live(next_exit, why),
-            other => other,
+        match self.replay.source_mut().wait_horizon(next_exit)? {
+            Horizon::Covered => Ok(()),
+            Horizon::PeerLost(failure) => self.go_live(next_exit, failure),
         }
     }
 
     fn stop_here(&mut self, at: &Position) -> Result<bool, Error> {
-        match self.live_now() {
-            Some(l) => l.stop_here(at),
-            None => self.replay.stop_here(at),
+        if let Some(l) = self.live_now() {
+            return l.stop_here(at);
         }
+        if self.live.is_none() && stop::requested() {
+            self.stopped = true;
+            return Ok(true);
+        }
+        self.replay.stop_here(at)
     }
 
     fn finish(&mut self, at: &Position, ending: Ending, digest: &StateDigest) -> Result<(), Error> {
         match self.live.as_mut() {
             Some(l) => l.finish(at, ending, digest),
+            None if self.stopped => self.replay.flush_output(),
             None => self.replay.finish(at, ending, digest),
         }
     }

@@ -7,5 +7,88 @@
 
 pub mod arbiter;
 pub mod backup;
+pub mod gate;
+pub mod lag;
 pub mod metrics;
 pub mod primary;
+
+use std::fmt;
+
+/// Why a link to the peer failed, as the log channel detected it.
+pub type LinkFailure = String;
+
+/// The other side of the pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Primary,
+    Backup,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Peer::Primary => "primary",
+            Peer::Backup => "backup",
+        })
+    }
+}
+
+/// Whom the arbiter gave the pair to, when it was not us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rival {
+    /// The other claimant, by name.
+    Claimant(String),
+    /// Nobody of this pairing: a newer epoch exists, so this pair must not
+    /// go live again.
+    NewerEpoch(u64),
+}
+
+impl fmt::Display for Rival {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rival::Claimant(name) => write!(f, "{name:?}"),
+            Rival::NewerEpoch(epoch) => write!(f, "a newer pairing (epoch {epoch})"),
+        }
+    }
+}
+
+/// Why an operator's hook command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error("cannot run {command:?}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("{command:?} exited with {status}")]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+    },
+}
+
+/// Failures of the fault-tolerant roles.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The link failed and no arbiter was given to decide who goes on.
+    #[error("lost the {peer} ({failure}) and no arbiter was given (--tas)")]
+    PeerLost { peer: Peer, failure: LinkFailure },
+    #[error("the arbiter gave {vm_id}/epoch {epoch} to {rival}: halting")]
+    LostArbitration {
+        vm_id: String,
+        epoch: u64,
+        rival: Rival,
+    },
+    #[error("the arbiter failed")]
+    Arbiter(#[source] tas_server::client::ClientError),
+    #[error("stopped by a signal while claiming at the arbiter")]
+    StoppedClaiming,
+    #[error("the go-live command failed")]
+    GoLiveHook(#[source] HookError),
+    #[error("cannot open the serial port to go live")]
+    GoLiveSerial(#[source] crate::serial_backend::Error),
+    #[error("the log channel failed")]
+    Channel(#[source] logchannel::channel::Error),
+    #[error("cannot start the {0} thread")]
+    Spawn(&'static str, #[source] std::io::Error),
+}

@@ -1,26 +1,32 @@
 //! The primary's log sink: records are batched onto the log channel, a
 //! horizon marker tells the backup how far it may execute, and output waits
-//! in a gate until the backup has acknowledged every record before it (the
-//! Output Rule). The guest keeps running while output waits; only the
+//! in the [`Gate`] until the backup has acknowledged every record before it
+//! (the Output Rule). The guest keeps running while output waits; only the
 //! output is held.
+//!
+//! The sink is [`Mode::Paired`] or [`Mode::Alone`]. Everything that only
+//! makes sense with a backup (the link, the batch, the horizon) lives in
+//! [`Paired`], so being alone is not a flag every method must remember to
+//! check.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use logchannel::channel::{LinkState, PrimaryLink};
+use logchannel::channel::{self, LinkCounters, LinkState, PrimaryLink};
 use logchannel::{encode_frame, Event, Position, Record};
 
 use super::arbiter::Arbiter;
+use super::gate::{Gate, Held};
+use super::lag::LagTracker;
 use super::metrics::Metrics;
-use crate::serial_backend::Chunk;
-use crate::timeline::live::World;
+use super::{LinkFailure, Peer};
+use crate::stop;
 use crate::timeline::record::LogSink;
-use crate::timeline::Error;
-use logchannel::channel::error_chain;
+use crate::timeline::world::{Outlet, World};
+use crate::timeline::{Error, Output};
 
 /// How long records may sit in the batch before they go out anyway. Also
 /// bounds the execution lag a busy guest adds.
@@ -28,9 +34,7 @@ const FLUSH_EVERY: Duration = Duration::from_millis(1);
 /// Flush early once a batch is this large.
 const BATCH_BYTES: usize = 256 * 1024;
 /// How long a finishing primary waits for the backup's last acks.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Flush history kept for lag measurement.
-const HISTORY: usize = 65_536;
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many exits the primary may run ahead of the backup's replay before
 /// it waits. This bounds execution lag, and so the time a backup needs to
 /// catch up before it can go live: about 100 ms at this platform's ~30k
@@ -40,342 +44,329 @@ const MAX_AHEAD_EXITS: u64 = 3_000;
 /// makes a few thousand exits a second): the primary waits once the oldest
 /// position the backup has not reached was flushed this long ago.
 const MAX_LAG: Duration = Duration::from_millis(50);
+/// How often the primary logs its one-line status.
+const SUMMARY_EVERY: Duration = Duration::from_secs(5);
 
-/// What the gate is told.
+/// What the gate thread is told.
 enum GateMsg {
     Hold(Held),
     /// The backup is gone and we won the arbiter: nothing waits any more.
-    ReleaseAll,
+    Open,
 }
 
-/// Output produced after `needs` records existed.
-struct Held {
-    needs: u64,
-    /// The client connection it is for (see `serial_backend::Chunk`).
-    conn: u64,
-    bytes: Vec<u8>,
-    since: Instant,
-}
-
-/// The primary's sink: see the module documentation.
-pub struct ChannelSink {
-    link: Option<PrimaryLink>,
+/// With a backup: the link and what is on its way over it.
+struct Paired {
+    link: PrimaryLink,
     state: Arc<LinkState>,
-    metrics: Arc<Metrics>,
-    next_seq: u64,
     batch: Vec<u8>,
     batch_records: u64,
     /// Last exit whose events are all appended, and the last one announced.
     horizon: u64,
     horizon_sent: u64,
     last_flush: Instant,
-    /// (horizon, when it was sent), for execution lag.
-    history: Arc<Mutex<VecDeque<(u64, Instant)>>>,
+}
+
+/// Whether the Output Rule still applies.
+enum Mode {
+    Paired(Box<Paired>),
+    /// The backup is gone and we won the arbiter: we run as a primary
+    /// without a backup, and nothing is logged or held.
+    Alone,
+}
+
+/// The primary's sink: see the module documentation.
+pub struct ChannelSink {
+    mode: Mode,
+    metrics: Arc<Metrics>,
+    next_seq: u64,
+    lag: Arc<LagTracker>,
     gate: Option<Sender<GateMsg>>,
-    monitor: Option<JoinHandle<()>>,
+    gate_thread: Option<JoinHandle<()>>,
     /// Who to ask when the backup is lost; without one, losing it halts.
     arbiter: Option<Arbiter>,
-    /// The backup is gone and we won: run as a primary without a backup.
-    alone: bool,
+}
+
+/// The failure a channel error stands for: every error from a link that
+/// was up means the backup can no longer be trusted to have our log.
+fn link_failure(e: &channel::Error) -> LinkFailure {
+    channel::error_chain(e)
 }
 
 impl ChannelSink {
-    /// `world_output` receives output once the gate releases it.
+    /// Held output leaves through `outlet` once the gate releases it.
     pub fn new(
         link: PrimaryLink,
         metrics: Arc<Metrics>,
-        world_output: SyncSender<Chunk>,
+        outlet: Outlet,
         arbiter: Option<Arbiter>,
-    ) -> Self {
+    ) -> Result<Self, super::Error> {
         let state = link.state();
         metrics.set_link(state.clone());
-        let history = Arc::new(Mutex::new(VecDeque::new()));
+        let lag = Arc::new(LagTracker::new());
         {
-            let (history, metrics) = (history.clone(), metrics.clone());
-            state.on_progress(Box::new(move |exit| sample_lag(&history, exit, &metrics)));
+            let (lag, metrics) = (lag.clone(), metrics.clone());
+            state.on_progress(Box::new(move |exit| {
+                if let Some(sample) = lag.replayed(exit, Instant::now()) {
+                    metrics.record_lag(sample);
+                }
+            }));
         }
         let (gate_tx, gate_rx) = channel();
-        let monitor = {
+        let gate_thread = {
             let (state, metrics) = (state.clone(), metrics.clone());
             std::thread::Builder::new()
                 .name("output-gate".into())
-                .spawn(move || run_gate(gate_rx, state, metrics, world_output))
-                .ok()
+                .spawn(move || run_gate(gate_rx, state, metrics, outlet))
+                .map_err(|e| super::Error::Spawn("output-gate", e))?
         };
-        ChannelSink {
-            link: Some(link),
-            state,
+        Ok(ChannelSink {
+            mode: Mode::Paired(Box::new(Paired {
+                link,
+                state,
+                batch: Vec::with_capacity(BATCH_BYTES),
+                batch_records: 0,
+                horizon: 0,
+                horizon_sent: 0,
+                last_flush: Instant::now(),
+            })),
             metrics,
             next_seq: 0,
-            batch: Vec::with_capacity(BATCH_BYTES),
-            batch_records: 0,
-            horizon: 0,
-            horizon_sent: 0,
-            last_flush: Instant::now(),
-            history,
+            lag,
             gate: Some(gate_tx),
-            monitor,
+            gate_thread: Some(gate_thread),
             arbiter,
-            alone: false,
-        }
-    }
-
-    /// Waits until the backup's replay is within [`MAX_AHEAD_EXITS`] of
-    /// `exit` (or the link fails). Everything is flushed first, so the
-    /// backup has what it needs to catch up.
-    fn throttle(&mut self, exit: u64) -> Result<(), Error> {
-        self.flush()?;
-        let floor = exit - MAX_AHEAD_EXITS;
-        self.state.wait_until(Duration::from_secs(3600), |c| {
-            c.replayed_exit >= floor || c.failure.is_some()
-        });
-        Ok(())
+        })
     }
 
     /// The link failed: claim the pair at the arbiter; win and go on alone
     /// (held output is released at once), or lose and halt.
-    fn lost_backup(&mut self, why: String) -> Result<(), Error> {
+    fn lost_backup(&mut self, failure: LinkFailure) -> Result<(), Error> {
         let Some(arbiter) = &self.arbiter else {
-            return Err(Error::Channel(why));
+            return Err(super::Error::PeerLost {
+                peer: Peer::Backup,
+                failure,
+            }
+            .into());
         };
-        arbiter.claim(&format!("lost the backup ({why})"), &self.metrics)?;
-        self.alone = true;
-        self.link.take();
-        self.batch.clear();
-        self.batch_records = 0;
-        if let Some(g) = &self.gate {
-            let _ = g.send(GateMsg::ReleaseAll);
-        }
+        arbiter.claim(&format!("lost the backup ({failure})"), &self.metrics)?;
+        self.mode = Mode::Alone;
+        self.send_gate(GateMsg::Open)?;
         tracing::warn!("primary: continuing alone; output is no longer held");
         Ok(())
     }
 
-    fn push(&mut self, pos: Position, event: Event) -> Result<(), Error> {
+    fn send_gate(&self, msg: GateMsg) -> Result<(), Error> {
+        match &self.gate {
+            Some(g) => g.send(msg).map_err(|_| Error::OutputClosed),
+            None => Err(Error::OutputClosed),
+        }
+    }
+
+    fn push(paired: &mut Paired, seq: &mut u64, pos: Position, event: Event) -> Result<(), Error> {
         let rec = Record {
-            seq: self.next_seq,
+            seq: *seq,
             pos,
             event,
         };
-        encode_frame(&rec, &mut self.batch)?;
-        self.next_seq += 1;
-        self.batch_records += 1;
-        self.metrics.seq.store(self.next_seq, Ordering::Relaxed);
+        encode_frame(&rec, &mut paired.batch)?;
+        *seq += 1;
+        paired.batch_records += 1;
         Ok(())
     }
 
-    fn link(&self) -> Result<&PrimaryLink, Error> {
-        self.link
-            .as_ref()
-            .ok_or_else(|| Error::Channel("the link is closed".into()))
+    /// Sends the batch (and the horizon) if paired. A failed link is
+    /// handed to [`ChannelSink::lost_backup`].
+    fn send_batch(&mut self) -> Result<(), Error> {
+        let Mode::Paired(p) = &mut self.mode else {
+            return Ok(());
+        };
+        if p.horizon > p.horizon_sent {
+            let pos = Position {
+                exit: p.horizon,
+                ..Position::default()
+            };
+            Self::push(p, &mut self.next_seq, pos, Event::Horizon)?;
+            p.horizon_sent = p.horizon;
+            self.metrics.seq.store(self.next_seq, Ordering::Relaxed);
+        }
+        if p.batch_records == 0 {
+            return Ok(());
+        }
+        let frames = std::mem::replace(&mut p.batch, Vec::with_capacity(BATCH_BYTES));
+        let (n, bytes) = (p.batch_records, frames.len() as u64);
+        p.batch_records = 0;
+        p.last_flush = Instant::now();
+        self.lag.flushed(p.horizon_sent, p.last_flush);
+        match p.link.send(frames, n, bytes) {
+            Ok(()) => Ok(()),
+            Err(e) => self.lost_backup(link_failure(&e)),
+        }
+    }
+
+    /// Flushes, then waits until the backup's replay satisfies `caught_up`,
+    /// the link fails, or a stop is requested (the vCPU loop then stops at
+    /// its next exit). The wait has no other limit: a backup that stops
+    /// making progress is a failed backup, which the channel detects.
+    fn wait_for_backup(&mut self, caught_up: impl Fn(&LinkCounters) -> bool) -> Result<(), Error> {
+        self.send_batch()?;
+        let Mode::Paired(p) = &self.mode else {
+            return Ok(());
+        };
+        loop {
+            let c = p.state.wait_until(stop::SLICE, &caught_up);
+            if caught_up(&c) || c.failure.is_some() || stop::requested() {
+                return Ok(());
+            }
+        }
     }
 }
 
 impl LogSink for ChannelSink {
     fn append(&mut self, pos: &Position, event: Event) -> Result<(), Error> {
-        if self.alone {
+        let Mode::Paired(p) = &mut self.mode else {
             return Ok(());
-        }
-        self.push(*pos, event)?;
-        if self.batch.len() >= BATCH_BYTES {
-            self.flush()?;
+        };
+        Self::push(p, &mut self.next_seq, *pos, event)?;
+        self.metrics.seq.store(self.next_seq, Ordering::Relaxed);
+        if p.batch.len() >= BATCH_BYTES {
+            self.send_batch()?;
         }
         Ok(())
     }
 
-    fn output(&mut self, _pos: &Position, bytes: Vec<u8>, world: &mut World) -> Result<(), Error> {
-        world.write_transcript(&bytes)?;
+    fn output(&mut self, _pos: &Position, output: Output, world: &mut World) -> Result<(), Error> {
+        let needs = match self.mode {
+            Mode::Paired(_) => self.next_seq,
+            Mode::Alone => 0,
+        };
         let held = Held {
-            needs: if self.alone { 0 } else { self.next_seq },
-            conn: world.output_tag(),
-            bytes,
+            needs,
+            out: world.address(output)?,
             since: Instant::now(),
         };
         self.metrics.outputs_held.fetch_add(1, Ordering::Relaxed);
-        if let Some(g) = &self.gate {
-            let _ = g.send(GateMsg::Hold(held));
-        }
+        self.send_gate(GateMsg::Hold(held))?;
         // An output is waiting: the log goes out at once.
-        self.flush()
+        self.send_batch()
     }
 
     fn flush(&mut self) -> Result<(), Error> {
-        if self.alone {
-            return Ok(());
-        }
-        if self.horizon > self.horizon_sent {
-            let pos = Position {
-                exit: self.horizon,
-                ..Position::default()
-            };
-            self.push(pos, Event::Horizon)?;
-            self.horizon_sent = self.horizon;
-        }
-        if self.batch_records == 0 {
-            return Ok(());
-        }
-        let frames = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_BYTES));
-        let (n, bytes) = (self.batch_records, frames.len() as u64);
-        self.batch_records = 0;
-        self.last_flush = Instant::now();
-        {
-            let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
-            if h.len() == HISTORY {
-                h.pop_front();
-            }
-            h.push_back((self.horizon_sent, self.last_flush));
-        }
-        match self.link()?.send(frames, n, bytes) {
-            Ok(()) => Ok(()),
-            Err(e) => self.lost_backup(error_chain(&e)),
-        }
+        self.send_batch()
     }
 
     fn complete_through(&mut self, exit: u64) -> Result<(), Error> {
-        if self.alone {
+        let Mode::Paired(p) = &mut self.mode else {
             return Ok(());
-        }
-        self.horizon = exit;
-        if self.last_flush.elapsed() >= FLUSH_EVERY {
-            self.flush()?;
-        }
-        let replayed = self.state.snapshot().replayed_exit;
-        if exit.saturating_sub(replayed) > MAX_AHEAD_EXITS {
-            self.throttle(exit)?;
-        }
-        let oldest = {
-            let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
-            // Flushes of positions the backup had already passed when they
-            // were made say nothing about lag.
-            while h.front().is_some_and(|&(horizon, _)| horizon <= replayed) {
-                h.pop_front();
-            }
-            h.front().copied()
         };
-        if let Some((horizon, at)) = oldest {
-            if at.elapsed() > MAX_LAG {
-                self.flush()?;
-                self.state.wait_until(Duration::from_secs(3600), |c| {
-                    c.replayed_exit >= horizon || c.failure.is_some()
-                });
+        p.horizon = exit;
+        if p.last_flush.elapsed() >= FLUSH_EVERY {
+            self.send_batch()?;
+        }
+        let Mode::Paired(p) = &self.mode else {
+            return Ok(());
+        };
+        let replayed = p.state.snapshot().replayed_exit;
+        if exit.saturating_sub(replayed) > MAX_AHEAD_EXITS {
+            let floor = exit - MAX_AHEAD_EXITS;
+            self.wait_for_backup(|c| c.replayed_exit >= floor)?;
+        }
+        if let Some((horizon, at)) = self.lag.oldest_unreplayed() {
+            if horizon > replayed && at.elapsed() > MAX_LAG {
+                self.wait_for_backup(|c| c.replayed_exit >= horizon)?;
             }
         }
         self.attend()
     }
 
     fn needs_attention(&self) -> bool {
-        !self.alone && self.state.failure().is_some()
+        match &self.mode {
+            Mode::Paired(p) => p.state.failure().is_some(),
+            Mode::Alone => false,
+        }
     }
 
     fn attend(&mut self) -> Result<(), Error> {
-        match self.state.failure() {
-            Some(why) if !self.alone => self.lost_backup(why),
-            _ => Ok(()),
+        let Mode::Paired(p) = &self.mode else {
+            return Ok(());
+        };
+        match p.state.failure() {
+            Some(failure) => self.lost_backup(failure),
+            None => Ok(()),
         }
     }
 
     fn finish(&mut self) -> Result<(), Error> {
-        self.flush()?;
-        let result = match self.link.take() {
-            Some(link) => link
+        self.send_batch()?;
+        let result = match std::mem::replace(&mut self.mode, Mode::Alone) {
+            Mode::Paired(p) => p
+                .link
                 .close(CLOSE_TIMEOUT)
-                .map_err(|e| Error::Channel(error_chain(&e))),
-            None => Ok(()),
+                .map_err(|e| Error::Ft(super::Error::Channel(e))),
+            Mode::Alone => Ok(()),
         };
         // The gate releases what the final acks allow, then ends.
         self.gate.take();
-        if let Some(m) = self.monitor.take() {
-            let _ = m.join();
+        if let Some(t) = self.gate_thread.take() {
+            let _ = t.join();
         }
         result
     }
 }
 
-/// The output gate: releases held output in order once the backup has
-/// acknowledged every record that existed when it was produced.
-fn run_gate(
-    gate_rx: Receiver<GateMsg>,
-    state: Arc<LinkState>,
-    metrics: Arc<Metrics>,
-    out: SyncSender<Chunk>,
-) {
-    let mut held: VecDeque<Held> = VecDeque::new();
+/// Drives the [`Gate`]: takes held outputs from the vCPU thread, and
+/// releases them in order as the backup's acknowledgements arrive.
+fn run_gate(rx: Receiver<GateMsg>, state: Arc<LinkState>, metrics: Arc<Metrics>, outlet: Outlet) {
+    let mut gate = Gate::new();
     let mut closed = false;
-    let mut release_all = false;
     let mut last_summary = Instant::now();
+    let take = |m: GateMsg, gate: &mut Gate| match m {
+        GateMsg::Hold(h) => gate.hold(h),
+        GateMsg::Open => gate.open(),
+    };
     loop {
-        let take = |m: GateMsg, held: &mut VecDeque<Held>, all: &mut bool| match m {
-            GateMsg::Hold(h) => held.push_back(h),
-            GateMsg::ReleaseAll => *all = true,
-        };
         loop {
-            match gate_rx.try_recv() {
-                Ok(m) => take(m, &mut held, &mut release_all),
-                Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+            match rx.try_recv() {
+                Ok(m) => take(m, &mut gate),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
                     closed = true;
                     break;
                 }
             }
         }
-        let c = match held.front() {
-            Some(front) if !release_all => {
-                let needs = front.needs;
-                state.wait_until(Duration::from_millis(20), |c| c.acked >= needs)
-            }
-            Some(_) => state.snapshot(),
-            None if closed => return,
-            None => {
-                match gate_rx.recv_timeout(Duration::from_millis(20)) {
-                    Ok(m) => take(m, &mut held, &mut release_all),
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => closed = true,
-                    Err(_) => {}
+        let c = match gate.waiting_for() {
+            Some(needs) => state.wait_until(stop::SLICE, |c| c.acked >= needs),
+            None if gate.is_empty() && closed => return,
+            None if gate.is_empty() => {
+                match rx.recv_timeout(stop::SLICE) {
+                    Ok(m) => take(m, &mut gate),
+                    Err(RecvTimeoutError::Disconnected) => closed = true,
+                    Err(RecvTimeoutError::Timeout) => {}
                 }
                 state.snapshot()
             }
+            None => state.snapshot(),
         };
-        while held
-            .front()
-            .is_some_and(|h| release_all || c.acked >= h.needs)
-        {
-            if let Some(h) = held.pop_front() {
-                metrics.outputs_held.fetch_sub(1, Ordering::Relaxed);
-                if out.send((h.conn, h.bytes)).is_err() {
-                    return;
-                }
+        while let Some(h) = gate.release(c.acked) {
+            metrics.outputs_held.fetch_sub(1, Ordering::Relaxed);
+            if outlet.send(h.out).is_err() {
+                // The backend is gone (the process is ending): nothing
+                // more can be delivered.
+                return;
             }
         }
-        metrics.oldest_held_us.store(
-            held.front()
-                .map_or(0, |h| h.since.elapsed().as_micros() as u64),
-            Ordering::Relaxed,
-        );
-        // Once the sink is done: stop when nothing is held, or when what is
-        // held can never be acknowledged (the link ended) and was not
-        // released by a won claim.
+        metrics
+            .oldest_held_us
+            .store(gate.oldest_age().as_micros() as u64, Ordering::Relaxed);
+        // Once the sink is done, stop when what is held can never be
+        // acknowledged (the link ended) and was not released by a won claim.
         let link_over = c.failure.is_some() || c.closed;
-        if closed && (held.is_empty() || (link_over && !release_all)) {
+        if closed && link_over && gate.waiting_for().is_some() {
             return;
         }
-        if last_summary.elapsed() >= Duration::from_secs(5) {
+        if last_summary.elapsed() >= SUMMARY_EVERY {
             last_summary = Instant::now();
             tracing::info!("primary: {}", metrics.summary());
         }
-    }
-}
-
-/// The backup has executed through `replayed`: the primary executed that
-/// position no later than the first flush whose horizon reached it.
-fn sample_lag(history: &Mutex<VecDeque<(u64, Instant)>>, replayed: u64, metrics: &Metrics) {
-    let mut h = history.lock().unwrap_or_else(|e| e.into_inner());
-    let mut sample = None;
-    while let Some(&(exit, at)) = h.front() {
-        if exit > replayed {
-            break;
-        }
-        sample = Some(at);
-        h.pop_front();
-    }
-    if let Some(at) = sample {
-        metrics.record_lag(at.elapsed());
     }
 }

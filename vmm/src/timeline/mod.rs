@@ -3,9 +3,14 @@
 //! Everything the guest can observe that does not follow from its own state
 //! is asked of a [`Timeline`] at a synchronous exit, on the vCPU thread,
 //! while the vCPU is stopped: clock and wall-clock reads, entropy, timer
-//! ticks, serial input. Every output that leaves the machine goes out
+//! ticks, and device inputs. Every output that leaves the machine goes out
 //! through it too, so that a replicating timeline can hold it (the Output
 //! Rule) and a replaying one can drop it.
+//!
+//! The door is device-neutral: an [`Input`] and an [`Output`] have a
+//! variant per device kind, and [`Demand`] says per device what the
+//! machine can take now. A new device (a NIC, a disk) adds variants here
+//! and a backend in [`world`]; the vCPU loop and the timelines do not change.
 //!
 //! The vCPU loop and the devices never ask "am I recording?". Solo, record
 //! and replay are implementations of this trait; going live after a
@@ -14,11 +19,14 @@
 pub mod live;
 pub mod record;
 pub mod replay;
+pub mod world;
+
+use logchannel::Event;
 
 /// Where in the guest's execution an event happens: the ordinal of the
 /// synchronous exit since boot, cross-checked with RIP and a checksum of the
-/// general registers (DESIGN.md, Positions). The log format owns the type,
-/// so that what is logged is exactly what the VMM compares.
+/// general registers (docs/ARCHITECTURE.md, Positions). The log format owns
+/// the type, so that what is logged is exactly what the VMM compares.
 pub use logchannel::Position;
 
 /// An input from the world, applied to the devices at a position.
@@ -26,25 +34,99 @@ pub use logchannel::Position;
 pub enum Input {
     /// The PIT's period elapsed: raise IRQ0.
     TimerTick,
-    /// Bytes for COM1's receive FIFO; never more than [`Demand::serial_room`].
-    Serial(Vec<u8>),
-    /// The serial line changed hands; only offered when the guest waits
-    /// with every byte of the client before read ([`Demand::serial_rx_empty`]).
-    SerialHangup,
+    /// Something for COM1.
+    Serial(SerialInput),
 }
 
-/// What the machine can take at this exit, from deterministic device state.
+/// What the serial line delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialInput {
+    /// Bytes for the receive FIFO; never more than [`SerialDemand::room`].
+    Bytes(Vec<u8>),
+    /// The line changed hands (one client left, another's bytes come
+    /// next); only offered while the guest waits with every byte read.
+    Hangup,
+}
+
+impl Input {
+    /// The log event that records this input. Record and replay both go
+    /// through this pair of functions, so the mapping cannot drift.
+    pub fn to_event(&self) -> Event {
+        match self {
+            Input::TimerTick => Event::TimerTick,
+            Input::Serial(SerialInput::Bytes(bytes)) => Event::SerialIn {
+                bytes: bytes.clone(),
+            },
+            Input::Serial(SerialInput::Hangup) => Event::SerialHangup,
+        }
+    }
+
+    /// The input a log event records, if it records one.
+    pub fn from_event(event: &Event) -> Option<Input> {
+        Some(match event {
+            Event::TimerTick => Input::TimerTick,
+            Event::SerialIn { bytes } => Input::Serial(SerialInput::Bytes(bytes.clone())),
+            Event::SerialHangup => Input::Serial(SerialInput::Hangup),
+            _ => return None,
+        })
+    }
+}
+
+/// An output bound for the world, produced by a device at a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Bytes COM1 transmitted.
+    Serial(Vec<u8>),
+}
+
+impl Output {
+    /// The bytes as the guest produced them, for transcripts.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Output::Serial(b) => b,
+        }
+    }
+}
+
+/// What COM1 can take now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SerialDemand {
+    /// Free slots in the receive FIFO.
+    pub room: usize,
+    /// The receive FIFO is empty (the guest read everything).
+    pub rx_empty: bool,
+}
+
+/// What the machine can take at this exit, per device, from deterministic
+/// device state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Demand {
     /// The PIT channel 0 period, when the guest programmed a periodic timer.
     pub timer_period_ns: Option<u64>,
-    /// Free slots in COM1's receive FIFO.
-    pub serial_room: usize,
-    /// COM1's receive FIFO is empty (the guest read everything).
-    pub serial_rx_empty: bool,
+    pub serial: SerialDemand,
     /// The guest is idle (HLT, or the paravirtual wait) and nothing is
     /// pending: block until at least one input arrives.
     pub idle: bool,
+}
+
+impl Demand {
+    /// True if the machine can take `input` now.
+    pub fn fits(&self, input: &Input) -> bool {
+        match input {
+            Input::TimerTick | Input::Serial(SerialInput::Hangup) => true,
+            Input::Serial(SerialInput::Bytes(b)) => b.len() <= self.serial.room,
+        }
+    }
+
+    /// What is left once `input` is taken: a timeline that answers from
+    /// two sources (a backup going live drains the log, then the world)
+    /// offers the second only what the first left.
+    pub fn consume(&mut self, input: &Input) {
+        if let Input::Serial(SerialInput::Bytes(b)) = input {
+            self.serial.room = self.serial.room.saturating_sub(b.len());
+            self.serial.rx_empty &= b.is_empty();
+        }
+    }
 }
 
 /// Registers plus a hash of all guest memory, for divergence checks.
@@ -86,24 +168,21 @@ pub enum Error {
     LogEnded { at: Position, last_seq: Option<u64> },
     #[error(transparent)]
     Log(#[from] logchannel::Error),
-    #[error("log channel: {0}")]
-    Channel(String),
-    #[error("the arbiter gave {vm_id}/epoch {epoch} to {holder}: halting")]
-    LostArbitration {
-        vm_id: String,
-        epoch: u64,
-        holder: String,
-    },
-    #[error("arbiter: {0}")]
-    Arbiter(String),
+    /// A fault-tolerant role failed (the peer, the arbiter, going live).
+    #[error(transparent)]
+    Ft(#[from] crate::ft::Error),
     #[error("writing the transcript failed")]
     Transcript(#[source] std::io::Error),
     #[error("the guest is idle with interrupts that can never arrive (no timer, input closed)")]
     Deadlock,
     #[error("reading entropy failed")]
     Entropy(#[source] std::io::Error),
-    #[error("the serial output is closed")]
+    #[error("the output is closed")]
     OutputClosed,
+    /// A stop signal arrived while the timeline waited (for the primary's
+    /// log, say); the run ends without reaching a recorded end.
+    #[error("stopped by a signal")]
+    Interrupted,
 }
 
 /// The door. See the module documentation.
@@ -126,8 +205,8 @@ pub trait Timeline {
     fn wants_digest(&mut self, at: &Position, requested: bool) -> bool;
     /// A state digest taken at this exit.
     fn digest(&mut self, at: &Position, digest: &StateDigest) -> Result<(), Error>;
-    /// Serial bytes the guest transmitted at this exit, bound for the world.
-    fn serial_output(&mut self, at: &Position, bytes: Vec<u8>) -> Result<(), Error>;
+    /// An output a device produced at this exit, bound for the world.
+    fn output(&mut self, at: &Position, output: Output) -> Result<(), Error>;
     /// Called before every KVM_RUN with the ordinal the next synchronous
     /// exit will have. A backup blocks here until the primary's horizon
     /// covers it, so that it never executes past what it knows.

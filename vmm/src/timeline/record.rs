@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use logchannel::{Event, LogWriter};
 
-use super::live::{host_entropy, stop_requested, World};
-use super::{Demand, Ending, Error, Input, Position, StateDigest, Timeline};
+use super::world::{host_entropy, World};
+use super::{Demand, Ending, Error, Input, Output, Position, StateDigest, Timeline};
+use crate::stop;
 
 /// Tag of the digest taken when the run ends.
 pub const FINAL_DIGEST_TAG: u64 = u64::MAX - 1;
@@ -23,9 +24,9 @@ pub const PERIODIC_DIGEST_TAG: u64 = u64::MAX;
 pub trait LogSink {
     /// Appends one event at `pos`.
     fn append(&mut self, pos: &Position, event: Event) -> Result<(), Error>;
-    /// Serial output produced at `pos`; the sink releases it to `world`
-    /// when the Output Rule allows.
-    fn output(&mut self, pos: &Position, bytes: Vec<u8>, world: &mut World) -> Result<(), Error>;
+    /// An output produced at `pos`; the sink releases it to `world` when
+    /// the Output Rule allows.
+    fn output(&mut self, pos: &Position, output: Output, world: &mut World) -> Result<(), Error>;
     /// Sends or writes what was appended so far.
     fn flush(&mut self) -> Result<(), Error>;
     /// Every event at exits up to `exit` has been appended: a replicating
@@ -69,8 +70,8 @@ impl<W: Write> LogSink for FileSink<W> {
         Ok(())
     }
 
-    fn output(&mut self, _pos: &Position, bytes: Vec<u8>, world: &mut World) -> Result<(), Error> {
-        world.output(bytes)
+    fn output(&mut self, _pos: &Position, output: Output, world: &mut World) -> Result<(), Error> {
+        world.output(output)
     }
 
     fn flush(&mut self) -> Result<(), Error> {
@@ -140,19 +141,12 @@ impl<S: LogSink> Timeline for Record<S> {
                 break;
             }
             self.sink.attend()?;
-            if !demand.idle || out.len() > first || stop_requested() {
+            if !demand.idle || out.len() > first || stop::requested() {
                 break;
             }
         }
         for input in &out[first..] {
-            let event = match input {
-                Input::TimerTick => Event::TimerTick,
-                Input::Serial(bytes) => Event::SerialIn {
-                    bytes: bytes.clone(),
-                },
-                Input::SerialHangup => Event::SerialHangup,
-            };
-            self.sink.append(at, event)?;
+            self.sink.append(at, input.to_event())?;
         }
         Ok(())
     }
@@ -184,8 +178,8 @@ impl<S: LogSink> Timeline for Record<S> {
         )
     }
 
-    fn serial_output(&mut self, at: &Position, bytes: Vec<u8>) -> Result<(), Error> {
-        self.sink.output(at, bytes, &mut self.world)
+    fn output(&mut self, at: &Position, output: Output) -> Result<(), Error> {
+        self.sink.output(at, output, &mut self.world)
     }
 
     fn before_run(&mut self, next_exit: u64) -> Result<(), Error> {
@@ -193,7 +187,7 @@ impl<S: LogSink> Timeline for Record<S> {
     }
 
     fn stop_here(&mut self, _at: &Position) -> Result<bool, Error> {
-        Ok(stop_requested())
+        Ok(stop::requested())
     }
 
     fn finish(&mut self, at: &Position, ending: Ending, d: &StateDigest) -> Result<(), Error> {

@@ -8,7 +8,18 @@ use std::io::Write;
 use logchannel::{Event, Record};
 
 use super::record::FINAL_DIGEST_TAG;
-use super::{Demand, Ending, Error, Input, Position, StateDigest, Timeline};
+use super::{Demand, Ending, Error, Input, Output, Position, StateDigest, Timeline};
+use crate::ft::{self, LinkFailure};
+
+/// How far a record source reaches, when asked to cover an exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Horizon {
+    /// Every event at or before the exit is known.
+    Covered,
+    /// The stream failed before it covered the exit: the peer is lost.
+    /// What arrived before the failure is still there to replay.
+    PeerLost(LinkFailure),
+}
 
 /// Where replayed records come from: a whole log file, or the stream from a
 /// primary.
@@ -18,10 +29,10 @@ pub trait RecordSource {
     fn peek(&mut self) -> Result<Option<&Record>, Error>;
     /// Consumes the record `peek` returned.
     fn advance(&mut self);
-    /// Blocks until every event at or before exit `exit` is known. A file
-    /// knows everything already.
-    fn wait_horizon(&mut self, _exit: u64) -> Result<(), Error> {
-        Ok(())
+    /// Blocks until every event at or before exit `exit` is known, or the
+    /// stream fails. A file knows everything already.
+    fn wait_horizon(&mut self, _exit: u64) -> Result<Horizon, Error> {
+        Ok(Horizon::Covered)
     }
     /// The sequence number of the last record consumed.
     fn last_seq(&self) -> Option<u64>;
@@ -120,6 +131,12 @@ impl<S: RecordSource, O: Write> Replay<S, O> {
         self.last_clock_ns
     }
 
+    /// Flushes the transcript without checking the end of the log (the
+    /// operator stopped the run early).
+    pub fn flush_output(&mut self) -> Result<(), Error> {
+        self.output.flush().map_err(Error::Transcript)
+    }
+
     pub fn events_applied(&self) -> u64 {
         self.applied
     }
@@ -206,27 +223,16 @@ impl<S: RecordSource, O: Write> Timeline for Replay<S, O> {
         out: &mut Vec<Input>,
     ) -> Result<(), Error> {
         let first = out.len();
-        let mut room = demand.serial_room;
-        loop {
-            let next = match self.due_here(at)? {
-                Some(Event::TimerTick) => Input::TimerTick,
-                Some(Event::SerialHangup) => Input::SerialHangup,
-                Some(Event::SerialIn { bytes }) if bytes.len() <= room => {
-                    room -= bytes.len();
-                    Input::Serial(bytes.clone())
-                }
-                Some(Event::SerialIn { bytes }) => {
-                    let n = bytes.len();
-                    return Err(self.divergence(
-                        at,
-                        format!("room for {n} serial bytes"),
-                        format!("room for {room}"),
-                    ));
-                }
-                _ => break,
-            };
+        let mut left = *demand;
+        while let Some(input) = self.due_here(at)?.and_then(Input::from_event) {
+            if !left.fits(&input) {
+                let expected = format!("room for {}", describe_event(&input.to_event()));
+                let seen = format!("{:?}", left.serial);
+                return Err(self.divergence(at, expected, seen));
+            }
+            left.consume(&input);
             self.expect(at, "an input", |_| true)?;
-            out.push(next);
+            out.push(input);
         }
         if demand.idle && out.len() == first {
             let last_seq = self.source.last_seq();
@@ -262,12 +268,21 @@ impl<S: RecordSource, O: Write> Timeline for Replay<S, O> {
         Ok(())
     }
 
-    fn serial_output(&mut self, _at: &Position, bytes: Vec<u8>) -> Result<(), Error> {
-        self.output.write_all(&bytes).map_err(Error::Transcript)
+    fn output(&mut self, _at: &Position, output: Output) -> Result<(), Error> {
+        match output {
+            Output::Serial(bytes) => self.output.write_all(&bytes).map_err(Error::Transcript),
+        }
     }
 
     fn before_run(&mut self, next_exit: u64) -> Result<(), Error> {
-        self.source.wait_horizon(next_exit)
+        match self.source.wait_horizon(next_exit)? {
+            Horizon::Covered => Ok(()),
+            Horizon::PeerLost(failure) => Err(ft::Error::PeerLost {
+                peer: ft::Peer::Primary,
+                failure,
+            }
+            .into()),
+        }
     }
 
     fn stop_here(&mut self, at: &Position) -> Result<bool, Error> {
