@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
 use crate::ledger::{ClaimDecision, Ledger, LedgerError, Record};
-use crate::protocol::{Claim, Request, Response};
+pub use crate::protocol::error_chain;
+use crate::protocol::{Claim, ClaimOutcome, Request, Response};
 use crate::store::{Store, StoreError};
 
 /// Why the arbiter could not start.
@@ -93,23 +94,26 @@ impl Arbiter {
                 Ok(()) => {
                     info!(vm_id, epoch, claimant, "granted");
                     Response::Claim(Claim {
-                        granted: true,
-                        holder: claimant.to_owned(),
+                        outcome: ClaimOutcome::Granted,
                         epoch,
                     })
                 }
                 Err(response) => response,
             },
-            ClaimDecision::Answer(claim) => {
-                if claim.granted {
-                    info!(
+            ClaimDecision::Answer(outcome) => {
+                match &outcome {
+                    ClaimOutcome::Granted => info!(
                         vm_id,
                         epoch, claimant, "granted again (retry by the holder)"
-                    );
-                } else {
-                    info!(vm_id, epoch, claimant, holder = %claim.holder, "denied");
+                    ),
+                    ClaimOutcome::HeldBy { holder } => {
+                        info!(vm_id, epoch, claimant, holder, "denied: held by another");
+                    }
+                    ClaimOutcome::Superseded { current_epoch } => {
+                        info!(vm_id, epoch, claimant, current_epoch, "denied: superseded");
+                    }
                 }
-                Response::Claim(claim)
+                Response::Claim(Claim { outcome, epoch })
             }
         }
     }
@@ -117,7 +121,7 @@ impl Arbiter {
     fn new_epoch(&mut self, vm_id: &str) -> Response {
         let record = match self.ledger.new_epoch(vm_id) {
             Ok(record) => record,
-            Err(e) => return Response::error(e),
+            Err(e) => return Response::failure(&e),
         };
         let epoch = match &record {
             Record::NewEpoch { epoch, .. } | Record::Grant { epoch, .. } => *epoch,
@@ -149,31 +153,28 @@ impl Arbiter {
     }
 }
 
-/// Formats an error and its sources on one line: `a: b: c`.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message.replace(['\n', '\r'], " ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testutil::TempDir;
 
-    fn claim(arbiter: &mut Arbiter, epoch: u64, who: &str) -> Claim {
+    fn claim(arbiter: &mut Arbiter, epoch: u64, who: &str) -> ClaimOutcome {
         match arbiter.handle(&Request::TestAndSet {
             vm_id: "kv1".into(),
             epoch,
             claimant: who.into(),
         }) {
-            Response::Claim(claim) => claim,
+            Response::Claim(claim) => {
+                assert_eq!(claim.epoch, epoch);
+                claim.outcome
+            }
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn held_by(holder: &str) -> ClaimOutcome {
+        ClaimOutcome::HeldBy {
+            holder: holder.to_owned(),
         }
     }
 
@@ -188,24 +189,27 @@ mod tests {
             }),
             Response::NewEpoch(1)
         );
-        assert!(claim(&mut arbiter, 1, "a").granted);
-        assert!(!claim(&mut arbiter, 1, "b").granted);
+        assert_eq!(claim(&mut arbiter, 1, "a"), ClaimOutcome::Granted);
+        assert_eq!(claim(&mut arbiter, 1, "b"), held_by("a"));
         // Denials and retries are not decisions: only two records exist.
-        assert!(claim(&mut arbiter, 1, "a").granted);
+        assert_eq!(claim(&mut arbiter, 1, "a"), ClaimOutcome::Granted);
         drop(arbiter);
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text.lines().count(), 2);
 
         let mut arbiter = Arbiter::open(&path).expect("reopen");
-        assert!(claim(&mut arbiter, 1, "a").granted);
-        let lost = claim(&mut arbiter, 1, "b");
-        assert!(!lost.granted);
-        assert_eq!(lost.holder, "a");
+        assert_eq!(claim(&mut arbiter, 1, "a"), ClaimOutcome::Granted);
+        assert_eq!(claim(&mut arbiter, 1, "b"), held_by("a"));
         assert_eq!(
             arbiter.handle(&Request::NewEpoch {
                 vm_id: "kv1".into()
             }),
             Response::NewEpoch(2)
+        );
+        // The old epoch is superseded after the restart too, for its winner.
+        assert_eq!(
+            claim(&mut arbiter, 1, "a"),
+            ClaimOutcome::Superseded { current_epoch: 2 }
         );
     }
 

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
-pub use crate::protocol::{Claim, Status, VmStatus};
+pub use crate::protocol::{Claim, ClaimOutcome, Status, VmStatus};
 use crate::protocol::{Request, MAX_LINE};
 
 /// Why a call did not produce an answer.
@@ -36,11 +36,43 @@ pub enum ClientError {
     #[error("arbiter I/O")]
     Io(#[from] io::Error),
     /// The reply is not what the protocol promises.
+    #[error("bad reply from arbiter")]
+    BadReply(#[from] ReplyError),
+    /// A failure a caller reports in the client's terms; the client itself
+    /// never returns it (it reports bad replies as [`ClientError::BadReply`]).
     #[error("bad reply from arbiter: {0}")]
     Protocol(String),
-    /// The arbiter answered with an error.
+    /// The arbiter answered with an error; its one-line message.
     #[error("arbiter refused: {0}")]
     Server(String),
+}
+
+/// How a reply broke the protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    /// The arbiter closed the connection before replying.
+    #[error("connection closed without a reply")]
+    NoReply,
+    /// The reply ended without a newline, or exceeded [`MAX_LINE`].
+    #[error("reply cut short or longer than {MAX_LINE} bytes")]
+    CutShort,
+    /// The reply is not JSON.
+    #[error("reply is not JSON")]
+    NotJson(#[source] serde_json::Error),
+    /// The reply lacks a boolean `ok`.
+    #[error("reply lacks a boolean \"ok\"")]
+    NoOk(#[source] serde_json::Error),
+    /// `ok` is true but the rest does not fit the request.
+    #[error("reply does not fit the request")]
+    Shape(#[source] serde_json::Error),
+    /// A claim reply about another epoch than the one claimed.
+    #[error("claimed epoch {claimed}, reply is about epoch {replied}")]
+    WrongEpoch {
+        /// The epoch the request claimed.
+        claimed: u64,
+        /// The epoch the reply names.
+        replied: u64,
+    },
 }
 
 impl ClientError {
@@ -63,6 +95,14 @@ struct EpochReply {
     epoch: u64,
 }
 
+/// What every reply carries, read before the rest.
+#[derive(Deserialize)]
+struct ReplyHeader {
+    ok: bool,
+    #[serde(default)]
+    error: Option<String>,
+}
+
 impl Client {
     /// A client for the arbiter at `addr`; `timeout` bounds the connect, the
     /// send and the wait for the reply, each (at least 1 ms).
@@ -78,26 +118,20 @@ impl Client {
         self.addr
     }
 
-    /// Claims `(vm_id, epoch)` for `claimant`. `granted` says whether the
-    /// caller may go live.
+    /// Claims `(vm_id, epoch)` for `claimant`. Only
+    /// [`ClaimOutcome::Granted`] lets the caller go live.
     pub fn test_and_set(
         &self,
         vm_id: &str,
         epoch: u64,
         claimant: &str,
-    ) -> Result<Claim, ClientError> {
+    ) -> Result<ClaimOutcome, ClientError> {
         let claim: Claim = self.call(&Request::TestAndSet {
             vm_id: vm_id.to_owned(),
             epoch,
             claimant: claimant.to_owned(),
         })?;
-        if claim.epoch != epoch {
-            return Err(ClientError::Protocol(format!(
-                "claimed epoch {epoch}, reply is about epoch {}",
-                claim.epoch
-            )));
-        }
-        Ok(claim)
+        check_epoch(claim, epoch)
     }
 
     /// Starts the next pairing epoch of `vm_id` and returns it.
@@ -131,35 +165,39 @@ impl Client {
         let mut line = Vec::new();
         reader.read_until(b'\n', &mut line)?;
         if line.pop() != Some(b'\n') {
-            return Err(ClientError::Protocol(if line.is_empty() {
-                "connection closed without a reply".to_owned()
+            return Err(if line.is_empty() {
+                ReplyError::NoReply
             } else {
-                "reply cut short or too long".to_owned()
-            }));
+                ReplyError::CutShort
+            }
+            .into());
         }
         parse_reply(&line)
     }
 }
 
+/// The outcome of `claim`, if it is about the `claimed` epoch.
+fn check_epoch(claim: Claim, claimed: u64) -> Result<ClaimOutcome, ClientError> {
+    if claim.epoch != claimed {
+        return Err(ReplyError::WrongEpoch {
+            claimed,
+            replied: claim.epoch,
+        }
+        .into());
+    }
+    Ok(claim.outcome)
+}
+
 /// Checks `ok` and decodes the rest of a reply line.
 fn parse_reply<T: DeserializeOwned>(line: &[u8]) -> Result<T, ClientError> {
-    let value: Value =
-        serde_json::from_slice(line).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    match value.get("ok").and_then(Value::as_bool) {
-        Some(true) => {
-            serde_json::from_value(value).map_err(|e| ClientError::Protocol(e.to_string()))
-        }
-        Some(false) => Err(ClientError::Server(
-            value
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("(no message)")
-                .to_owned(),
-        )),
-        None => Err(ClientError::Protocol(
-            "reply lacks a boolean \"ok\"".to_owned(),
-        )),
+    let value: Value = serde_json::from_slice(line).map_err(ReplyError::NotJson)?;
+    let header = ReplyHeader::deserialize(&value).map_err(ReplyError::NoOk)?;
+    if !header.ok {
+        return Err(ClientError::Server(
+            header.error.unwrap_or_else(|| "(no message)".to_owned()),
+        ));
     }
+    Ok(T::deserialize(value).map_err(ReplyError::Shape)?)
 }
 
 #[cfg(test)]
@@ -170,31 +208,59 @@ mod tests {
     #[test]
     fn replies_decode_or_say_why_not() {
         let claim: Claim =
-            parse_reply(br#"{"ok":true,"granted":false,"holder":"a","epoch":3}"#).expect("claim");
+            parse_reply(br#"{"ok":true,"outcome":"held_by","holder":"a","epoch":3}"#)
+                .expect("claim");
         assert_eq!(
-            claim,
-            Claim {
-                granted: false,
-                holder: "a".into(),
-                epoch: 3
-            }
+            check_epoch(claim.clone(), 3).expect("same epoch"),
+            ClaimOutcome::HeldBy { holder: "a".into() }
         );
+        assert!(matches!(
+            check_epoch(claim, 4),
+            Err(ClientError::BadReply(ReplyError::WrongEpoch {
+                claimed: 4,
+                replied: 3
+            }))
+        ));
+        let claim: Claim =
+            parse_reply(br#"{"ok":true,"outcome":"superseded","current_epoch":9,"epoch":3}"#)
+                .expect("claim");
+        assert_eq!(claim.outcome, ClaimOutcome::Superseded { current_epoch: 9 });
         assert!(matches!(
             parse_reply::<Claim>(br#"{"ok":false,"error":"nope"}"#),
             Err(ClientError::Server(m)) if m == "nope"
         ));
         assert!(matches!(
-            parse_reply::<Claim>(br#"{"ok":true,"granted":1}"#),
-            Err(ClientError::Protocol(_))
+            parse_reply::<Claim>(br#"{"ok":false}"#),
+            Err(ClientError::Server(m)) if m == "(no message)"
+        ));
+        assert!(matches!(
+            parse_reply::<Claim>(br#"{"ok":true,"outcome":"granted"}"#),
+            Err(ClientError::BadReply(ReplyError::Shape(_)))
+        ));
+        // The earlier granted/holder shape is refused, not misread.
+        assert!(matches!(
+            parse_reply::<Claim>(br#"{"ok":true,"granted":true,"holder":"a","epoch":3}"#),
+            Err(ClientError::BadReply(ReplyError::Shape(_)))
         ));
         assert!(matches!(
             parse_reply::<Claim>(b"\xff"),
-            Err(ClientError::Protocol(_))
+            Err(ClientError::BadReply(ReplyError::NotJson(_)))
         ));
         assert!(matches!(
-            parse_reply::<Claim>(br#"{"granted":true}"#),
-            Err(ClientError::Protocol(_))
+            parse_reply::<Claim>(br#"{"outcome":"granted","epoch":3}"#),
+            Err(ClientError::BadReply(ReplyError::NoOk(_)))
         ));
+        assert!(matches!(
+            parse_reply::<Claim>(br#"{"ok":"yes"}"#),
+            Err(ClientError::BadReply(ReplyError::NoOk(_)))
+        ));
+        let err = parse_reply::<Claim>(br#"{"ok":true}"#).expect_err("no claim");
+        let message = crate::protocol::error_chain(&err);
+        assert!(
+            message.starts_with("bad reply from arbiter: reply does not fit the request: "),
+            "{message}"
+        );
+        assert!(!err.is_retryable());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{Claim, Status, VmStatus};
+use crate::protocol::{ClaimOutcome, Status, VmStatus};
 
 /// One decision, exactly as it is stored in the state file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,10 +81,12 @@ pub enum LedgerError {
 /// What a claim leads to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimDecision {
-    /// A new winner: persist this record, apply it, then reply granted.
+    /// A new winner: persist this record, apply it, then reply
+    /// [`ClaimOutcome::Granted`].
     Grant(Record),
-    /// Nothing to record; reply with this.
-    Answer(Claim),
+    /// Nothing to record; reply with this outcome (granted again to the
+    /// holder, held by another claimant, or superseded).
+    Answer(ClaimOutcome),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -106,17 +108,14 @@ impl Ledger {
         let vm = self.vms.get(vm_id);
         let current = vm.map_or(0, |vm| vm.current);
         if epoch < current {
-            return ClaimDecision::Answer(Claim {
-                granted: false,
-                holder: format!("superseded by epoch {current}"),
-                epoch,
+            return ClaimDecision::Answer(ClaimOutcome::Superseded {
+                current_epoch: current,
             });
         }
         match vm.and_then(|vm| vm.holders.get(&epoch)) {
-            Some(holder) => ClaimDecision::Answer(Claim {
-                granted: holder == claimant,
+            Some(holder) if holder == claimant => ClaimDecision::Answer(ClaimOutcome::Granted),
+            Some(holder) => ClaimDecision::Answer(ClaimOutcome::HeldBy {
                 holder: holder.clone(),
-                epoch,
             }),
             None => ClaimDecision::Grant(Record::Grant {
                 vm_id: vm_id.to_owned(),
@@ -203,18 +202,20 @@ impl Ledger {
 mod tests {
     use super::*;
 
-    /// Claims and, if granted anew, applies; returns the reply.
-    fn claim(ledger: &mut Ledger, vm: &str, epoch: u64, who: &str) -> Claim {
+    /// Claims and, if granted anew, applies; returns the outcome.
+    fn claim(ledger: &mut Ledger, vm: &str, epoch: u64, who: &str) -> ClaimOutcome {
         match ledger.claim(vm, epoch, who) {
             ClaimDecision::Grant(record) => {
                 ledger.apply(&record).expect("fresh grant applies");
-                Claim {
-                    granted: true,
-                    holder: who.to_owned(),
-                    epoch,
-                }
+                ClaimOutcome::Granted
             }
-            ClaimDecision::Answer(claim) => claim,
+            ClaimDecision::Answer(outcome) => outcome,
+        }
+    }
+
+    fn held_by(holder: &str) -> ClaimOutcome {
+        ClaimOutcome::HeldBy {
+            holder: holder.to_owned(),
         }
     }
 
@@ -230,16 +231,24 @@ mod tests {
     #[test]
     fn first_claim_wins_and_winner_may_retry() {
         let mut ledger = Ledger::default();
-        assert!(claim(&mut ledger, "kv1", 3, "a").granted);
-        let lost = claim(&mut ledger, "kv1", 3, "b");
-        assert!(!lost.granted);
-        assert_eq!(lost.holder, "a");
-        let retry = claim(&mut ledger, "kv1", 3, "a");
-        assert!(retry.granted);
-        assert_eq!(retry.holder, "a");
+        assert_eq!(
+            ledger.claim("kv1", 3, "a"),
+            ClaimDecision::Grant(Record::Grant {
+                vm_id: "kv1".into(),
+                epoch: 3,
+                claimant: "a".into()
+            })
+        );
+        assert_eq!(claim(&mut ledger, "kv1", 3, "a"), ClaimOutcome::Granted);
+        assert_eq!(claim(&mut ledger, "kv1", 3, "b"), held_by("a"));
+        // The holder's retry is answered without a new record.
+        assert_eq!(
+            ledger.claim("kv1", 3, "a"),
+            ClaimDecision::Answer(ClaimOutcome::Granted)
+        );
         // Another VM and another epoch are independent.
-        assert!(claim(&mut ledger, "kv2", 3, "b").granted);
-        assert!(claim(&mut ledger, "kv1", 4, "b").granted);
+        assert_eq!(claim(&mut ledger, "kv2", 3, "b"), ClaimOutcome::Granted);
+        assert_eq!(claim(&mut ledger, "kv1", 4, "b"), ClaimOutcome::Granted);
     }
 
     #[test]
@@ -248,21 +257,31 @@ mod tests {
         assert_eq!(bump(&mut ledger, "kv1"), 1);
         assert_eq!(bump(&mut ledger, "kv1"), 2);
         assert_eq!(bump(&mut ledger, "kv2"), 1);
-        let old = claim(&mut ledger, "kv1", 1, "a");
-        assert!(!old.granted);
-        assert_eq!(old.holder, "superseded by epoch 2");
-        assert_eq!(old.epoch, 1);
-        assert!(claim(&mut ledger, "kv1", 2, "a").granted);
+        assert_eq!(
+            claim(&mut ledger, "kv1", 1, "a"),
+            ClaimOutcome::Superseded { current_epoch: 2 }
+        );
+        assert_eq!(claim(&mut ledger, "kv1", 2, "a"), ClaimOutcome::Granted);
         // Even the winner of an older epoch is denied once it is superseded.
         assert_eq!(bump(&mut ledger, "kv1"), 3);
-        assert!(!claim(&mut ledger, "kv1", 2, "a").granted);
+        assert_eq!(
+            claim(&mut ledger, "kv1", 2, "a"),
+            ClaimOutcome::Superseded { current_epoch: 3 }
+        );
+        assert_eq!(
+            claim(&mut ledger, "kv1", 2, "b"),
+            ClaimOutcome::Superseded { current_epoch: 3 }
+        );
     }
 
     #[test]
     fn a_higher_epoch_claim_raises_the_current_epoch() {
         let mut ledger = Ledger::default();
-        assert!(claim(&mut ledger, "kv1", 7, "a").granted);
-        assert!(!claim(&mut ledger, "kv1", 6, "b").granted);
+        assert_eq!(claim(&mut ledger, "kv1", 7, "a"), ClaimOutcome::Granted);
+        assert_eq!(
+            claim(&mut ledger, "kv1", 6, "b"),
+            ClaimOutcome::Superseded { current_epoch: 7 }
+        );
         assert_eq!(bump(&mut ledger, "kv1"), 8);
         assert_eq!(ledger.status().vms[0].epoch, 8);
         assert_eq!(ledger.status().vms[0].holders[&7], "a");
@@ -271,7 +290,10 @@ mod tests {
     #[test]
     fn epochs_can_run_out_without_panicking() {
         let mut ledger = Ledger::default();
-        assert!(claim(&mut ledger, "kv1", u64::MAX, "a").granted);
+        assert_eq!(
+            claim(&mut ledger, "kv1", u64::MAX, "a"),
+            ClaimOutcome::Granted
+        );
         assert_eq!(
             ledger.new_epoch("kv1"),
             Err(LedgerError::EpochsExhausted("kv1".into()))

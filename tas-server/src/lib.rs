@@ -25,5 +25,5 @@ pub mod store;
 mod testutil;
 
 pub use arbiter::Arbiter;
-pub use client::{Client, ClientError};
-pub use protocol::{Claim, Status, VmStatus, MAX_LINE, PROTOCOL_VERSION};
+pub use client::{Client, ClientError, ReplyError};
+pub use protocol::{Claim, ClaimOutcome, Status, VmStatus, MAX_LINE, PROTOCOL_VERSION};

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::arbiter::Arbiter;
-use crate::protocol::{ProtocolError, Request, Response, MAX_LINE};
+use crate::protocol::{error_chain, ProtocolError, Request, Response, MAX_LINE};
 
 /// How long a connection may sit without sending a complete line.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -117,7 +117,7 @@ async fn connection(stream: TcpStream, arbiter: Arc<Mutex<Arbiter>>) {
             Ok(Ok(LineRead::Eof)) => return,
             Ok(Ok(LineRead::TooLong)) => {
                 warn!(%peer, "request line too long; closing");
-                let reply = Response::error(ProtocolError::LineTooLong).to_line();
+                let reply = Response::failure(&ProtocolError::LineTooLong).to_line();
                 if writer.write_all(&reply).await.is_ok() {
                     let _ = writer.shutdown().await;
                     let mut sink = tokio::io::sink();
@@ -133,8 +133,8 @@ async fn connection(stream: TcpStream, arbiter: Arc<Mutex<Arbiter>>) {
         let response = match Request::parse(&line) {
             Ok(request) => decide(&arbiter, request).await,
             Err(e) => {
-                debug!(%peer, error = %e, "bad request");
-                Response::error(e)
+                debug!(%peer, error = %error_chain(&e), "bad request");
+                Response::failure(&e)
             }
         };
         if let Err(e) = writer.write_all(&response.to_line()).await {

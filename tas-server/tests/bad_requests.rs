@@ -27,15 +27,32 @@ fn bad_lines_on_one_connection_each_get_an_error() {
     let server = Server::start(&dir.state());
     let mut raw = Raw::connect(server.addr);
     let cases = [
-        ("{\"version\":1,\"op\":", "malformed JSON"),
-        ("not json at all", "malformed JSON"),
-        ("", "malformed JSON"),
-        ("42", "must be a JSON object"),
-        (r#"{"version":1,"op":"launch"}"#, "unknown op \"launch\""),
+        (
+            "{\"version\":1,\"op\":",
+            "malformed JSON: EOF while parsing",
+        ),
+        ("not json at all", "malformed JSON: expected"),
+        ("", "malformed JSON: EOF while parsing"),
+        ("42", "request must be a JSON object"),
+        (r#"["status"]"#, "request must be a JSON object"),
         (r#"{"op":"status"}"#, "missing field \"version\""),
+        (
+            r#"{"version":"1","op":"status"}"#,
+            "field \"version\" must be an unsigned 64-bit integer",
+        ),
         (
             r#"{"version":7,"op":"status"}"#,
             "unsupported protocol version 7 (this server speaks 1)",
+        ),
+        (r#"{"version":1}"#, "missing field \"op\""),
+        (
+            r#"{"version":1,"vm_id":"kv1","epoch":1,"claimant":"a"}"#,
+            "missing field \"op\"",
+        ),
+        (r#"{"version":1,"op":7}"#, "field \"op\" must be a string"),
+        (
+            r#"{"version":1,"op":"launch"}"#,
+            "unknown op \"launch\" (expected test_and_set, new_epoch or status)",
         ),
         (
             r#"{"version":1,"op":"test_and_set","vm_id":"kv1","claimant":"a"}"#,
@@ -50,8 +67,36 @@ fn bad_lines_on_one_connection_each_get_an_error() {
             "missing field \"vm_id\"",
         ),
         (
+            r#"{"version":1,"op":"new_epoch","vm_id":""}"#,
+            "field \"vm_id\" must be a non-empty string",
+        ),
+        (
+            r#"{"version":1,"op":"test_and_set","vm_id":"","epoch":1,"claimant":"a"}"#,
+            "field \"vm_id\" must be a non-empty string",
+        ),
+        (
+            r#"{"version":1,"op":"test_and_set","vm_id":["kv1"],"epoch":1,"claimant":"a"}"#,
+            "field \"vm_id\" must be a string",
+        ),
+        (
+            r#"{"version":1,"op":"test_and_set","vm_id":"kv1","epoch":1,"claimant":null}"#,
+            "field \"claimant\" must be a string",
+        ),
+        (
             r#"{"version":1,"op":"test_and_set","vm_id":"kv1","epoch":"3","claimant":"a"}"#,
-            "\"epoch\" must be",
+            "field \"epoch\" must be an unsigned 64-bit integer",
+        ),
+        (
+            r#"{"version":1,"op":"test_and_set","vm_id":"kv1","epoch":"18446744073709551616","claimant":"a"}"#,
+            "field \"epoch\" must be an unsigned 64-bit integer",
+        ),
+        (
+            r#"{"version":1,"op":"test_and_set","vm_id":"kv1","epoch":18446744073709551616,"claimant":"a"}"#,
+            "field \"epoch\" must be an unsigned 64-bit integer",
+        ),
+        (
+            r#"{"version":1,"op":"test_and_set","vm_id":"kv1","epoch":-3,"claimant":"a"}"#,
+            "field \"epoch\" must be an unsigned 64-bit integer",
         ),
     ];
     for (line, needle) in cases {
@@ -60,6 +105,11 @@ fn bad_lines_on_one_connection_each_get_an_error() {
     // Binary garbage, newline-terminated.
     raw.send(b"\x00\xff\xfe\x01\x80\x9f garbage \x1b[31m\n");
     assert_error(&raw.reply().expect("reply"), "malformed JSON");
+    // Extra fields are ignored, in every op.
+    assert_eq!(
+        raw.ask(r#"{"version":1,"op":"status","future":{"x":[1]},"vm_id":7}"#)["ok"],
+        true
+    );
     // The same connection still works, and nothing was decided.
     let status = raw.ask(STATUS);
     assert_eq!(status["ok"], true);
@@ -69,6 +119,24 @@ fn bad_lines_on_one_connection_each_get_an_error() {
     raw.shutdown_write();
     assert_eq!(raw.reply().expect("reply")["ok"], true);
     assert!(raw.reply().is_none());
+    assert_status_works(&server);
+}
+
+#[test]
+fn extra_fields_are_ignored() {
+    let dir = TempDir::new("extra");
+    let server = Server::start(&dir.state());
+    let mut raw = Raw::connect(server.addr);
+    assert_eq!(
+        raw.ask(r#"{"version":1,"op":"new_epoch","vm_id":"kv1","epoch":"x","why":null}"#),
+        serde_json::json!({"ok":true,"epoch":1})
+    );
+    assert_eq!(
+        raw.ask(
+            r#"{"claimant":"host-a","priority":9,"epoch":1,"vm_id":"kv1","op":"test_and_set","version":1}"#
+        ),
+        serde_json::json!({"ok":true,"outcome":"granted","epoch":1})
+    );
     assert_status_works(&server);
 }
 

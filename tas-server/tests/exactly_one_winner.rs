@@ -7,6 +7,7 @@ mod common;
 use std::sync::{Arc, Barrier};
 
 use common::{Server, TempDir};
+use tas_server::ClaimOutcome;
 
 const CLAIMANTS: usize = 16;
 const EPOCHS: u64 = 20;
@@ -26,10 +27,10 @@ fn exactly_one_winner_per_epoch_under_concurrent_claims() {
                 std::thread::spawn(move || {
                     let me = format!("host-{i}");
                     barrier.wait();
-                    let claim = client
+                    let outcome = client
                         .test_and_set("kv1", epoch, &me)
                         .expect("claim answered");
-                    (me, claim)
+                    (me, outcome)
                 })
             })
             .collect();
@@ -38,16 +39,24 @@ fn exactly_one_winner_per_epoch_under_concurrent_claims() {
             .map(|t| t.join().expect("claimant thread"))
             .collect();
 
-        let winners: Vec<_> = results.iter().filter(|(_, c)| c.granted).collect();
+        let winners: Vec<_> = results
+            .iter()
+            .filter(|(_, outcome)| outcome.is_granted())
+            .collect();
         assert_eq!(winners.len(), 1, "epoch {epoch}: {results:?}");
         let winner = &winners[0].0;
-        for (me, claim) in &results {
-            assert_eq!(
-                &claim.holder, winner,
-                "epoch {epoch}: {me} saw another holder"
-            );
-            assert_eq!(claim.epoch, epoch);
-            assert_eq!(claim.granted, me == winner);
+        for (me, outcome) in &results {
+            if me == winner {
+                assert_eq!(outcome, &ClaimOutcome::Granted);
+            } else {
+                assert_eq!(
+                    outcome,
+                    &ClaimOutcome::HeldBy {
+                        holder: winner.clone()
+                    },
+                    "epoch {epoch}: {me} saw another holder"
+                );
+            }
         }
         // The arbiter's own record agrees.
         let status = client.status().expect("status");

@@ -5,6 +5,13 @@
 mod common;
 
 use common::{Server, TempDir};
+use tas_server::ClaimOutcome;
+
+fn held_by(holder: &str) -> ClaimOutcome {
+    ClaimOutcome::HeldBy {
+        holder: holder.to_owned(),
+    }
+}
 
 #[test]
 fn a_restarted_arbiter_remembers_every_decision() {
@@ -13,18 +20,11 @@ fn a_restarted_arbiter_remembers_every_decision() {
     let client = server.client();
     assert_eq!(client.new_epoch("kv1").expect("new epoch"), 1);
     assert_eq!(client.new_epoch("kv1").expect("new epoch"), 2);
-    assert!(
-        client
-            .test_and_set("kv1", 2, "host-b")
-            .expect("claim")
-            .granted
-    );
-    assert!(
-        client
-            .test_and_set("kv2", 4, "host-a")
-            .expect("claim")
-            .granted
-    );
+    let claim = |client: &tas_server::Client, vm: &str, epoch, who: &str| {
+        client.test_and_set(vm, epoch, who).expect("claim")
+    };
+    assert_eq!(claim(&client, "kv1", 2, "host-b"), ClaimOutcome::Granted);
+    assert_eq!(claim(&client, "kv2", 4, "host-a"), ClaimOutcome::Granted);
     let before = client.status().expect("status");
     server.kill9();
 
@@ -35,43 +35,25 @@ fn a_restarted_arbiter_remembers_every_decision() {
     let server = Server::start(&dir.state());
     let client = server.client();
     assert_eq!(client.status().expect("status"), before);
-    let loser = client.test_and_set("kv1", 2, "host-a").expect("claim");
-    assert!(!loser.granted);
-    assert_eq!(loser.holder, "host-b");
-    assert!(
-        client
-            .test_and_set("kv1", 2, "host-b")
-            .expect("claim")
-            .granted
-    );
+    assert_eq!(claim(&client, "kv1", 2, "host-a"), held_by("host-b"));
+    assert_eq!(claim(&client, "kv1", 2, "host-b"), ClaimOutcome::Granted);
     assert_eq!(
-        client
-            .test_and_set("kv1", 1, "host-a")
-            .expect("claim")
-            .holder,
-        "superseded by epoch 2"
+        claim(&client, "kv1", 1, "host-a"),
+        ClaimOutcome::Superseded { current_epoch: 2 }
     );
-    assert!(
-        !client
-            .test_and_set("kv2", 4, "host-b")
-            .expect("claim")
-            .granted
-    );
+    assert_eq!(claim(&client, "kv2", 4, "host-b"), held_by("host-a"));
     assert_eq!(client.new_epoch("kv1").expect("new epoch"), 3);
     assert_eq!(client.new_epoch("kv2").expect("new epoch"), 5);
-    assert!(
-        client
-            .test_and_set("kv1", 3, "host-a")
-            .expect("claim")
-            .granted
-    );
+    assert_eq!(claim(&client, "kv1", 3, "host-a"), ClaimOutcome::Granted);
     server.kill9();
 
     // And again, with the decisions made after the first restart.
     let server = Server::start(&dir.state());
     let client = server.client();
-    let claim = client.test_and_set("kv1", 3, "host-b").expect("claim");
-    assert_eq!(claim.holder, "host-a");
-    assert!(!claim.granted);
+    assert_eq!(claim(&client, "kv1", 3, "host-b"), held_by("host-a"));
+    assert_eq!(
+        claim(&client, "kv1", 2, "host-b"),
+        ClaimOutcome::Superseded { current_epoch: 3 }
+    );
     assert_eq!(client.new_epoch("kv1").expect("new epoch"), 4);
 }

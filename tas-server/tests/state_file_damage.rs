@@ -8,6 +8,7 @@ mod common;
 use std::ffi::OsStr;
 
 use common::{run_to_exit, Server, TempDir};
+use tas_server::ClaimOutcome;
 
 const GRANT: &str = r#"{"v":1,"kind":"grant","vm_id":"kv1","epoch":1,"claimant":"host-a"}"#;
 const EPOCH: &str = r#"{"v":1,"kind":"new_epoch","vm_id":"kv1","epoch":2}"#;
@@ -31,19 +32,22 @@ fn a_torn_last_line_is_tolerated() {
         server.stderr_text()
     );
     // New decisions land on a fresh line and survive a restart.
-    assert!(
-        client
-            .test_and_set("kv1", 2, "host-b")
-            .expect("claim")
-            .granted
+    assert_eq!(
+        client.test_and_set("kv1", 2, "host-b").expect("claim"),
+        ClaimOutcome::Granted
     );
     server.kill9();
     let server = Server::start(&dir.state());
-    let claim = server
+    let outcome = server
         .client()
         .test_and_set("kv1", 2, "host-a")
         .expect("claim");
-    assert_eq!(claim.holder, "host-b");
+    assert_eq!(
+        outcome,
+        ClaimOutcome::HeldBy {
+            holder: "host-b".into()
+        }
+    );
     assert!(!server.stderr_text().contains("torn last line"));
 }
 

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tas_server::client::{Client, ClientError};
+use tas_server::client::{ClaimOutcome, Client, ClientError};
 
 use super::metrics::{ArbiterState, Metrics};
 use super::{Error, Rival};
@@ -40,7 +40,8 @@ impl Arbiter {
     }
 
     /// Claims the pair, retrying while the arbiter is unreachable. Returns
-    /// Ok if we won; `Error::LostArbitration` if the other side holds it.
+    /// Ok if we won; `Error::LostArbitration` if the other side holds it or
+    /// a newer pairing superseded ours.
     pub fn claim(&self, why: &str, metrics: &Metrics) -> Result<(), Error> {
         metrics
             .arbiter
@@ -57,26 +58,32 @@ impl Arbiter {
         let client = self.client();
         loop {
             match client.test_and_set(&self.vm_id, self.epoch, &self.claimant) {
-                Ok(claim) if claim.granted => {
-                    metrics
-                        .arbiter
-                        .store(ArbiterState::Won as u64, Ordering::Relaxed);
-                    tracing::warn!(
-                        "the arbiter granted {}/epoch {} to us after {} ms",
-                        self.vm_id,
-                        self.epoch,
-                        started.elapsed().as_millis()
-                    );
-                    return Ok(());
-                }
-                Ok(claim) => {
+                Ok(outcome) => {
+                    let rival = match outcome {
+                        ClaimOutcome::Granted => {
+                            metrics
+                                .arbiter
+                                .store(ArbiterState::Won as u64, Ordering::Relaxed);
+                            tracing::warn!(
+                                "the arbiter granted {}/epoch {} to us after {} ms",
+                                self.vm_id,
+                                self.epoch,
+                                started.elapsed().as_millis()
+                            );
+                            return Ok(());
+                        }
+                        ClaimOutcome::HeldBy { holder } => Rival::Claimant(holder),
+                        ClaimOutcome::Superseded { current_epoch } => {
+                            Rival::NewerEpoch(current_epoch)
+                        }
+                    };
                     metrics
                         .arbiter
                         .store(ArbiterState::Lost as u64, Ordering::Relaxed);
                     return Err(Error::LostArbitration {
                         vm_id: self.vm_id.clone(),
                         epoch: self.epoch,
-                        rival: Rival::Claimant(claim.holder),
+                        rival,
                     });
                 }
                 Err(ClientError::Unreachable { .. }) | Err(ClientError::Io(_)) => {
