@@ -268,7 +268,7 @@ impl LogSink for ChannelSink {
 
     fn attend(&mut self) -> Result<(), Error> {
         match self.state.failure() {
-            Some(why) if !self.alone => self.lost_backup(why),
+            Some(why) if !self.alone => self.lost_backup(why.to_string()),
             _ => Ok(()),
         }
     }
