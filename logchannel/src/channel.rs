@@ -3,17 +3,33 @@
 //! only ever touches plain blocking handles.
 //!
 //! ```text
-//! message frame = len: u32 LE | crc: u32 LE | postcard(Message)   (as in the log file)
+//! message = len: u32 LE | word: u32 LE | body: `len` bytes
+//!
+//!   control message: exactly one log frame (crate::log), word = CRC-32 of
+//!                    the body, body = postcard(Message), len <= MAX_FRAME
+//!   record batch:    word = number of records, body = RECORDS_TAG (3) |
+//!                    the records' own log frames, each with its seq and CRC
 //!
 //! primary                                backup
 //!    | ---- Hello {version, vm id, image, machine, epoch} ---> |
 //!    | <--- Hello (its own) ---------------------------------- |  each side checks the other
 //!    | <--- Welcome | Refuse {reason} ------------------------ |
-//!    | ---- Records {record frames...} ----------------------> |  the log's own frames, each
-//!    | <--- Ack {highest contiguous seq, replayed exit} ------- |  with its seq and CRC
+//!    | ---- record batch {record frames...} -----------------> |
+//!    | <--- Ack {highest contiguous seq, replayed exit} ------- |
 //!    | <--> Heartbeat {replayed exit} ----------------------- |  both ways, every interval
 //!    | ---- Bye (after the last record) ---------------------> |
 //! ```
+//!
+//! Framing belongs to [`crate::log`]: a control message is encoded with
+//! [`encode_frame`] and decoded with [`decode_frame`], and each record of a
+//! batch with [`decode_record_frame`]. A reader tells the two kinds apart by
+//! the body's first byte, which for a control message is its postcard tag;
+//! tag 3 is reserved for batches. A batch has no CRC of its own: every byte
+//! of its body but the tag is inside a record frame whose CRC covers it, so
+//! each record is checksummed once when the primary encodes it and checked
+//! once when the backup decodes it. What a batch CRC would add (catching a
+//! corrupt `len` that still ends on a frame boundary, or a lost frame) the
+//! record count in `word` and the sequence numbers catch.
 //!
 //! Flow control follows the VMware FT paper: the backup acknowledges on
 //! receipt, but it reads from the socket only while its bounded queue of
@@ -23,48 +39,258 @@
 //! unacknowledged.
 //!
 //! Any failure (a bad checksum, a sequence gap, a silent peer, a closed
-//! socket without Bye) is reported, never skipped: the link records it in
-//! [`LinkState::failure`] and stops.
+//! socket without Bye) is reported, never skipped: the link records it as a
+//! [`LinkFailure`] in [`LinkState::failure`] and stops.
 
+use std::fmt;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::log::{self, decode_frame, encode_frame, Record, FRAME_PREFIX, MAX_FRAME};
+use crate::log::{
+    self, decode_frame, decode_record_frame, encode_frame, frame_len, Record, FRAME_PREFIX,
+    MAX_FRAME,
+};
 
 /// Version of the channel protocol (independent of the log format's).
-pub const PROTOCOL_VERSION: u16 = 1;
-/// Largest batch of record frames sent in one message.
+/// 2: record batches are raw record frames with a count, not a
+/// checksummed `Records` message.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Once a batch on the wire holds this many bytes of record frames, the
+/// primary stops merging queued batches into it.
 const MAX_BATCH: usize = 1 << 20;
+/// The most record-frame bytes one [`PrimaryLink::send`] may hand over: room
+/// for a record of [`MAX_FRAME`] and more.
+pub const MAX_SEND: usize = 2 * MAX_FRAME as usize;
+/// The largest batch body a reader accepts: its tag, what merging may reach
+/// before it stops, and one more batch.
+const MAX_MESSAGE: usize = 1 + MAX_BATCH + MAX_SEND;
+/// The first body byte of a record batch: the postcard tag that
+/// [`Message::RecordsTag`] reserves.
+const RECORDS_TAG: u8 = 3;
 
 /// Errors of the log channel.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The primary could not reach the backup before its timeout.
     #[error("cannot connect to the backup at {addr}")]
     Connect {
+        /// Where the backup was expected.
         addr: SocketAddr,
-        source: std::io::Error,
+        /// The last attempt's error.
+        source: io::Error,
     },
+    /// The backup could not listen.
     #[error("cannot listen on {addr}")]
     Listen {
+        /// The address asked for.
         addr: SocketAddr,
-        source: std::io::Error,
+        /// Why not.
+        source: io::Error,
     },
+    /// The peer refused our Hello, for this reason (its words).
     #[error("the peer refused us: {0}")]
     Refused(String),
+    /// We refused the peer's Hello, for this reason.
     #[error("refused the peer: {0}")]
     Mismatch(String),
-    #[error("log channel failed: {0}")]
-    Failed(String),
+    /// A batch handed to [`PrimaryLink::send`] is larger than [`MAX_SEND`];
+    /// nothing was sent and the link goes on.
+    #[error("a batch of {len} bytes of records is more than the {MAX_SEND} one send may carry")]
+    TooLarge {
+        /// Bytes in the batch.
+        len: usize,
+    },
+    /// The link failed (or was already failed); match on the
+    /// [`LinkFailure`] to tell why.
+    #[error("log channel failed")]
+    Failed(#[source] LinkFailure),
+    /// Setting up the link (runtime, thread, socket options) failed.
     #[error("log channel I/O")]
-    Io(#[from] std::io::Error),
+    Io(#[from] io::Error),
+}
+
+impl Error {
+    /// The link failure, if this error is one.
+    pub fn link_failure(&self) -> Option<&LinkFailure> {
+        match self {
+            Error::Failed(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+/// Why a link failed: what the channel detected. Recorded once per link in
+/// [`LinkCounters::failure`] (the first failure wins) and carried by
+/// [`Error::Failed`].
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkFailure {
+    /// Nothing arrived from the peer for longer than
+    /// [`ChannelConfig::timeout`].
+    #[error("the {peer} was silent for {for_ms} ms")]
+    PeerSilent {
+        /// The silent side.
+        peer: Role,
+        /// How long since it was last heard, in milliseconds.
+        for_ms: u64,
+    },
+    /// The peer's end of the connection went away (end of stream, reset,
+    /// broken pipe) without a Bye.
+    #[error("the {peer} closed the connection without a goodbye")]
+    PeerClosed {
+        /// The side that went away.
+        peer: Role,
+    },
+    /// Bytes from the peer failed their checksum, or passed it and still do
+    /// not make sense.
+    #[error("the log channel is corrupt: {cause} in {} at stream offset {offset}", What(*.seq))]
+    Corrupt {
+        /// Offset of the bad frame (or message) in the bytes read from the
+        /// peer since the connection opened.
+        offset: u64,
+        /// The sequence number the bad record was expected to carry, or
+        /// `None` if the bad frame was a control message.
+        seq: Option<u64>,
+        /// What was wrong.
+        cause: Corruption,
+    },
+    /// A record arrived intact but out of order: the primary skipped or
+    /// repeated records.
+    #[error("record sequence gap: expected {expected}, got {got}")]
+    SequenceGap {
+        /// The next sequence number in order.
+        expected: u64,
+        /// The one that arrived.
+        got: u64,
+    },
+    /// The peer sent a well-formed message that has no place here.
+    #[error("unexpected message from the {from}: {message}")]
+    Unexpected {
+        /// Who sent it.
+        from: Role,
+        /// The message (debug form) and what was expected instead.
+        message: String,
+    },
+    /// The backup had not acknowledged every record when
+    /// [`PrimaryLink::close`] gave up.
+    #[error("the backup acknowledged {acked} of {records} records before the timeout")]
+    AckTimeout {
+        /// Records acknowledged.
+        acked: u64,
+        /// Records sent.
+        records: u64,
+    },
+    /// The link is closed at this end (its channel thread has ended
+    /// without recording another failure).
+    #[error("the log channel is closed")]
+    Closed,
+    /// Reading or writing the socket failed in a way not covered above.
+    #[error("log channel I/O")]
+    Io(#[source] Arc<io::Error>),
+}
+
+/// What was wrong with bytes that [`LinkFailure::Corrupt`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Corruption {
+    /// A frame's payload does not match its CRC.
+    Checksum,
+    /// A length prefix above the limit (a corrupt length, most likely).
+    TooLarge {
+        /// The length it claims.
+        len: u64,
+    },
+    /// A record frame runs past the end of its batch.
+    Truncated,
+    /// A batch holds a different number of records than its prefix says.
+    Count {
+        /// The count in the prefix.
+        announced: u32,
+        /// Records found (at least this many, if more than announced).
+        found: u32,
+    },
+    /// A frame passed its CRC but its payload does not decode.
+    Undecodable(postcard::Error),
+    /// A frame's payload decoded with bytes left over.
+    TrailingBytes {
+        /// How many.
+        extra: usize,
+    },
+    /// A message with no body at all.
+    Empty,
+}
+
+impl fmt::Display for Corruption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Corruption::Checksum => f.write_str("checksum mismatch"),
+            Corruption::TooLarge { len } => write!(f, "a length of {len} bytes, above the limit"),
+            Corruption::Truncated => f.write_str("a frame cut short inside its batch"),
+            Corruption::Count { announced, found } => {
+                write!(f, "{found} records in a batch announced with {announced}")
+            }
+            Corruption::Undecodable(e) => write!(f, "an undecodable frame ({e})"),
+            Corruption::TrailingBytes { extra } => {
+                write!(f, "a frame with {extra} bytes after its value")
+            }
+            Corruption::Empty => f.write_str("an empty message"),
+        }
+    }
+}
+
+/// Names the bad frame of a [`LinkFailure::Corrupt`]: "record 5" or "a
+/// message".
+struct What(Option<u64>);
+
+impl fmt::Display for What {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(seq) => write!(f, "record {seq}"),
+            None => f.write_str("a message"),
+        }
+    }
+}
+
+impl LinkFailure {
+    /// A failure of the stream to or from `peer`: the peer going away is
+    /// [`LinkFailure::PeerClosed`], anything else [`LinkFailure::Io`].
+    fn io(e: io::Error, peer: Role) -> LinkFailure {
+        use io::ErrorKind::*;
+        match e.kind() {
+            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
+                LinkFailure::PeerClosed { peer }
+            }
+            _ => LinkFailure::Io(Arc::new(e)),
+        }
+    }
+
+    /// A frame that [`crate::log`] refused, at `offset` in the stream.
+    fn corrupt(e: log::Error, offset: u64, seq: Option<u64>) -> LinkFailure {
+        let cause = match e {
+            log::Error::SequenceGap { expected, found } => {
+                return LinkFailure::SequenceGap {
+                    expected,
+                    got: found,
+                }
+            }
+            log::Error::Checksum { .. } => Corruption::Checksum,
+            log::Error::TooLarge { len, .. } => Corruption::TooLarge { len },
+            log::Error::Decode { source, .. } => Corruption::Undecodable(source),
+            log::Error::TrailingBytes { extra, .. } => Corruption::TrailingBytes { extra },
+            log::Error::Truncated { .. } => Corruption::Truncated,
+            // Header, stream and writer errors: decoding one frame from a
+            // buffer gives none of them.
+            other => return LinkFailure::Io(Arc::new(io::Error::other(other))),
+        };
+        LinkFailure::Corrupt { offset, seq, cause }
+    }
 }
 
 /// Which end of the channel a process is.
@@ -74,6 +300,24 @@ pub enum Role {
     Backup,
 }
 
+impl Role {
+    /// The other end.
+    pub fn peer(self) -> Role {
+        match self {
+            Role::Primary => Role::Backup,
+            Role::Backup => Role::Primary,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        })
+    }
+}
 /// What each side says about itself; the two must agree on everything but
 /// the role before any record flows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,10 +387,10 @@ enum Message {
     Refuse {
         reason: String,
     },
-    /// Concatenated log record frames.
-    Records {
-        frames: Vec<u8>,
-    },
+    /// Never encoded: its tag, [`RECORDS_TAG`], marks a record batch,
+    /// which is not postcard (see the module docs). It keeps its place so
+    /// that no control message has that tag.
+    RecordsTag,
     /// `received`: the highest contiguous sequence number received.
     Ack {
         received: Option<u64>,
@@ -215,8 +459,8 @@ pub struct LinkCounters {
     pub record_bytes: u64,
     /// The backup's last reported executed exit.
     pub replayed_exit: u64,
-    /// Why the link failed, if it did.
-    pub failure: Option<String>,
+    /// Why the link failed, if it did (the first failure noticed).
+    pub failure: Option<LinkFailure>,
     /// When the failure was noticed, to report detection delays.
     pub failed_at: Option<Instant>,
     /// The peer said goodbye cleanly.
@@ -230,7 +474,7 @@ impl LinkState {
         self.changed.notify_all();
     }
 
-    fn fail(&self, why: String) {
+    fn fail(&self, why: LinkFailure) {
         self.update(|c| {
             if c.failure.is_none() && !c.closed {
                 c.failure = Some(why);
@@ -245,12 +489,25 @@ impl LinkState {
     }
 
     /// The failure, if the link failed.
-    pub fn failure(&self) -> Option<String> {
-        self.snapshot().failure
+    pub fn failure(&self) -> Option<LinkFailure> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failure
+            .clone()
     }
 
-    /// Blocks until `pred` holds, the link fails, or `timeout` passes.
-    /// Returns the counters at that moment.
+    /// Blocks until `pred` holds, the link fails, or `timeout` passes, and
+    /// returns the counters at that moment; the caller tells which from
+    /// them (`pred` again, [`LinkCounters::failure`]). `pred` is evaluated
+    /// under the state's lock whenever the counters change, so it must be
+    /// cheap and must not touch this `LinkState`.
+    ///
+    /// The wait ends early only for a change of the counters; nothing else
+    /// (a stop request, a signal) wakes it. A caller that must stay
+    /// responsive to such a request calls this in a loop with a short
+    /// `timeout` (tens of milliseconds) and checks its own flag between
+    /// calls: a timeout costs nothing but the wake-up.
     pub fn wait_until(
         &self,
         timeout: Duration,
@@ -298,52 +555,180 @@ impl LinkState {
     }
 }
 
+/// Encodes a control message as one log frame into `buf` (cleared first).
+fn control_message(m: &Message, buf: &mut Vec<u8>) -> Result<(), LinkFailure> {
+    buf.clear();
+    // Only a Hello or Refuse with megabytes of text can fail here.
+    encode_frame(m, buf)
+        .map_err(|e| LinkFailure::Io(Arc::new(io::Error::new(io::ErrorKind::InvalidInput, e))))
+}
+
+/// Starts a record batch in `buf` (cleared first); append record frames,
+/// then [`finish_batch`].
+fn start_batch(buf: &mut Vec<u8>) {
+    buf.clear();
+    buf.extend_from_slice(&[0; FRAME_PREFIX]);
+    buf.push(RECORDS_TAG);
+}
+
+/// Writes the prefix of the batch in `buf` holding `count` records. No
+/// checksum: each record frame carries its own.
+fn finish_batch(buf: &mut [u8], count: u32) {
+    let len = (buf.len() - FRAME_PREFIX) as u32;
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    buf[4..FRAME_PREFIX].copy_from_slice(&count.to_le_bytes());
+}
+
 async fn write_message(
     w: &mut OwnedWriteHalf,
     m: &Message,
     buf: &mut Vec<u8>,
-) -> Result<(), Error> {
-    buf.clear();
-    encode_frame(m, buf).map_err(|e| Error::Failed(e.to_string()))?;
-    w.write_all(buf).await?;
-    Ok(())
+    peer: Role,
+) -> Result<(), LinkFailure> {
+    control_message(m, buf)?;
+    write_bytes(w, buf, peer).await
 }
 
-/// Reads one message; `offset` counts bytes read so far for error messages.
-async fn read_message(r: &mut OwnedReadHalf, offset: &mut u64) -> Result<Message, Error> {
-    let mut prefix = [0u8; FRAME_PREFIX];
-    match r.read_exact(&mut prefix).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(Error::Failed("the peer closed the connection".into()))
+async fn write_bytes(w: &mut OwnedWriteHalf, bytes: &[u8], peer: Role) -> Result<(), LinkFailure> {
+    w.write_all(bytes)
+        .await
+        .map_err(|e| LinkFailure::io(e, peer))
+}
+
+/// One message as read from the peer.
+#[derive(Debug)]
+enum Incoming {
+    Control(Message),
+    Batch(Batch),
+}
+
+/// The records of one batch, still encoded: [`Batch::next_record`] decodes
+/// and checks them one at a time, each frame's CRC once.
+#[derive(Debug)]
+struct Batch {
+    /// The record frames (the body after its tag).
+    frames: Vec<u8>,
+    /// Stream offset of `frames[0]`.
+    offset: u64,
+    /// Records the prefix announced.
+    announced: u32,
+    /// Records decoded so far.
+    found: u32,
+    /// Bytes of `frames` decoded so far.
+    at: usize,
+}
+
+impl Batch {
+    /// The next record, which must carry `*next_seq` (advanced past it), or
+    /// `None` once every announced record was decoded.
+    fn next_record(&mut self, next_seq: &mut u64) -> Result<Option<Record>, LinkFailure> {
+        let offset = self.offset + self.at as u64;
+        if self.at == self.frames.len() || self.found == self.announced {
+            if self.at == self.frames.len() && self.found == self.announced {
+                return Ok(None);
+            }
+            let found = self.found + u32::from(self.at < self.frames.len());
+            return Err(LinkFailure::Corrupt {
+                offset,
+                seq: Some(*next_seq),
+                cause: Corruption::Count {
+                    announced: self.announced,
+                    found,
+                },
+            });
         }
-        Err(e) => return Err(e.into()),
+        match decode_record_frame(&self.frames[self.at..], *next_seq) {
+            Ok(Some((rec, used))) => {
+                self.at += used;
+                self.found += 1;
+                *next_seq += 1;
+                Ok(Some(rec))
+            }
+            Ok(None) => Err(LinkFailure::Corrupt {
+                offset,
+                seq: Some(*next_seq),
+                cause: Corruption::Truncated,
+            }),
+            Err(e) => Err(LinkFailure::corrupt(e, offset, Some(*next_seq))),
+        }
     }
-    let len = u32::from_le_bytes(prefix[..4].try_into().unwrap_or_default());
-    if len > MAX_FRAME {
-        return Err(Error::Failed(format!(
-            "frame of {len} bytes at offset {offset} is larger than {MAX_FRAME}: the stream is corrupt"
-        )));
+
+    /// Bytes of record frames in the batch.
+    fn bytes(&self) -> u64 {
+        self.frames.len() as u64
     }
-    let mut frame = prefix.to_vec();
-    frame.resize(FRAME_PREFIX + len as usize, 0);
-    r.read_exact(&mut frame[FRAME_PREFIX..]).await?;
+}
+
+/// Reads one message from `from`; `offset` counts bytes read so far, for
+/// error messages. A control message's CRC is checked once, by
+/// [`decode_frame`]; a batch's records are checked as they are taken.
+async fn read_message(
+    r: &mut (impl AsyncRead + Unpin),
+    offset: &mut u64,
+    from: Role,
+) -> Result<Incoming, LinkFailure> {
+    let io = |e| LinkFailure::io(e, from);
     let at = *offset;
-    *offset += frame.len() as u64;
-    let crc = u32::from_le_bytes(prefix[4..].try_into().unwrap_or_default());
-    if crc32fast::hash(&frame[FRAME_PREFIX..]) != crc {
-        return Err(Error::Failed(format!(
-            "checksum mismatch in the message at stream offset {at}: the channel is corrupt"
-        )));
+    let mut prefix = [0u8; FRAME_PREFIX];
+    r.read_exact(&mut prefix).await.map_err(io)?;
+    let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    let corrupt = |cause| LinkFailure::Corrupt {
+        offset: at,
+        seq: None,
+        cause,
+    };
+    if len == 0 {
+        return Err(corrupt(Corruption::Empty));
     }
+    // The body's first byte tells the kind.
+    let mut tag = [0u8; 1];
+    r.read_exact(&mut tag).await.map_err(io)?;
+    if tag[0] == RECORDS_TAG {
+        if len > MAX_MESSAGE {
+            return Err(corrupt(Corruption::TooLarge { len: len as u64 }));
+        }
+        let mut frames = vec![0u8; len - 1];
+        r.read_exact(&mut frames).await.map_err(io)?;
+        *offset += (FRAME_PREFIX + len) as u64;
+        let announced = u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
+        return Ok(Incoming::Batch(Batch {
+            frames,
+            offset: at + (FRAME_PREFIX + 1) as u64,
+            announced,
+            found: 0,
+            at: 0,
+        }));
+    }
+    let total = frame_len(&prefix).map_err(|e| LinkFailure::corrupt(e, at, None))?;
+    let mut frame = Vec::with_capacity(total);
+    frame.extend_from_slice(&prefix);
+    frame.push(tag[0]);
+    frame.resize(total, 0);
+    r.read_exact(&mut frame[FRAME_PREFIX + 1..])
+        .await
+        .map_err(io)?;
+    *offset += total as u64;
     match decode_frame::<Message>(&frame) {
-        Ok(Some((m, _))) => Ok(m),
-        Ok(None) => Err(Error::Failed(format!(
-            "short message at stream offset {at}"
-        ))),
-        Err(e) => Err(Error::Failed(format!(
-            "undecodable message at stream offset {at}: {e}"
-        ))),
+        Ok(Some((m, _))) => Ok(Incoming::Control(m)),
+        // `frame` holds the whole frame, so this cannot happen.
+        Ok(None) => Err(corrupt(Corruption::Truncated)),
+        Err(e) => Err(LinkFailure::corrupt(e, at, None)),
+    }
+}
+
+/// Reads one control message; a batch here is [`LinkFailure::Unexpected`].
+async fn read_control(
+    r: &mut (impl AsyncRead + Unpin),
+    offset: &mut u64,
+    from: Role,
+    expected: &str,
+) -> Result<Message, LinkFailure> {
+    match read_message(r, offset, from).await? {
+        Incoming::Control(m) => Ok(m),
+        Incoming::Batch(b) => Err(LinkFailure::Unexpected {
+            from,
+            message: format!("a batch of {} records ({expected} expected)", b.announced),
+        }),
     }
 }
 
@@ -354,12 +739,24 @@ async fn handshake(
     ours: &Hello,
     offset: &mut u64,
 ) -> Result<Hello, Error> {
+    let peer = ours.role.peer();
+    let unexpected = |m: Message, expected: &str| {
+        Error::Failed(LinkFailure::Unexpected {
+            from: peer,
+            message: format!("{m:?} ({expected} expected)"),
+        })
+    };
     let mut buf = Vec::new();
-    write_message(wr, &Message::Hello(ours.clone()), &mut buf).await?;
-    let theirs = match read_message(rd, offset).await? {
+    write_message(wr, &Message::Hello(ours.clone()), &mut buf, peer)
+        .await
+        .map_err(Error::Failed)?;
+    let theirs = match read_control(rd, offset, peer, "Hello")
+        .await
+        .map_err(Error::Failed)?
+    {
         Message::Hello(h) => h,
         Message::Refuse { reason } => return Err(Error::Refused(reason)),
-        other => return Err(Error::Failed(format!("expected Hello, got {other:?}"))),
+        other => return Err(unexpected(other, "Hello")),
     };
     let problem = ours.mismatch(&theirs);
     match ours.role {
@@ -368,31 +765,27 @@ async fn handshake(
                 let refuse = Message::Refuse {
                     reason: reason.clone(),
                 };
-                let _ = write_message(wr, &refuse, &mut buf).await;
+                let _ = write_message(wr, &refuse, &mut buf, peer).await;
                 let _ = wr.shutdown().await;
                 return Err(Error::Mismatch(reason));
             }
-            write_message(wr, &Message::Welcome, &mut buf).await?;
+            write_message(wr, &Message::Welcome, &mut buf, peer)
+                .await
+                .map_err(Error::Failed)?;
             Ok(theirs)
         }
-        Role::Primary => match read_message(rd, offset).await? {
+        Role::Primary => match read_control(rd, offset, peer, "Welcome")
+            .await
+            .map_err(Error::Failed)?
+        {
             Message::Welcome => match problem {
                 // The backup accepted a peer we do not accept: say so.
                 Some(reason) => Err(Error::Mismatch(reason)),
                 None => Ok(theirs),
             },
             Message::Refuse { reason } => Err(Error::Refused(reason)),
-            other => Err(Error::Failed(format!("expected Welcome, got {other:?}"))),
+            other => Err(unexpected(other, "Welcome")),
         },
-    }
-}
-
-/// The message of an error without the "log channel failed" prefix, for
-/// recording as the link's failure (which is wrapped again when reported).
-fn plain(e: Error) -> String {
-    match e {
-        Error::Failed(why) => why,
-        other => error_chain(&other),
     }
 }
 
@@ -415,9 +808,13 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
         .build()?)
 }
 
+/// A batch of record frames on its way to the channel thread, with its
+/// record count.
+type Frames = (Vec<u8>, u64);
+
 /// The primary's end: a blocking handle for the vCPU thread.
 pub struct PrimaryLink {
-    batches: Option<mpsc::Sender<Vec<u8>>>,
+    batches: Option<mpsc::Sender<Frames>>,
     state: Arc<LinkState>,
     config: ChannelConfig,
     thread: Option<JoinHandle<()>>,
@@ -469,10 +866,15 @@ impl PrimaryLink {
         self.state.clone()
     }
 
-    /// Sends a batch of record frames whose last record has `last_seq`.
-    /// Blocks while the send queue is full or too many records are
-    /// unacknowledged: that is the flow control.
+    /// Sends a batch of `records` record frames (made with
+    /// [`encode_frame`], numbered on from the last batch's), `bytes` long
+    /// for the counters. Blocks while the send queue is full or too many
+    /// records are unacknowledged: that is the flow control. The frames go
+    /// on the wire as they are; their CRCs are not computed again.
     pub fn send(&self, frames: Vec<u8>, records: u64, bytes: u64) -> Result<(), Error> {
+        if frames.len() > MAX_SEND {
+            return Err(Error::TooLarge { len: frames.len() });
+        }
         if let Some(f) = self.state.failure() {
             return Err(Error::Failed(f));
         }
@@ -492,10 +894,9 @@ impl PrimaryLink {
         let tx = self
             .batches
             .as_ref()
-            .ok_or_else(|| Error::Failed("link closed".into()))?;
-        tx.blocking_send(frames).map_err(|_| {
-            Error::Failed(self.state.failure().unwrap_or_else(|| "link closed".into()))
-        })
+            .ok_or(Error::Failed(LinkFailure::Closed))?;
+        tx.blocking_send((frames, records))
+            .map_err(|_| Error::Failed(self.state.failure().unwrap_or(LinkFailure::Closed)))
     }
 
     /// Sends Bye after the last batch and waits (up to `timeout`) until the
@@ -508,10 +909,10 @@ impl PrimaryLink {
         }
         match c.failure {
             Some(f) if c.acked < c.records => Err(Error::Failed(f)),
-            _ if c.acked < c.records => Err(Error::Failed(format!(
-                "the backup acknowledged {} of {} records before the timeout",
-                c.acked, c.records
-            ))),
+            _ if c.acked < c.records => Err(Error::Failed(LinkFailure::AckTimeout {
+                acked: c.acked,
+                records: c.records,
+            })),
             _ => Ok(()),
         }
     }
@@ -520,26 +921,34 @@ impl PrimaryLink {
 async fn primary_io(
     mut rd: OwnedReadHalf,
     mut wr: OwnedWriteHalf,
-    mut batches: mpsc::Receiver<Vec<u8>>,
+    mut batches: mpsc::Receiver<Frames>,
     state: Arc<LinkState>,
     config: ChannelConfig,
     mut offset: u64,
 ) {
+    const PEER: Role = Role::Backup;
     let reader_state = state.clone();
     let reader = async move {
         let mut last_heard = Instant::now();
         loop {
             let msg =
-                tokio::time::timeout(config.timeout, read_message(&mut rd, &mut offset)).await;
+                tokio::time::timeout(config.timeout, read_message(&mut rd, &mut offset, PEER))
+                    .await;
             let msg = match msg {
                 Err(_) => {
-                    return Err(format!(
-                        "the backup was silent for {} ms",
-                        last_heard.elapsed().as_millis()
-                    ))
+                    return Err(LinkFailure::PeerSilent {
+                        peer: PEER,
+                        for_ms: last_heard.elapsed().as_millis() as u64,
+                    })
                 }
-                Ok(Err(e)) => return Err(plain(e)),
-                Ok(Ok(m)) => m,
+                Ok(Err(f)) => return Err(f),
+                Ok(Ok(Incoming::Control(m))) => m,
+                Ok(Ok(Incoming::Batch(b))) => {
+                    return Err(LinkFailure::Unexpected {
+                        from: PEER,
+                        message: format!("a batch of {} records", b.announced),
+                    })
+                }
             };
             last_heard = Instant::now();
             match msg {
@@ -554,7 +963,12 @@ async fn primary_io(
                 }
                 Message::Heartbeat { replayed_exit } => reader_state.progress(replayed_exit),
                 Message::Bye => return Ok(()),
-                other => return Err(format!("unexpected message from the backup: {other:?}")),
+                other => {
+                    return Err(LinkFailure::Unexpected {
+                        from: PEER,
+                        message: format!("{other:?}"),
+                    })
+                }
             }
         }
     };
@@ -564,36 +978,42 @@ async fn primary_io(
         loop {
             tokio::select! {
                 batch = batches.recv() => {
-                    let Some(mut frames) = batch else { break };
-                    while frames.len() < MAX_BATCH {
+                    let Some((frames, mut count)) = batch else { break };
+                    start_batch(&mut buf);
+                    buf.extend_from_slice(&frames);
+                    while buf.len() < MAX_BATCH {
                         match batches.try_recv() {
-                            Ok(more) => frames.extend_from_slice(&more),
+                            Ok((more, n)) => {
+                                buf.extend_from_slice(&more);
+                                count += n;
+                            }
                             Err(_) => break,
                         }
                     }
-                    write_message(&mut wr, &Message::Records { frames }, &mut buf).await.map_err(plain)?;
+                    finish_batch(&mut buf, count as u32);
+                    write_bytes(&mut wr, &buf, PEER).await?;
                     tick.reset();
                 }
                 _ = tick.tick() => {
-                    write_message(&mut wr, &Message::Heartbeat { replayed_exit: 0 }, &mut buf).await.map_err(plain)?;
+                    write_message(&mut wr, &Message::Heartbeat { replayed_exit: 0 }, &mut buf, PEER).await?;
                 }
             }
         }
-        write_message(&mut wr, &Message::Bye, &mut buf)
-            .await
-            .map_err(plain)?;
+        write_message(&mut wr, &Message::Bye, &mut buf, PEER).await?;
         // Keep heartbeating until the backup has acked everything and said
         // Bye, which ends the reader and so this whole task.
         loop {
             tick.tick().await;
-            if let Err(e) =
-                write_message(&mut wr, &Message::Heartbeat { replayed_exit: 0 }, &mut buf).await
-            {
-                return Err::<(), String>(plain(e));
-            }
+            write_message(
+                &mut wr,
+                &Message::Heartbeat { replayed_exit: 0 },
+                &mut buf,
+                PEER,
+            )
+            .await?;
         }
     };
-    let result = tokio::select! {
+    let result: Result<(), LinkFailure> = tokio::select! {
         r = reader => r,
         r = writer => r,
     };
@@ -679,7 +1099,9 @@ impl BackupLink {
     }
 
     /// The next record, blocking until one arrives. `Ok(None)`: the primary
-    /// said Bye and everything was delivered. An error: the link failed.
+    /// said Bye and everything was delivered. An error: the link failed;
+    /// every record that arrived intact before the failure was delivered
+    /// first.
     pub fn recv(&mut self) -> Result<Option<Record>, Error> {
         match self.records.blocking_recv() {
             Some(r) => Ok(Some(r)),
@@ -703,9 +1125,7 @@ impl BackupLink {
         match (c.failure, c.closed) {
             (Some(f), _) => Err(Error::Failed(f)),
             (None, true) => Ok(None),
-            (None, false) => Err(Error::Failed(
-                "the log channel ended without a goodbye".into(),
-            )),
+            (None, false) => Err(Error::Failed(LinkFailure::Closed)),
         }
     }
 
@@ -724,54 +1144,40 @@ async fn backup_io(
     config: ChannelConfig,
     mut offset: u64,
 ) {
+    const PEER: Role = Role::Primary;
     let reader_state = state.clone();
     let reader = async move {
         let mut next_seq = 0u64;
+        let mut last_heard = Instant::now();
         loop {
-            let msg = match tokio::time::timeout(config.timeout, read_message(&mut rd, &mut offset))
-                .await
+            let msg = match tokio::time::timeout(
+                config.timeout,
+                read_message(&mut rd, &mut offset, PEER),
+            )
+            .await
             {
                 Err(_) => {
-                    return Err(format!(
-                        "the primary was silent for {} ms",
-                        config.timeout.as_millis()
-                    ))
+                    return Err(LinkFailure::PeerSilent {
+                        peer: PEER,
+                        for_ms: last_heard.elapsed().as_millis() as u64,
+                    })
                 }
-                Ok(Err(e)) => return Err(plain(e)),
+                Ok(Err(f)) => return Err(f),
                 Ok(Ok(m)) => m,
             };
-            match msg {
-                Message::Records { frames } => {
-                    let mut at = 0;
-                    let bytes = frames.len() as u64;
+            last_heard = Instant::now();
+            let msg = match msg {
+                Incoming::Batch(mut batch) => {
                     let mut n = 0;
-                    while at < frames.len() {
-                        let (rec, used) = match decode_frame::<Record>(&frames[at..]) {
-                            Ok(Some(x)) => x,
-                            Ok(None) => {
-                                return Err(format!(
-                                    "record {next_seq} is cut short inside a batch"
-                                ))
-                            }
-                            Err(e) => return Err(format!("record {next_seq}: {e}")),
-                        };
-                        if rec.seq != next_seq {
-                            return Err(log::Error::SequenceGap {
-                                expected: next_seq,
-                                found: rec.seq,
-                            }
-                            .to_string());
-                        }
-                        next_seq += 1;
+                    while let Some(rec) = batch.next_record(&mut next_seq)? {
                         n += 1;
-                        at += used;
                         if records.send(rec).await.is_err() {
                             return Ok(());
                         }
                     }
                     reader_state.update(|c| {
                         c.records += n;
-                        c.record_bytes += bytes;
+                        c.record_bytes += batch.bytes();
                     });
                     let replayed_exit = reader_state.snapshot().replayed_exit;
                     let ack = Message::Ack {
@@ -781,14 +1187,23 @@ async fn backup_io(
                     if out_tx.send(ack).await.is_err() {
                         return Ok(());
                     }
+                    continue;
                 }
+                Incoming::Control(m) => m,
+            };
+            match msg {
                 Message::Heartbeat { .. } => {}
                 Message::Bye => {
                     let _ = out_tx.send(Message::Bye).await;
                     reader_state.update(|c| c.closed = true);
                     return Ok(());
                 }
-                other => return Err(format!("unexpected message from the primary: {other:?}")),
+                other => {
+                    return Err(LinkFailure::Unexpected {
+                        from: PEER,
+                        message: format!("{other:?}"),
+                    })
+                }
             }
         }
     };
@@ -802,9 +1217,7 @@ async fn backup_io(
                 _ = tick.tick() => Message::Heartbeat { replayed_exit: writer_state.snapshot().replayed_exit },
             };
             let bye = msg == Message::Bye;
-            write_message(&mut wr, &msg, &mut buf)
-                .await
-                .map_err(plain)?;
+            write_message(&mut wr, &msg, &mut buf, PEER).await?;
             if bye {
                 let _ = wr.shutdown().await;
                 return Ok(());
@@ -966,6 +1379,442 @@ mod tests {
         let c = link
             .state()
             .wait_until(Duration::from_secs(2), |c| c.failure.is_some());
-        assert!(c.failure.unwrap().contains("silent"));
+        let f = c.failure.unwrap();
+        assert!(
+            matches!(f, LinkFailure::PeerSilent { peer: Role::Backup, for_ms } if for_ms >= 200),
+            "{f:?}"
+        );
+        assert!(f.to_string().contains("silent"), "{f}");
+    }
+
+    /// A whole batch message holding `frames` (`count` records).
+    fn batch_message(frames: &[u8], count: u32) -> Vec<u8> {
+        let mut buf = Vec::new();
+        start_batch(&mut buf);
+        buf.extend_from_slice(frames);
+        finish_batch(&mut buf, count);
+        buf
+    }
+
+    /// Where each record's payload lies in the batch message of `frames`.
+    fn payload_ranges(frames: &[u8]) -> Vec<std::ops::Range<usize>> {
+        let mut payloads = Vec::new();
+        let mut at = 0;
+        while at < frames.len() {
+            let len = frame_len(frames[at..at + FRAME_PREFIX].try_into().unwrap()).unwrap();
+            payloads.push(FRAME_PREFIX + 1 + at + FRAME_PREFIX..FRAME_PREFIX + 1 + at + len);
+            at += len;
+        }
+        payloads
+    }
+
+    fn control(m: &Message) -> Vec<u8> {
+        let mut buf = Vec::new();
+        control_message(m, &mut buf).unwrap();
+        buf
+    }
+
+    /// Decodes every message in `bytes` as the backup's reader does,
+    /// returning the records and the first failure (`None`: clean end).
+    fn read_stream(bytes: &[u8]) -> (Vec<Record>, Option<LinkFailure>) {
+        let rt = runtime().unwrap();
+        let mut input = bytes;
+        let mut offset = 0;
+        let mut next_seq = 0;
+        let mut got = Vec::new();
+        while !input.is_empty() {
+            match rt.block_on(read_message(&mut input, &mut offset, Role::Primary)) {
+                Ok(Incoming::Control(_)) => {}
+                Ok(Incoming::Batch(mut b)) => loop {
+                    match b.next_record(&mut next_seq) {
+                        Ok(Some(r)) => got.push(r),
+                        Ok(None) => break,
+                        Err(f) => return (got, Some(f)),
+                    }
+                },
+                Err(f) => return (got, Some(f)),
+            }
+        }
+        (got, None)
+    }
+
+    #[test]
+    fn each_record_is_checksummed_once() {
+        log::take_crc_count();
+        let frames = frames(0, 50);
+        assert_eq!(log::take_crc_count(), 50, "one CRC per record to encode");
+        let mut wire = batch_message(&frames, 50);
+        let hb = control(&Message::Heartbeat { replayed_exit: 9 });
+        wire.extend_from_slice(&hb);
+        assert_eq!(
+            log::take_crc_count(),
+            1,
+            "none for the batch, one for the heartbeat"
+        );
+        let (got, failure) = read_stream(&wire);
+        assert!(failure.is_none(), "{failure:?}");
+        assert_eq!(got.len(), 50);
+        assert!(got.iter().enumerate().all(|(i, r)| r.seq == i as u64));
+        assert_eq!(
+            log::take_crc_count(),
+            51,
+            "one CRC check per record and per control message"
+        );
+    }
+
+    #[test]
+    fn a_flipped_bit_in_a_record_is_corrupt_with_its_seq() {
+        let frames = frames(0, 8);
+        let payloads = payload_ranges(&frames);
+        let wire = batch_message(&frames, 8);
+        for bit in 0..wire.len() * 8 {
+            let mut bad = wire.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            log::take_crc_count();
+            let (got, failure) = read_stream(&bad);
+            let checks = log::take_crc_count();
+            let failure = failure.unwrap_or_else(|| panic!("bit {bit} went unnoticed"));
+            assert!(got.iter().enumerate().all(|(i, r)| r.seq == i as u64));
+            if let Some(k) = payloads.iter().position(|p| p.contains(&(bit / 8))) {
+                assert!(
+                    matches!(
+                        failure,
+                        LinkFailure::Corrupt {
+                            seq: Some(s),
+                            cause: Corruption::Checksum,
+                            ..
+                        } if s == k as u64
+                    ),
+                    "bit {bit}: {failure:?}"
+                );
+                assert_eq!(got.len(), k, "bit {bit}");
+                assert_eq!(checks, k as u64 + 1, "bit {bit}: each frame checked once");
+                let text = failure.to_string();
+                assert!(
+                    text.contains("checksum") && text.contains(&format!("record {k}")),
+                    "{text}"
+                );
+            } else {
+                // The prefixes: a corrupt length or count, a tag that makes
+                // the batch a (badly checksummed) control message, or a
+                // longer length that runs past the end of the input.
+                assert!(
+                    matches!(
+                        failure,
+                        LinkFailure::Corrupt { .. } | LinkFailure::PeerClosed { .. }
+                    ),
+                    "bit {bit}: {failure:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn corrupt_control_messages_and_batches() {
+        let mut hb = control(&Message::Heartbeat { replayed_exit: 1 });
+        let last = hb.len() - 1;
+        hb[last] ^= 1;
+        let (_, f) = read_stream(&hb);
+        assert!(
+            matches!(
+                f,
+                Some(LinkFailure::Corrupt {
+                    offset: 0,
+                    seq: None,
+                    cause: Corruption::Checksum
+                })
+            ),
+            "{f:?}"
+        );
+
+        let mut huge = u32::MAX.to_le_bytes().to_vec();
+        huge.extend_from_slice(&[0; 5]);
+        for tag in [0, RECORDS_TAG] {
+            huge[FRAME_PREFIX] = tag;
+            let (_, f) = read_stream(&huge);
+            assert!(
+                matches!(
+                    f,
+                    Some(LinkFailure::Corrupt {
+                        cause: Corruption::TooLarge { len },
+                        ..
+                    }) if len == u32::MAX as u64
+                ),
+                "{f:?}"
+            );
+        }
+
+        let (_, f) = read_stream(&[0; 9]);
+        assert!(
+            matches!(
+                f,
+                Some(LinkFailure::Corrupt {
+                    cause: Corruption::Empty,
+                    ..
+                })
+            ),
+            "{f:?}"
+        );
+
+        // Fewer or more records than announced.
+        for (announced, found) in [(4, 3), (2, 3)] {
+            let (got, f) = read_stream(&batch_message(&frames(0, 3), announced));
+            assert!(
+                matches!(
+                    f,
+                    Some(LinkFailure::Corrupt {
+                        cause: Corruption::Count { announced: a, found: n },
+                        ..
+                    }) if a == announced && n == found
+                ),
+                "{f:?}"
+            );
+            assert_eq!(got.len(), 3.min(announced as usize));
+        }
+
+        // A frame cut short inside its batch.
+        let f3 = frames(0, 3);
+        let (got, f) = read_stream(&batch_message(&f3[..f3.len() - 1], 3));
+        assert!(
+            matches!(
+                f,
+                Some(LinkFailure::Corrupt {
+                    seq: Some(2),
+                    cause: Corruption::Truncated,
+                    ..
+                })
+            ),
+            "{f:?}"
+        );
+        assert_eq!(got.len(), 2);
+    }
+
+    #[test]
+    fn the_records_tag_is_reserved() {
+        assert_eq!(control(&Message::RecordsTag)[FRAME_PREFIX], RECORDS_TAG);
+        for m in [
+            Message::Hello(hello(Role::Primary)),
+            Message::Welcome,
+            Message::Refuse { reason: "x".into() },
+            Message::Ack {
+                received: Some(3),
+                replayed_exit: 3,
+            },
+            Message::Heartbeat { replayed_exit: 3 },
+            Message::Bye,
+        ] {
+            assert_ne!(control(&m)[FRAME_PREFIX], RECORDS_TAG, "{m:?}");
+        }
+    }
+
+    /// Reads one message from a plain socket: `Some` control message, or
+    /// `None` for a batch (skipped).
+    fn read_sync(s: &mut std::net::TcpStream) -> std::io::Result<Option<Message>> {
+        use std::io::Read;
+        let mut prefix = [0u8; FRAME_PREFIX];
+        s.read_exact(&mut prefix)?;
+        let len = u32::from_le_bytes(prefix[..4].try_into().unwrap()) as usize;
+        let mut frame = prefix.to_vec();
+        frame.resize(FRAME_PREFIX + len, 0);
+        s.read_exact(&mut frame[FRAME_PREFIX..])?;
+        if frame[FRAME_PREFIX] == RECORDS_TAG {
+            return Ok(None);
+        }
+        Ok(decode_frame::<Message>(&frame).unwrap().map(|(m, _)| m))
+    }
+
+    /// A hand-driven peer over a plain socket: it completes the handshake
+    /// as `role` and then does what a test says.
+    fn fake_peer(role: Role, s: &mut std::net::TcpStream) {
+        use std::io::Write;
+        s.write_all(&control(&Message::Hello(hello(role)))).unwrap();
+        assert!(matches!(read_sync(s).unwrap(), Some(Message::Hello(_))));
+        if role == Role::Backup {
+            s.write_all(&control(&Message::Welcome)).unwrap();
+        } else {
+            assert_eq!(read_sync(s).unwrap(), Some(Message::Welcome));
+        }
+    }
+
+    /// A backup link fed by a fake primary that, after the handshake,
+    /// writes `then`; returns the records the backup received and its
+    /// error.
+    fn backup_fed(then: Option<Vec<u8>>) -> (Vec<u64>, Error) {
+        use std::io::Write;
+        let addr = free_addr();
+        let backup = std::thread::spawn(move || {
+            BackupLink::accept(addr, hello(Role::Backup), ChannelConfig::default(), |_| {}).unwrap()
+        });
+        let mut s = loop {
+            match std::net::TcpStream::connect(addr) {
+                Ok(s) => break s,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        fake_peer(Role::Primary, &mut s);
+        let mut link = backup.join().unwrap();
+        match then {
+            Some(bytes) => s.write_all(&bytes).unwrap(),
+            None => drop(s.shutdown(std::net::Shutdown::Write)),
+        }
+        let mut got = Vec::new();
+        let err = loop {
+            match link.recv() {
+                Ok(Some(r)) => got.push(r.seq),
+                Ok(None) => panic!("clean end"),
+                Err(e) => break e,
+            }
+        };
+        // The socket stays open until the backup has failed.
+        drop(s);
+        (got, err)
+    }
+
+    #[test]
+    fn the_backup_reports_each_failure_kind() {
+        // A flipped bit in record 7's payload.
+        let mut second = batch_message(&frames(5, 5), 5);
+        let bad = payload_ranges(&frames(5, 5))[2].start;
+        second[bad] ^= 0x10;
+        let mut wire = batch_message(&frames(0, 5), 5);
+        wire.extend_from_slice(&second);
+        let (got, err) = backup_fed(Some(wire));
+        assert!(
+            matches!(
+                err.link_failure(),
+                Some(LinkFailure::Corrupt {
+                    seq: Some(7),
+                    cause: Corruption::Checksum,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        assert_eq!(got, (0..7).collect::<Vec<_>>());
+        let text = error_chain(&err);
+        assert!(
+            text.starts_with("log channel failed: the log channel is corrupt: checksum mismatch"),
+            "{text}"
+        );
+
+        let mut wire = batch_message(&frames(0, 3), 3);
+        wire.extend_from_slice(&batch_message(&frames(5, 1), 1));
+        let (got, err) = backup_fed(Some(wire));
+        assert_eq!(got, [0, 1, 2]);
+        assert!(
+            matches!(
+                err,
+                Error::Failed(LinkFailure::SequenceGap {
+                    expected: 3,
+                    got: 5
+                })
+            ),
+            "{err:?}"
+        );
+
+        let (got, err) = backup_fed(None);
+        assert!(got.is_empty());
+        assert!(
+            matches!(
+                err,
+                Error::Failed(LinkFailure::PeerClosed {
+                    peer: Role::Primary
+                })
+            ),
+            "{err:?}"
+        );
+
+        let (_, err) = backup_fed(Some(control(&Message::Welcome)));
+        assert!(
+            matches!(
+                err,
+                Error::Failed(LinkFailure::Unexpected {
+                    from: Role::Primary,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+    }
+
+    /// A primary link paired with a fake backup that runs `then` on its
+    /// socket after the handshake (in a thread of its own).
+    fn primary_with(
+        config: ChannelConfig,
+        then: impl FnOnce(std::net::TcpStream) + Send + 'static,
+    ) -> PrimaryLink {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            fake_peer(Role::Backup, &mut s);
+            then(s);
+        });
+        PrimaryLink::connect(addr, hello(Role::Primary), config, Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn the_primary_reports_each_failure_kind() {
+        // The backup goes away.
+        let link = primary_with(ChannelConfig::default(), drop);
+        let c = link
+            .state()
+            .wait_until(Duration::from_secs(2), |c| c.failure.is_some());
+        assert!(
+            matches!(
+                c.failure,
+                Some(LinkFailure::PeerClosed { peer: Role::Backup })
+            ),
+            "{:?}",
+            c.failure
+        );
+        let err = link.send(frames(0, 1), 1, 0).unwrap_err();
+        assert!(
+            matches!(err.link_failure(), Some(LinkFailure::PeerClosed { .. })),
+            "{err:?}"
+        );
+
+        // The backup reads but never acknowledges.
+        let patient = ChannelConfig {
+            timeout: Duration::from_secs(5),
+            ..ChannelConfig::default()
+        };
+        let link = primary_with(patient, |mut s| {
+            let end = Instant::now() + Duration::from_millis(600);
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            while Instant::now() < end {
+                let _ = read_sync(&mut s);
+            }
+        });
+        link.send(frames(0, 3), 3, 0).unwrap();
+        let err = link.close(Duration::from_millis(300)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Failed(LinkFailure::AckTimeout {
+                    acked: 0,
+                    records: 3
+                })
+            ),
+            "{err:?}"
+        );
+
+        // The backup says Bye at once: the link is closed, not failed.
+        let link = primary_with(ChannelConfig::default(), |mut s| {
+            use std::io::Write;
+            s.write_all(&control(&Message::Bye)).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+        });
+        let c = link
+            .state()
+            .wait_until(Duration::from_secs(2), |c| c.closed);
+        assert!(c.closed && c.failure.is_none(), "{c:?}");
+        std::thread::sleep(Duration::from_millis(100));
+        let err = link.send(frames(0, 1), 1, 0).unwrap_err();
+        assert!(matches!(err, Error::Failed(LinkFailure::Closed)), "{err:?}");
+        assert!(matches!(
+            link.send(vec![0; MAX_SEND + 1], 1, 0),
+            Err(Error::TooLarge { .. })
+        ));
     }
 }

@@ -10,6 +10,7 @@ pub mod channel;
 pub mod log;
 
 pub use log::{
-    decode_frame, decode_header_frame, encode_frame, image_hash, Error, Event, Header, LogReader,
-    LogWriter, Position, Record, Result, FORMAT_VERSION, FRAME_PREFIX, MAGIC, MAX_FRAME,
+    decode_frame, decode_header_frame, decode_record_frame, encode_frame, frame_len, image_hash,
+    Error, Event, Header, LogReader, LogWriter, Position, Record, Result, FORMAT_VERSION,
+    FRAME_PREFIX, MAGIC, MAX_FRAME,
 };

@@ -102,7 +102,7 @@ pub enum Error {
         /// Start of the corrupt frame.
         offset: u64,
         /// Expected sequence number of the record, or `None` for the header
-        /// (and for frames decoded with [`decode_frame`]).
+        /// (and for frames decoded with [`decode_frame`], which cannot know it).
         seq: Option<u64>,
     },
     /// A frame's length is above [`MAX_FRAME`].
@@ -336,16 +336,28 @@ pub fn encode_frame(value: &impl Serialize, out: &mut Vec<u8>) -> Result<()> {
             len: len as u64,
         });
     }
-    let crc = crc32fast::hash(&out[start + FRAME_PREFIX..]);
+    let crc = payload_crc(&out[start + FRAME_PREFIX..]);
     out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     Ok(())
 }
 
+/// The size of the whole frame (prefix included) that starts with
+/// `prefix`: how many bytes a reader of a stream must gather before it can
+/// hand the frame to [`decode_frame`]. Checks the length against
+/// [`MAX_FRAME`] ([`Error::TooLarge`] with offset 0) and nothing else; the
+/// CRC is left to the decode, so that it is checked once.
+pub fn frame_len(prefix: &[u8; FRAME_PREFIX]) -> Result<usize> {
+    let (len, _) = parse_prefix(prefix, 0)?;
+    Ok(FRAME_PREFIX + len)
+}
+
 /// Decodes the frame at the start of `buf`, returning the value and the
-/// bytes it used, or `None` if `buf` holds only part of a frame. Error
-/// offsets are relative to `buf`. For headers use [`decode_header_frame`],
-/// which checks the version first.
+/// bytes it used, or `None` if `buf` holds only part of a frame. The CRC is
+/// checked once, before the payload is decoded. Error offsets are relative
+/// to `buf`. For headers use [`decode_header_frame`], which checks the
+/// version first, and for records [`decode_record_frame`], which checks
+/// the sequence number and names it in errors.
 pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>> {
     let Some((crc, payload)) = split_frame(buf)? else {
         return Ok(None);
@@ -353,6 +365,20 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)
     check_crc(crc, payload, 0, None)?;
     let value = decode_payload(payload, 0)?;
     Ok(Some((value, FRAME_PREFIX + payload.len())))
+}
+
+/// Decodes the record frame at the start of `buf`, which must carry
+/// sequence number `expected`, as [`LogReader::next_record`] does: the CRC
+/// is checked once, then the payload decoded, then its `seq` compared
+/// ([`Error::SequenceGap`]). Returns the record and the bytes it used, or
+/// `None` if `buf` holds only part of a frame. Error offsets are relative
+/// to `buf`; [`Error::Checksum`] names `seq: Some(expected)`.
+pub fn decode_record_frame(buf: &[u8], expected: u64) -> Result<Option<(Record, usize)>> {
+    let Some((crc, payload)) = split_frame(buf)? else {
+        return Ok(None);
+    };
+    let record = decode_record(crc, payload, 0, expected)?;
+    Ok(Some((record, FRAME_PREFIX + payload.len())))
 }
 
 /// [`decode_frame`] for a [`Header`], checking its version before anything
@@ -389,8 +415,29 @@ fn parse_prefix(prefix: &[u8], offset: u64) -> Result<(usize, u32)> {
     Ok((len as usize, crc))
 }
 
+/// The CRC of a frame's payload: the one place this module computes it, so
+/// that tests can count how often each frame is checksummed.
+fn payload_crc(payload: &[u8]) -> u32 {
+    #[cfg(test)]
+    CRC_COUNT.with(|n| n.set(n.get() + 1));
+    crc32fast::hash(payload)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// CRCs computed by [`payload_crc`] on this thread (tests only).
+    pub(crate) static CRC_COUNT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Takes the count of CRCs computed on this thread since the last call
+/// (tests only).
+#[cfg(test)]
+pub(crate) fn take_crc_count() -> u64 {
+    CRC_COUNT.with(|n| n.replace(0))
+}
+
 fn check_crc(crc: u32, payload: &[u8], offset: u64, seq: Option<u64>) -> Result<()> {
-    if crc32fast::hash(payload) == crc {
+    if payload_crc(payload) == crc {
         Ok(())
     } else {
         Err(Error::Checksum { offset, seq })
@@ -408,6 +455,19 @@ fn decode_payload<T: DeserializeOwned>(payload: &[u8], offset: u64) -> Result<T>
         });
     }
     Ok(value)
+}
+
+/// CRC, then the payload, then the sequence number.
+fn decode_record(crc: u32, payload: &[u8], offset: u64, expected: u64) -> Result<Record> {
+    check_crc(crc, payload, offset, Some(expected))?;
+    let record: Record = decode_payload(payload, offset)?;
+    if record.seq != expected {
+        return Err(Error::SequenceGap {
+            expected,
+            found: record.seq,
+        });
+    }
+    Ok(record)
 }
 
 /// Version first (before the CRC), then CRC, then the rest.
@@ -590,14 +650,7 @@ impl<R: Read> LogReader<R> {
         let Some(crc) = self.read_frame(Some(expected))? else {
             return Ok(None);
         };
-        check_crc(crc, &self.buf, offset, Some(expected))?;
-        let record: Record = decode_payload(&self.buf, offset)?;
-        if record.seq != expected {
-            return Err(Error::SequenceGap {
-                expected,
-                found: record.seq,
-            });
-        }
+        let record = decode_record(crc, &self.buf, offset, expected)?;
         self.offset += (FRAME_PREFIX + self.buf.len()) as u64;
         self.next_seq += 1;
         Ok(Some(record))
@@ -1166,6 +1219,50 @@ mod tests {
         assert_eq!((got, used), (rec.clone(), one));
         let (got, used) = decode_frame::<Record>(&buf[one..]).unwrap().unwrap();
         assert_eq!((got, used), (rec, one));
+    }
+
+    #[test]
+    fn decode_record_frame_checks_crc_once_and_the_seq() {
+        let rec = Record {
+            seq: 4,
+            pos: pos(4),
+            event: Event::Horizon,
+        };
+        let mut buf = Vec::new();
+        encode_frame(&rec, &mut buf).unwrap();
+        let prefix: [u8; FRAME_PREFIX] = buf[..FRAME_PREFIX].try_into().unwrap();
+        assert_eq!(frame_len(&prefix).unwrap(), buf.len());
+        take_crc_count();
+        assert_eq!(
+            decode_record_frame(&buf, 4).unwrap(),
+            Some((rec.clone(), buf.len()))
+        );
+        assert_eq!(take_crc_count(), 1);
+        assert!(decode_record_frame(&buf[..buf.len() - 1], 4)
+            .unwrap()
+            .is_none());
+        assert!(matches!(
+            decode_record_frame(&buf, 3),
+            Err(Error::SequenceGap {
+                expected: 3,
+                found: 4
+            })
+        ));
+        let last = buf.len() - 1;
+        buf[last] ^= 1;
+        assert!(matches!(
+            decode_record_frame(&buf, 4),
+            Err(Error::Checksum {
+                offset: 0,
+                seq: Some(4)
+            })
+        ));
+        let mut huge = u32::MAX.to_le_bytes().to_vec();
+        huge.extend_from_slice(&[0; 4]);
+        assert!(matches!(
+            frame_len(&huge[..].try_into().unwrap()),
+            Err(Error::TooLarge { offset: 0, .. })
+        ));
     }
 
     /// A writer that fails after a few bytes.

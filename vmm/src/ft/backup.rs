@@ -16,14 +16,14 @@ use logchannel::channel::BackupLink;
 use logchannel::{Event, Record};
 
 use super::arbiter::Arbiter;
-use super::metrics::{Metrics, Role};
+use super::metrics::{self, Metrics};
 use super::{LinkFailure, Peer};
 use crate::stop;
 use crate::timeline::live::Live;
 use crate::timeline::replay::{Horizon, RecordSource, Replay};
 use crate::timeline::world::World;
 use crate::timeline::{Demand, Ending, Error, Input, Output, Position, StateDigest, Timeline};
-use logchannel::channel::error_chain;
+use logchannel::channel::Role;
 
 /// How often (in exits) a backup that is behind reports its progress.
 const PROGRESS_EVERY: u64 = 16;
@@ -109,7 +109,7 @@ impl StreamSource {
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    self.failed = Some(error_chain(&e));
+                    self.failed = Some(super::failure_of(&e, Role::Primary));
                     return;
                 }
             }
@@ -161,7 +161,7 @@ impl RecordSource for StreamSource {
             match self.link.recv() {
                 Ok(Some(rec)) => self.take(rec),
                 Ok(None) => self.known_exit = u64::MAX,
-                Err(e) => self.failed = Some(error_chain(&e)),
+                Err(e) => self.failed = Some(super::failure_of(&e, Role::Primary)),
             }
         }
         self.link.state().set_replayed_exit(exit - 1);
@@ -241,7 +241,7 @@ impl<O: Write> BackupTimeline<O> {
         world.after_failover();
         self.replay.source_mut().promote();
         self.live = Some(Live::new(world));
-        self.takeover.metrics.set_role(Role::Primary);
+        self.takeover.metrics.set_role(metrics::Role::Primary);
         tracing::warn!(
             "backup: going live before exit {next_exit}, after replaying {} records ({} still buffered)",
             self.replay.source().replayed(),

@@ -15,7 +15,23 @@ pub mod primary;
 use std::fmt;
 
 /// Why a link to the peer failed, as the log channel detected it.
-pub type LinkFailure = String;
+pub use logchannel::channel::LinkFailure;
+
+/// The failure a channel error from a link that was up stands for: after
+/// any of them the `peer` can no longer be trusted to have our log (or we
+/// its), so each is a lost peer.
+pub(crate) fn failure_of(
+    e: &logchannel::channel::Error,
+    peer: logchannel::channel::Role,
+) -> LinkFailure {
+    match e.link_failure() {
+        Some(f) => f.clone(),
+        None => LinkFailure::Unexpected {
+            from: peer,
+            message: logchannel::channel::error_chain(e),
+        },
+    }
+}
 
 /// The other side of the pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,8 +87,12 @@ pub enum HookError {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The link failed and no arbiter was given to decide who goes on.
-    #[error("lost the {peer} ({failure}) and no arbiter was given (--tas)")]
-    PeerLost { peer: Peer, failure: LinkFailure },
+    #[error("lost the {peer} and no arbiter was given (--tas)")]
+    PeerLost {
+        peer: Peer,
+        #[source]
+        failure: LinkFailure,
+    },
     #[error("the arbiter gave {vm_id}/epoch {epoch} to {rival}: halting")]
     LostArbitration {
         vm_id: String,

@@ -86,12 +86,6 @@ pub struct ChannelSink {
     arbiter: Option<Arbiter>,
 }
 
-/// The failure a channel error stands for: every error from a link that
-/// was up means the backup can no longer be trusted to have our log.
-fn link_failure(e: &channel::Error) -> LinkFailure {
-    channel::error_chain(e)
-}
-
 impl ChannelSink {
     /// Held output leaves through `outlet` once the gate releases it.
     pub fn new(
@@ -199,7 +193,7 @@ impl ChannelSink {
         self.lag.flushed(p.horizon_sent, p.last_flush);
         match p.link.send(frames, n, bytes) {
             Ok(()) => Ok(()),
-            Err(e) => self.lost_backup(link_failure(&e)),
+            Err(e) => self.lost_backup(super::failure_of(&e, channel::Role::Backup)),
         }
     }
 

@@ -12,7 +12,7 @@ use super::{Demand, Ending, Error, Input, Output, Position, StateDigest, Timelin
 use crate::ft::{self, LinkFailure};
 
 /// How far a record source reaches, when asked to cover an exit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Horizon {
     /// Every event at or before the exit is known.
     Covered,
