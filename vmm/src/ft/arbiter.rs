@@ -6,7 +6,6 @@
 //! claim is retried, and the wait shows in the logs and the status page.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tas_server::client::{Client, ClientError};
@@ -44,9 +43,7 @@ impl Arbiter {
     /// Claims the pair, retrying while the arbiter is unreachable. Returns
     /// Ok if we won; `Error::LostArbitration` if the other side holds it.
     pub fn claim(&self, why: &str, metrics: &Metrics) -> Result<(), Error> {
-        metrics
-            .arbiter
-            .store(ArbiterState::Claiming as u64, Ordering::Relaxed);
+        metrics.set_arbiter(ArbiterState::Claiming);
         tracing::warn!(
             "{why}; claiming {}/epoch {} as {:?} at the arbiter {}",
             self.vm_id,
@@ -60,9 +57,7 @@ impl Arbiter {
         loop {
             match client.test_and_set(&self.vm_id, self.epoch, &self.claimant) {
                 Ok(claim) if claim.granted => {
-                    metrics
-                        .arbiter
-                        .store(ArbiterState::Won as u64, Ordering::Relaxed);
+                    metrics.set_arbiter(ArbiterState::Won);
                     tracing::warn!(
                         "the arbiter granted {}/epoch {} to us after {} ms",
                         self.vm_id,
@@ -72,9 +67,7 @@ impl Arbiter {
                     return Ok(());
                 }
                 Ok(claim) => {
-                    metrics
-                        .arbiter
-                        .store(ArbiterState::Lost as u64, Ordering::Relaxed);
+                    metrics.set_arbiter(ArbiterState::Lost);
                     return Err(Error::LostArbitration {
                         vm_id: self.vm_id.clone(),
                         epoch: self.epoch,

@@ -5,7 +5,6 @@
 //! output is held.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -159,7 +158,7 @@ impl ChannelSink {
         encode_frame(&rec, &mut self.batch)?;
         self.next_seq += 1;
         self.batch_records += 1;
-        self.metrics.seq.store(self.next_seq, Ordering::Relaxed);
+        self.metrics.set_seq(self.next_seq);
         Ok(())
     }
 
@@ -190,7 +189,7 @@ impl LogSink for ChannelSink {
             bytes,
             since: Instant::now(),
         };
-        self.metrics.outputs_held.fetch_add(1, Ordering::Relaxed);
+        self.metrics.outputs_held_inc();
         if let Some(g) = &self.gate {
             let _ = g.send(GateMsg::Hold(held));
         }
@@ -338,17 +337,13 @@ fn run_gate(
             .is_some_and(|h| release_all || c.acked >= h.needs)
         {
             if let Some(h) = held.pop_front() {
-                metrics.outputs_held.fetch_sub(1, Ordering::Relaxed);
+                metrics.outputs_held_dec();
                 if out.send((h.conn, h.bytes)).is_err() {
                     return;
                 }
             }
         }
-        metrics.oldest_held_us.store(
-            held.front()
-                .map_or(0, |h| h.since.elapsed().as_micros() as u64),
-            Ordering::Relaxed,
-        );
+        metrics.set_oldest_held(held.front().map_or(Duration::ZERO, |h| h.since.elapsed()));
         // Once the sink is done: stop when nothing is held, or when what is
         // held can never be acknowledged (the link ended) and was not
         // released by a won claim.
