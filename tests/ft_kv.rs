@@ -176,8 +176,8 @@ fn kv_under_ft_matches_backup() {
     );
 
     let text = scrape_metrics(metrics).expect("the primary serves --metrics");
-    let sent = metric(&text, "duet_seq_sent").expect("duet_seq_sent");
-    let acked = metric(&text, "duet_seq_acked").expect("duet_seq_acked");
+    let sent = metric(&text, "duet_records_sent_total").expect("duet_records_sent_total");
+    let acked = metric(&text, "duet_records_acked_total").expect("duet_records_acked_total");
     assert!(
         sent > 0.0 && acked > 0.0,
         "sent {sent} acked {acked}:\n{text}"

@@ -115,7 +115,7 @@ fn main() {
         times.first().map_or(f64::NAN, |_| percentile(&times, 0.5)),
         times.first().map_or(f64::NAN, |_| percentile(&times, 0.99)),
         times.last().copied().unwrap_or(f64::NAN),
-        metric(&text, "duet_lag_p99_seconds").unwrap_or(0.0) * 1e3,
+        vmm::ft::metrics::histogram_quantile(&text, "duet_lag_seconds", 0.99).unwrap_or(0.0) * 1e3,
         metric(&text, "duet_log_mbit_per_second").unwrap_or(0.0),
     );
 }

@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 
 use common::*;
+use vmm::ft::metrics::histogram_quantile_between;
 
 /// Rounds of (solo, FT) per workload.
 const ROUNDS: usize = 2;
@@ -120,12 +121,16 @@ fn gauge(text: &str, name: &str) -> anyhow::Result<f64> {
     metric(text, name).with_context(|| format!("no {name} in metrics:\n{text}"))
 }
 
-/// Execution lag (p50, p99) in milliseconds from a scrape.
-fn lag_ms(text: &str) -> anyhow::Result<(f64, f64)> {
-    Ok((
-        gauge(text, "duet_lag_p50_seconds")? * 1e3,
-        gauge(text, "duet_lag_p99_seconds")? * 1e3,
-    ))
+/// Execution lag (p50, p99) in milliseconds of the samples taken between
+/// two scrapes (`before` empty: since start); NaN (reported as null) if
+/// none was taken.
+fn lag_ms(before: &str, now: &str) -> anyhow::Result<(f64, f64)> {
+    ensure!(
+        now.contains("duet_lag_seconds_count"),
+        "no duet_lag_seconds in metrics:\n{now}"
+    );
+    let q = |q| histogram_quantile_between(before, now, "duet_lag_seconds", q).unwrap_or(f64::NAN);
+    Ok((q(0.50) * 1e3, q(0.99) * 1e3))
 }
 
 /// A running primary and backup.
@@ -210,10 +215,8 @@ fn ft_kv() -> anyhow::Result<FtKvRun> {
     let addr = free_addr();
     let pair = Pair::start("kv", &format!("tcp:{addr}"));
     wait_for_port(addr, Duration::from_secs(10));
-    let (t0, b0) = (
-        Instant::now(),
-        gauge(&scrape(pair.metrics)?, "duet_log_bytes_total")?,
-    );
+    let start = scrape(pair.metrics)?;
+    let (t0, b0) = (Instant::now(), gauge(&start, "duet_log_bytes_total")?);
     let kv = kv_workload(addr)?;
     let busy = scrape(pair.metrics)?;
     let (t1, b1) = (Instant::now(), gauge(&busy, "duet_log_bytes_total")?);
@@ -224,9 +227,9 @@ fn ft_kv() -> anyhow::Result<FtKvRun> {
     let mbit = |bytes: f64, d: Duration| bytes * 8.0 / 1e6 / d.as_secs_f64();
     Ok(FtKvRun {
         kv,
-        lag: lag_ms(&busy)?,
+        lag: lag_ms(&start, &busy)?,
         mbit: mbit(b1 - b0, t1 - t0),
-        idle_lag: lag_ms(&idle)?,
+        idle_lag: lag_ms(&busy, &idle)?,
         idle_mbit: mbit(b2 - b1, t2 - t1),
     })
 }
@@ -270,7 +273,12 @@ fn ft_compute() -> anyhow::Result<(f64, f64, (f64, f64), f64)> {
         .context("the FT compute primary's metrics never answered")?;
     let bytes = gauge(&text, "duet_log_bytes_total")?;
     let mbit = bytes * 8.0 / 1e6 / (at - start).as_secs_f64();
-    Ok((wall, compute_guest_s(&stdout(&o))?, lag_ms(&text)?, mbit))
+    Ok((
+        wall,
+        compute_guest_s(&stdout(&o))?,
+        lag_ms("", &text)?,
+        mbit,
+    ))
 }
 
 /// A JSON number: finite, three decimals.

@@ -379,6 +379,7 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
         eprintln!("duet: refused a primary: {}", error_chain(e));
     })?;
     let epoch = link.peer().epoch;
+    metrics.set_epoch(epoch);
     tracing::info!("backup: paired with a primary, epoch {epoch}");
     let node = format!("backup@{}", std::process::id());
     let (serial, exec) = (opts.serial.clone(), opts.go_live_exec.clone());

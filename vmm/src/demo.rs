@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::ft::metrics::histogram_quantile;
 use crate::netns::{self, Host};
 
 /// Options of `duet demo`.
@@ -579,8 +580,8 @@ fn run_in(
     );
     println!(
         "execution lag         p50 {:.2} ms, p99 {:.2} ms",
-        gauge(&metrics, "duet_lag_p50_seconds").unwrap_or(0.0) * 1e3,
-        gauge(&metrics, "duet_lag_p99_seconds").unwrap_or(0.0) * 1e3
+        histogram_quantile(&metrics, "duet_lag_seconds", 0.50).unwrap_or(0.0) * 1e3,
+        histogram_quantile(&metrics, "duet_lag_seconds", 0.99).unwrap_or(0.0) * 1e3
     );
     println!("arbiter state         {status}");
 

@@ -6,7 +6,6 @@
 //! claim is retried, and the wait shows in the logs and the status page.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tas_server::client::{ClaimOutcome, Client, ClientError};
@@ -43,9 +42,7 @@ impl Arbiter {
     /// Ok if we won; `Error::LostArbitration` if the other side holds it or
     /// a newer pairing superseded ours.
     pub fn claim(&self, why: &str, metrics: &Metrics) -> Result<(), Error> {
-        metrics
-            .arbiter
-            .store(ArbiterState::Claiming as u64, Ordering::Relaxed);
+        metrics.set_arbiter(ArbiterState::Claiming);
         tracing::warn!(
             "{why}; claiming {}/epoch {} as {:?} at the arbiter {}",
             self.vm_id,
@@ -61,9 +58,7 @@ impl Arbiter {
                 Ok(outcome) => {
                     let rival = match outcome {
                         ClaimOutcome::Granted => {
-                            metrics
-                                .arbiter
-                                .store(ArbiterState::Won as u64, Ordering::Relaxed);
+                            metrics.set_arbiter(ArbiterState::Won);
                             tracing::warn!(
                                 "the arbiter granted {}/epoch {} to us after {} ms",
                                 self.vm_id,
@@ -77,9 +72,7 @@ impl Arbiter {
                             Rival::NewerEpoch(current_epoch)
                         }
                     };
-                    metrics
-                        .arbiter
-                        .store(ArbiterState::Lost as u64, Ordering::Relaxed);
+                    metrics.set_arbiter(ArbiterState::Lost);
                     return Err(Error::LostArbitration {
                         vm_id: self.vm_id.clone(),
                         epoch: self.epoch,

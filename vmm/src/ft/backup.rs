@@ -8,7 +8,6 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -128,7 +127,7 @@ impl RecordSource for StreamSource {
     fn advance(&mut self) {
         if let Some(r) = self.buffered.pop_front() {
             self.last_seq = Some(r.seq);
-            self.metrics.replayed.fetch_add(1, Ordering::Relaxed);
+            self.metrics.replayed_inc();
         }
     }
 

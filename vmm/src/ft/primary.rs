@@ -9,7 +9,6 @@
 //! [`Paired`], so being alone is not a flag every method must remember to
 //! check.
 
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -181,7 +180,7 @@ impl ChannelSink {
             };
             Self::push(p, &mut self.next_seq, pos, Event::Horizon)?;
             p.horizon_sent = p.horizon;
-            self.metrics.seq.store(self.next_seq, Ordering::Relaxed);
+            self.metrics.set_seq(self.next_seq);
         }
         if p.batch_records == 0 {
             return Ok(());
@@ -221,7 +220,7 @@ impl LogSink for ChannelSink {
             return Ok(());
         };
         Self::push(p, &mut self.next_seq, *pos, event)?;
-        self.metrics.seq.store(self.next_seq, Ordering::Relaxed);
+        self.metrics.set_seq(self.next_seq);
         if p.batch.len() >= BATCH_BYTES {
             self.send_batch()?;
         }
@@ -238,7 +237,7 @@ impl LogSink for ChannelSink {
             out: world.address(output)?,
             since: Instant::now(),
         };
-        self.metrics.outputs_held.fetch_add(1, Ordering::Relaxed);
+        self.metrics.outputs_held_inc();
         self.send_gate(GateMsg::Hold(held))?;
         // An output is waiting: the log goes out at once.
         self.send_batch()
@@ -342,16 +341,14 @@ fn run_gate(rx: Receiver<GateMsg>, state: Arc<LinkState>, metrics: Arc<Metrics>,
             None => state.snapshot(),
         };
         while let Some(h) = gate.release(c.acked) {
-            metrics.outputs_held.fetch_sub(1, Ordering::Relaxed);
+            metrics.outputs_held_dec();
             if outlet.send(h.out).is_err() {
                 // The backend is gone (the process is ending): nothing
                 // more can be delivered.
                 return;
             }
         }
-        metrics
-            .oldest_held_us
-            .store(gate.oldest_age().as_micros() as u64, Ordering::Relaxed);
+        metrics.set_oldest_held(gate.oldest_age());
         // Once the sink is done, stop when what is held can never be
         // acknowledged (the link ended) and was not released by a won claim.
         let link_over = c.failure.is_some() || c.closed;
