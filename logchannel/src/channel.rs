@@ -45,6 +45,7 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -116,7 +117,14 @@ pub enum Error {
     /// Setting up the link (runtime, thread, socket options) failed.
     #[error("log channel I/O")]
     Io(#[from] io::Error),
+    /// The caller's stop flag was raised while the link waited (see
+    /// [`PrimaryLink::set_stop_flag`]); the link itself is fine.
+    #[error("stopped while waiting on the log channel")]
+    Interrupted,
 }
+
+/// How long a blocking call waits between looks at the caller's stop flag.
+const STOP_SLICE: Duration = Duration::from_millis(20);
 
 impl Error {
     /// The link failure, if this error is one.
@@ -818,6 +826,7 @@ pub struct PrimaryLink {
     state: Arc<LinkState>,
     config: ChannelConfig,
     thread: Option<JoinHandle<()>>,
+    stop: Option<Arc<AtomicBool>>,
 }
 
 impl PrimaryLink {
@@ -858,7 +867,15 @@ impl PrimaryLink {
             state,
             config,
             thread: Some(thread),
+            stop: None,
         })
+    }
+
+    /// A flag that, once raised (an operator's SIGTERM, say), makes a
+    /// [`PrimaryLink::send`] blocked on flow control return
+    /// [`Error::Interrupted`] within a few tens of milliseconds.
+    pub fn set_stop_flag(&mut self, stop: Arc<AtomicBool>) {
+        self.stop = Some(stop);
     }
 
     /// Shared counters (for the Output Rule, metrics and failure checks).
@@ -885,11 +902,20 @@ impl PrimaryLink {
             c.records
         };
         let max = self.config.max_unacked;
-        let c = self.state.wait_until(Duration::from_secs(3600), |c| {
-            sent.saturating_sub(c.acked) <= max
-        });
-        if let Some(f) = c.failure {
-            return Err(Error::Failed(f));
+        let room = |c: &LinkCounters| sent.saturating_sub(c.acked) <= max;
+        loop {
+            // No limit but the link's own failure detection: a backup that
+            // stops acknowledging is a failed backup.
+            let c = self.state.wait_until(STOP_SLICE, room);
+            if let Some(f) = c.failure {
+                return Err(Error::Failed(f));
+            }
+            if room(&c) {
+                break;
+            }
+            if self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+                return Err(Error::Interrupted);
+            }
         }
         let tx = self
             .batches
@@ -1027,6 +1053,9 @@ async fn primary_io(
 /// takes them with [`BackupLink::recv`].
 pub struct BackupLink {
     records: mpsc::Receiver<Record>,
+    /// A runtime of this thread's own, only to wait on `records` with a
+    /// timeout ([`BackupLink::recv_timeout`]).
+    waiter: tokio::runtime::Runtime,
     state: Arc<LinkState>,
     reports: mpsc::Sender<Message>,
     peer: Hello,
@@ -1042,12 +1071,27 @@ impl BackupLink {
         addr: SocketAddr,
         hello: Hello,
         config: ChannelConfig,
+        on_refused: impl FnMut(&Error),
+    ) -> Result<BackupLink, Error> {
+        let listener =
+            std::net::TcpListener::bind(addr).map_err(|source| Error::Listen { addr, source })?;
+        Self::accept_on(listener, hello, config, on_refused)
+    }
+
+    /// Like [`BackupLink::accept`], on a listener the caller bound (to port
+    /// 0, say, so that it can report the address before anyone connects).
+    pub fn accept_on(
+        listener: std::net::TcpListener,
+        hello: Hello,
+        config: ChannelConfig,
         mut on_refused: impl FnMut(&Error),
     ) -> Result<BackupLink, Error> {
         let rt = runtime()?;
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(addr))
-            .map_err(|source| Error::Listen { addr, source })?;
+        listener.set_nonblocking(true)?;
+        let listener = {
+            let _entered = rt.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
         let (rd, wr, offset, peer) = rt.block_on(async {
             loop {
                 let (stream, _peer) = listener.accept().await?;
@@ -1072,6 +1116,7 @@ impl BackupLink {
             })?;
         Ok(BackupLink {
             records: rx,
+            waiter: runtime()?,
             state,
             reports,
             peer,
@@ -1106,6 +1151,20 @@ impl BackupLink {
         match self.records.blocking_recv() {
             Some(r) => Ok(Some(r)),
             None => self.end(),
+        }
+    }
+
+    /// Like [`BackupLink::recv`] but waits at most `limit`: `Ok(None)` also
+    /// means "nothing yet"; check [`BackupLink::is_finished`]. Lets the
+    /// caller look at its stop flag while the primary is quiet.
+    pub fn recv_timeout(&mut self, limit: Duration) -> Result<Option<Record>, Error> {
+        let next = self
+            .waiter
+            .block_on(async { tokio::time::timeout(limit, self.records.recv()).await });
+        match next {
+            Ok(Some(r)) => Ok(Some(r)),
+            Ok(None) => self.end(),
+            Err(_elapsed) => Ok(None),
         }
     }
 

@@ -30,6 +30,12 @@ pub fn install() -> Result<(), InstallError> {
     Ok(())
 }
 
+/// The flag itself, for code outside this crate that must give up its
+/// waits on a stop (the log channel).
+pub fn flag_handle() -> Arc<AtomicBool> {
+    flag().clone()
+}
+
 /// True once a stop was requested.
 pub fn requested() -> bool {
     flag().load(Ordering::SeqCst)

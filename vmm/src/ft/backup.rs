@@ -157,9 +157,10 @@ impl RecordSource for StreamSource {
             if stop::requested() {
                 return Err(Error::Interrupted);
             }
-            match self.link.recv() {
+            match self.link.recv_timeout(stop::SLICE) {
                 Ok(Some(rec)) => self.take(rec),
-                Ok(None) => self.known_exit = u64::MAX,
+                Ok(None) if self.link.is_finished() => self.known_exit = u64::MAX,
+                Ok(None) => {}
                 Err(e) => self.failed = Some(super::failure_of(&e, Role::Primary)),
             }
         }
@@ -356,5 +357,136 @@ impl<O: Write> Timeline for BackupTimeline<O> {
             None if self.stopped => self.replay.flush_output(),
             None => self.replay.finish(at, ending, digest),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use logchannel::channel::{
+        ChannelConfig, Hello, LinkFailure, PrimaryLink, Role as LinkRole, PROTOCOL_VERSION,
+    };
+    use logchannel::encode_frame;
+    use std::time::Duration;
+
+    fn hello(role: LinkRole) -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            role,
+            vm_id: "t".into(),
+            image_hash: [3; 32],
+            machine: "m".into(),
+            epoch: 1,
+        }
+    }
+
+    fn at(exit: u64) -> Position {
+        Position {
+            exit,
+            ..Position::default()
+        }
+    }
+
+    /// A primary link and the backup's stream source on loopback. The
+    /// backup treats 300 ms of silence as a lost primary, and the primary
+    /// sends no heartbeats of its own in that time unless asked to.
+    fn pair(primary_heartbeat: Duration) -> (PrimaryLink, StreamSource) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backup_cfg = ChannelConfig {
+            heartbeat: Duration::from_millis(20),
+            timeout: Duration::from_millis(300),
+            ..ChannelConfig::default()
+        };
+        let backup = std::thread::spawn(move || {
+            BackupLink::accept_on(listener, hello(LinkRole::Backup), backup_cfg, |_| {}).unwrap()
+        });
+        let primary_cfg = ChannelConfig {
+            heartbeat: primary_heartbeat,
+            timeout: Duration::from_secs(10),
+            ..ChannelConfig::default()
+        };
+        let primary = PrimaryLink::connect(
+            addr,
+            hello(LinkRole::Primary),
+            primary_cfg,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let link = backup.join().unwrap();
+        let metrics = Metrics::new(metrics::Role::Backup, 1);
+        (primary, StreamSource::new(link, metrics))
+    }
+
+    fn send(primary: &PrimaryLink, records: &[(u64, u64, Event)]) {
+        let mut frames = Vec::new();
+        for (seq, exit, event) in records {
+            let rec = Record {
+                seq: *seq,
+                pos: at(*exit),
+                event: event.clone(),
+            };
+            encode_frame(&rec, &mut frames).unwrap();
+        }
+        let len = frames.len() as u64;
+        primary.send(frames, records.len() as u64, len).unwrap();
+    }
+
+    #[test]
+    fn the_horizon_bounds_execution_and_records_come_in_order() {
+        let (primary, mut source) = pair(Duration::from_millis(20));
+        send(
+            &primary,
+            &[
+                (0, 2, Event::Clock { ns: 5 }),
+                (1, 4, Event::TimerTick),
+                (2, 6, Event::Horizon),
+            ],
+        );
+        // A record at exit 4 says every exit before it is complete, the
+        // horizon says exit 6 is.
+        assert!(matches!(source.wait_horizon(3).unwrap(), Horizon::Covered));
+        assert_eq!(source.peek().unwrap().map(|r| r.seq), Some(0));
+        source.advance();
+        assert_eq!(source.peek().unwrap().map(|r| r.seq), Some(1));
+        source.advance();
+        assert!(matches!(source.wait_horizon(6).unwrap(), Horizon::Covered));
+        // Horizon markers are never handed to replay.
+        assert!(source.peek().unwrap().is_none());
+        assert_eq!(source.last_seq(), Some(1));
+        assert_eq!(source.replayed(), 2);
+        // The primary says goodbye: everything is known from then on.
+        primary.close(Duration::from_secs(5)).unwrap();
+        assert!(matches!(
+            source.wait_horizon(1000).unwrap(),
+            Horizon::Covered
+        ));
+    }
+
+    #[test]
+    fn a_silent_primary_is_lost_after_what_it_sent_is_replayed() {
+        let (primary, mut source) = pair(Duration::from_secs(60));
+        send(
+            &primary,
+            &[(0, 2, Event::Clock { ns: 5 }), (1, 3, Event::Horizon)],
+        );
+        assert!(matches!(source.wait_horizon(3).unwrap(), Horizon::Covered));
+        // Nothing more comes: the backup gives up on the primary.
+        let lost = source.wait_horizon(4).unwrap();
+        assert!(
+            matches!(lost, Horizon::PeerLost(LinkFailure::PeerSilent { .. })),
+            "{lost:?}"
+        );
+        // What arrived before is still there to replay.
+        assert_eq!(source.peek().unwrap().map(|r| r.seq), Some(0));
+        source.promote();
+        assert!(!source.exhausted());
+        source.advance();
+        assert!(source.exhausted());
+        assert!(matches!(
+            source.wait_horizon(10_000).unwrap(),
+            Horizon::Covered
+        ));
+        drop(primary);
     }
 }

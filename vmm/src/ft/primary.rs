@@ -88,12 +88,13 @@ pub struct ChannelSink {
 impl ChannelSink {
     /// Held output leaves through `outlet` once the gate releases it.
     pub fn new(
-        link: PrimaryLink,
+        mut link: PrimaryLink,
         metrics: Arc<Metrics>,
         outlet: Outlet,
         arbiter: Option<Arbiter>,
     ) -> Result<Self, super::Error> {
         let state = link.state();
+        link.set_stop_flag(stop::flag_handle());
         metrics.set_link(state.clone());
         let lag = Arc::new(LagTracker::new());
         {
@@ -192,6 +193,7 @@ impl ChannelSink {
         self.lag.flushed(p.horizon_sent, p.last_flush);
         match p.link.send(frames, n, bytes) {
             Ok(()) => Ok(()),
+            Err(channel::Error::Interrupted) => Err(Error::Interrupted),
             Err(e) => self.lost_backup(super::failure_of(&e, channel::Role::Backup)),
         }
     }

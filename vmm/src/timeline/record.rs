@@ -203,3 +203,128 @@ impl<S: LogSink> Timeline for Record<S> {
         self.world.close()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doorbell::Doorbell;
+    use crate::serial_backend::SerialPort;
+    use crate::timeline::replay::{LoadedLog, Replay};
+    use crate::timeline::{SerialDemand, SerialInput};
+    use logchannel::{Header, LogReader};
+
+    fn at(exit: u64) -> Position {
+        Position {
+            exit,
+            rip: 0x2000 + exit,
+            regs_crc: exit as u32,
+            kind: 2,
+        }
+    }
+
+    type Recorded = Record<FileSink<Vec<u8>>>;
+
+    fn recorder() -> (
+        Recorded,
+        std::sync::mpsc::SyncSender<(u64, Vec<u8>)>,
+        std::sync::mpsc::Receiver<(u64, Vec<u8>)>,
+    ) {
+        let (port, tx, rx) = SerialPort::detached();
+        let world = World::new(Doorbell::new(), port, None);
+        let header = Header::new([1; 32], 1 << 21, "test");
+        let writer = LogWriter::new(Vec::new(), &header).unwrap();
+        (Record::new(world, FileSink::new(writer), None), tx, rx)
+    }
+
+    fn records(r: Recorded) -> Vec<logchannel::Record> {
+        let bytes = r.sink.writer.into_inner();
+        let (mut reader, _) = LogReader::open(&bytes[..]).unwrap();
+        std::iter::from_fn(|| reader.next_record().unwrap()).collect()
+    }
+
+    #[test]
+    fn every_answer_is_logged_at_its_position_and_replays() {
+        let (mut r, tx, out_rx) = recorder();
+        let clock = r.clock_ns(&at(1)).unwrap();
+        let entropy = r.entropy(&at(1)).unwrap();
+        let wall = r.wall_clock(&at(2)).unwrap();
+        tx.send((1, b"xyz".to_vec())).unwrap();
+        let demand = Demand {
+            serial: SerialDemand {
+                room: 2,
+                rx_empty: true,
+            },
+            ..Demand::default()
+        };
+        let mut inputs = Vec::new();
+        r.inputs(&at(3), &demand, &mut inputs).unwrap();
+        assert_eq!(inputs, [Input::Serial(SerialInput::Bytes(b"xy".to_vec()))]);
+        r.interrupt(&at(3), 0x24).unwrap();
+        r.output(&at(4), Output::Serial(b"ok".to_vec())).unwrap();
+        // A file recording releases output at once.
+        assert_eq!(out_rx.try_recv().unwrap(), (1, b"ok".to_vec()));
+        let d = StateDigest {
+            regs_crc: 1,
+            mem_crc: 2,
+            tag: 9,
+        };
+        r.digest(&at(4), &d).unwrap();
+        let end = StateDigest {
+            tag: FINAL_DIGEST_TAG,
+            ..d
+        };
+        r.finish(&at(5), Ending::PowerOff(3), &end).unwrap();
+
+        let log = records(r);
+        let kinds: Vec<_> = log
+            .iter()
+            .map(|rec| (rec.seq, rec.pos.exit, rec.event.name()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (0, 1, "clock"),
+                (1, 1, "entropy"),
+                (2, 2, "wall clock"),
+                (3, 3, "serial input"),
+                (4, 3, "interrupt"),
+                (5, 4, "digest"),
+                (6, 5, "power off"),
+                (7, 5, "digest"),
+            ]
+        );
+        assert_eq!(log[0].pos, at(1));
+        assert_eq!(log[0].event, Event::Clock { ns: clock });
+        assert_eq!(log[1].event, Event::Entropy { value: entropy });
+
+        // Replaying the log gives the same answers.
+        let mut replay = Replay::new(LoadedLog::new(log), Vec::new());
+        assert_eq!(replay.clock_ns(&at(1)).unwrap(), clock);
+        assert_eq!(replay.entropy(&at(1)).unwrap(), entropy);
+        assert_eq!(replay.wall_clock(&at(2)).unwrap(), wall);
+        let mut again = Vec::new();
+        replay.inputs(&at(3), &demand, &mut again).unwrap();
+        assert_eq!(again, inputs);
+        replay.interrupt(&at(3), 0x24).unwrap();
+        replay.digest(&at(4), &d).unwrap();
+        replay.finish(&at(5), Ending::PowerOff(3), &end).unwrap();
+    }
+
+    #[test]
+    fn periodic_digests_are_asked_for_on_schedule() {
+        let (port, _tx, _rx) = SerialPort::detached();
+        let world = World::new(Doorbell::new(), port, None);
+        let header = Header::new([1; 32], 1 << 21, "test");
+        let writer = LogWriter::new(Vec::new(), &header).unwrap();
+        let mut r = Record::new(
+            world,
+            FileSink::new(writer),
+            Some(Duration::from_millis(30)),
+        );
+        assert!(!r.wants_digest(&at(1), false));
+        assert!(r.wants_digest(&at(1), true));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(r.wants_digest(&at(2), false));
+        assert!(!r.wants_digest(&at(3), false));
+    }
+}

@@ -327,3 +327,220 @@ impl<S: RecordSource, O: Write> Timeline for Replay<S, O> {
         self.output.flush().map_err(Error::Transcript)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::timeline::{SerialDemand, SerialInput};
+
+    fn at(exit: u64) -> Position {
+        Position {
+            exit,
+            rip: 0x1000 + exit,
+            regs_crc: exit as u32 * 7,
+            kind: 1,
+        }
+    }
+
+    fn log(events: &[(u64, Event)]) -> Replay<LoadedLog, Vec<u8>> {
+        let records = events
+            .iter()
+            .enumerate()
+            .map(|(seq, (exit, event))| Record {
+                seq: seq as u64,
+                pos: at(*exit),
+                event: event.clone(),
+            })
+            .collect();
+        Replay::new(LoadedLog::new(records), Vec::new())
+    }
+
+    fn digest(tag: u64) -> StateDigest {
+        StateDigest {
+            regs_crc: 0xaa,
+            mem_crc: 0xbb,
+            tag,
+        }
+    }
+
+    fn final_events(exit: u64) -> [(u64, Event); 2] {
+        [
+            (exit, Event::PowerOff { code: 0 }),
+            (
+                exit,
+                Event::Digest {
+                    regs_crc: 0xaa,
+                    mem_crc: 0xbb,
+                    tag: FINAL_DIGEST_TAG,
+                },
+            ),
+        ]
+    }
+
+    fn room(n: usize) -> Demand {
+        Demand {
+            serial: SerialDemand {
+                room: n,
+                rx_empty: true,
+            },
+            ..Demand::default()
+        }
+    }
+
+    /// Asserts a divergence naming record `seq`.
+    fn diverged<T: std::fmt::Debug>(r: Result<T, Error>, seq: u64) {
+        match r {
+            Err(Error::Divergence { seq: s, .. }) => assert_eq!(s, seq, "wrong record"),
+            other => panic!("expected a divergence at record {seq}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_same_questions_get_the_logged_answers() {
+        let mut events = vec![
+            (3, Event::Clock { ns: 42 }),
+            (3, Event::Entropy { value: 7 }),
+            (
+                5,
+                Event::WallClock {
+                    secs: 1_700_000_000,
+                },
+            ),
+            (
+                6,
+                Event::SerialIn {
+                    bytes: b"ab".to_vec(),
+                },
+            ),
+            (6, Event::TimerTick),
+            (6, Event::Interrupt { vector: 0x20 }),
+        ];
+        events.extend(final_events(9));
+        let mut r = log(&events);
+        assert!(!r.stop_here(&at(3)).unwrap());
+        assert_eq!(r.clock_ns(&at(3)).unwrap(), 42);
+        assert_eq!(r.entropy(&at(3)).unwrap(), 7);
+        assert_eq!(r.last_clock_ns(), 42);
+        assert_eq!(r.wall_clock(&at(5)).unwrap(), 1_700_000_000);
+        let mut out = Vec::new();
+        // Nothing is due at exit 5 (the wall clock was taken).
+        r.inputs(&at(5), &room(16), &mut out).unwrap();
+        assert!(out.is_empty());
+        r.inputs(&at(6), &room(16), &mut out).unwrap();
+        assert_eq!(
+            out,
+            [
+                Input::Serial(SerialInput::Bytes(b"ab".to_vec())),
+                Input::TimerTick
+            ]
+        );
+        r.interrupt(&at(6), 0x20).unwrap();
+        r.finish(&at(9), Ending::PowerOff(0), &digest(0)).unwrap();
+        assert_eq!(r.events_applied(), 8);
+    }
+
+    #[test]
+    fn a_read_at_another_position_diverges_at_its_record() {
+        let mut r = log(&[
+            (2, Event::Entropy { value: 1 }),
+            (3, Event::Clock { ns: 5 }),
+        ]);
+        r.entropy(&at(2)).unwrap();
+        diverged(r.clock_ns(&at(4)), 1);
+        // Same exit, another RIP: still a divergence.
+        let mut r = log(&[(3, Event::Clock { ns: 5 })]);
+        let mut moved = at(3);
+        moved.rip += 1;
+        diverged(r.clock_ns(&moved), 0);
+        // Same exit, other registers.
+        let mut r = log(&[(3, Event::Clock { ns: 5 })]);
+        let mut other = at(3);
+        other.regs_crc ^= 1;
+        diverged(r.clock_ns(&other), 0);
+    }
+
+    #[test]
+    fn another_kind_of_event_diverges() {
+        let mut r = log(&[(3, Event::Clock { ns: 5 })]);
+        diverged(r.entropy(&at(3)), 0);
+        let mut r = log(&[(3, Event::Interrupt { vector: 0x20 })]);
+        diverged(r.interrupt(&at(3), 0x24), 0);
+    }
+
+    #[test]
+    fn input_that_would_not_fit_diverges() {
+        let mut r = log(&[(4, Event::SerialIn { bytes: vec![0; 10] })]);
+        let mut out = Vec::new();
+        diverged(r.inputs(&at(4), &room(9), &mut out), 0);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn idle_with_nothing_logged_here_diverges_and_a_short_log_ends() {
+        let mut r = log(&[(8, Event::TimerTick)]);
+        let idle = Demand {
+            idle: true,
+            ..Demand::default()
+        };
+        diverged(r.inputs(&at(4), &idle, &mut Vec::new()), 0);
+        let mut r = log(&[]);
+        assert!(matches!(
+            r.inputs(&at(4), &idle, &mut Vec::new()),
+            Err(Error::LogEnded { .. })
+        ));
+        assert!(matches!(r.clock_ns(&at(4)), Err(Error::LogEnded { .. })));
+    }
+
+    #[test]
+    fn running_past_a_logged_event_diverges() {
+        let mut r = log(&[(3, Event::TimerTick)]);
+        assert!(!r.stop_here(&at(3)).unwrap());
+        diverged(r.stop_here(&at(4)), 0);
+    }
+
+    #[test]
+    fn digests_must_match_and_nothing_may_follow_the_end() {
+        let mut r = log(&[(
+            3,
+            Event::Digest {
+                regs_crc: 0xaa,
+                mem_crc: 0xbc,
+                tag: 1,
+            },
+        )]);
+        assert!(r.wants_digest(&at(3), false));
+        diverged(r.digest(&at(3), &digest(1)), 0);
+
+        let mut events = final_events(5).to_vec();
+        events.push((6, Event::TimerTick));
+        let mut r = log(&events);
+        diverged(r.finish(&at(5), Ending::PowerOff(0), &digest(0)), 2);
+
+        let mut r = log(&final_events(5));
+        diverged(r.finish(&at(5), Ending::PowerOff(1), &digest(0)), 0);
+    }
+
+    #[test]
+    fn the_recorded_stop_ends_the_run() {
+        let mut r = log(&[
+            (7, Event::Stop),
+            (
+                7,
+                Event::Digest {
+                    regs_crc: 0xaa,
+                    mem_crc: 0xbb,
+                    tag: FINAL_DIGEST_TAG,
+                },
+            ),
+        ]);
+        assert!(r.stop_here(&at(7)).unwrap());
+        r.finish(&at(7), Ending::Stopped, &digest(0)).unwrap();
+    }
+
+    #[test]
+    fn output_goes_to_the_transcript_only() {
+        let mut r = log(&[]);
+        r.output(&at(1), Output::Serial(b"hi".to_vec())).unwrap();
+        assert_eq!(r.output, b"hi");
+    }
+}
