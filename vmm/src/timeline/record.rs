@@ -223,17 +223,17 @@ mod tests {
     }
 
     type Recorded = Record<FileSink<Vec<u8>>>;
-
-    fn recorder() -> (
-        Recorded,
+    type Chunks = (
         std::sync::mpsc::SyncSender<(u64, Vec<u8>)>,
         std::sync::mpsc::Receiver<(u64, Vec<u8>)>,
-    ) {
+    );
+
+    fn recorder() -> (Recorded, Chunks) {
         let (port, tx, rx) = SerialPort::detached();
         let world = World::new(Doorbell::new(), port, None);
         let header = Header::new([1; 32], 1 << 21, "test");
         let writer = LogWriter::new(Vec::new(), &header).unwrap();
-        (Record::new(world, FileSink::new(writer), None), tx, rx)
+        (Record::new(world, FileSink::new(writer), None), (tx, rx))
     }
 
     fn records(r: Recorded) -> Vec<logchannel::Record> {
@@ -244,7 +244,7 @@ mod tests {
 
     #[test]
     fn every_answer_is_logged_at_its_position_and_replays() {
-        let (mut r, tx, out_rx) = recorder();
+        let (mut r, (tx, out_rx)) = recorder();
         let clock = r.clock_ns(&at(1)).unwrap();
         let entropy = r.entropy(&at(1)).unwrap();
         let wall = r.wall_clock(&at(2)).unwrap();
