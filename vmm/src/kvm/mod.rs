@@ -47,7 +47,7 @@ pub enum Error {
 /// A KVM exit, converted at the boundary and owning its data.
 ///
 /// Only `IoIn`, `IoOut`, `MmioRead`, `MmioWrite` and `Hlt` are synchronous
-/// exits, and only they count as positions (DESIGN.md, Positions).
+/// exits, and only they count as positions (docs/ARCHITECTURE.md, Positions).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
     /// `in` (or `rep ins`): `len` bytes wanted, to be given with [`Vm::complete_read`].
@@ -148,7 +148,7 @@ impl Vm {
             unsafe { vm.set_user_memory_region(desc) }.map_err(Error::SetMemory)?;
         }
         let mut vcpu = vm.create_vcpu(0).map_err(Error::CreateVcpu)?;
-        // CPUID has no effect on kvm_pvm (DESIGN.md), but on real KVM the
+        // CPUID has no effect on kvm_pvm (docs/ARCHITECTURE.md, platform facts), but on real KVM the
         // guest needs the host's features (SSE, long mode) reported.
         if let Ok(cpuid) = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) {
             vcpu.set_cpuid2(&cpuid).map_err(Error::SetupRegs)?;
