@@ -35,7 +35,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,23 +60,16 @@ const IDLE: Duration = Duration::from_secs(3);
 
 /// Round trips of `PINGS` sequential inline PINGs, in microseconds, sorted.
 fn ping_round_trips(addr: SocketAddr) -> anyhow::Result<Vec<f64>> {
-    let mut s = connect(addr, Duration::from_secs(10));
-    s.set_nodelay(true)?;
+    let mut c = Conn::connect(addr, Duration::from_secs(10))?;
     let mut times = Vec::with_capacity(PINGS);
-    let mut buf = [0u8; 64];
     for i in 0..PINGS {
         let start = Instant::now();
-        s.write_all(b"PING\r\n")?;
-        let mut got = Vec::new();
-        while got.len() < 7 {
-            let n = s
-                .read(&mut buf)
-                .with_context(|| format!("no reply to PING #{i}"))?;
-            ensure!(n > 0, "kv closed the connection at PING #{i}");
-            got.extend_from_slice(&buf[..n]);
-        }
+        c.send_raw(b"PING\r\n")?;
+        let got = c
+            .reply(Duration::from_secs(10))
+            .with_context(|| format!("no reply to PING #{i}"))?;
         times.push(start.elapsed().as_secs_f64() * 1e6);
-        ensure!(got == b"+PONG\r\n", "PING #{i} got {got:?}");
+        ensure!(got == Reply::simple("PONG"), "PING #{i} got {got:?}");
     }
     times.sort_by(f64::total_cmp);
     Ok(times)
@@ -111,27 +103,24 @@ fn compute_guest_s(out: &str) -> anyhow::Result<f64> {
     Ok(ns.parse::<f64>()? / 1e9)
 }
 
-/// The primary's metrics, scraped now; fails if it does not answer.
-fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    scrape_metrics(addr).with_context(|| format!("the primary's metrics at {addr} did not answer"))
-}
-
-fn gauge(text: &str, name: &str) -> anyhow::Result<f64> {
-    metric(text, name).with_context(|| format!("no {name} in metrics:\n{text}"))
+/// The primary's metrics, scraped now; fails if they do not answer.
+fn scrape(addr: SocketAddr) -> anyhow::Result<Metrics> {
+    metrics::scrape(addr, Duration::from_secs(2))
+        .with_context(|| format!("the primary's metrics at {addr}"))
 }
 
 /// Execution lag (p50, p99) in milliseconds from a scrape.
-fn lag_ms(text: &str) -> anyhow::Result<(f64, f64)> {
+fn lag_ms(m: &Metrics) -> anyhow::Result<(f64, f64)> {
     Ok((
-        gauge(text, "duet_lag_p50_seconds")? * 1e3,
-        gauge(text, "duet_lag_p99_seconds")? * 1e3,
+        m.require("duet_lag_p50_seconds")? * 1e3,
+        m.require("duet_lag_p99_seconds")? * 1e3,
     ))
 }
 
 /// A running primary and backup.
 struct Pair {
-    primary: Running,
-    backup: Running,
+    primary: Proc,
+    backup: Proc,
     metrics: SocketAddr,
 }
 
@@ -140,8 +129,8 @@ impl Pair {
     /// `--serial` value.
     fn start(image: &str, serial: &str) -> Pair {
         let (chan, metrics) = (free_addr(), free_addr());
-        let backup = Running::start(&mut backup_cmd(image, "bench", chan), false);
-        let primary = Running::start(
+        let backup = launch(&mut backup_cmd(image, "bench", chan), false);
+        let primary = launch(
             primary_cmd(image, "bench", chan)
                 .args(["--serial", serial])
                 .args(["--metrics", &metrics.to_string()]),
@@ -156,12 +145,12 @@ impl Pair {
 
     /// Waits for both to exit (after `stop`, or by themselves) and checks
     /// that both exited 0 with the same final state; the primary's output.
-    fn finish(self, stop: bool) -> anyhow::Result<Output> {
+    fn finish(mut self, stop: bool) -> anyhow::Result<Output> {
         if stop {
-            send_signal(self.primary.pid(), libc::SIGTERM);
+            self.primary.terminate()?;
         }
-        let p = self.primary.finish(RUN_LIMIT);
-        let b = self.backup.finish(RUN_LIMIT);
+        let p = self.primary.finish(RUN_LIMIT)?;
+        let b = self.backup.finish(RUN_LIMIT)?;
         ensure!(p.status.success(), "primary: {}: {}", p.status, stderr(&p));
         ensure!(
             b.status.success(),
@@ -212,14 +201,14 @@ fn ft_kv() -> anyhow::Result<FtKvRun> {
     wait_for_port(addr, Duration::from_secs(10));
     let (t0, b0) = (
         Instant::now(),
-        gauge(&scrape(pair.metrics)?, "duet_log_bytes_total")?,
+        scrape(pair.metrics)?.require("duet_log_bytes_total")?,
     );
     let kv = kv_workload(addr)?;
     let busy = scrape(pair.metrics)?;
-    let (t1, b1) = (Instant::now(), gauge(&busy, "duet_log_bytes_total")?);
+    let (t1, b1) = (Instant::now(), busy.require("duet_log_bytes_total")?);
     std::thread::sleep(IDLE);
     let idle = scrape(pair.metrics)?;
-    let (t2, b2) = (Instant::now(), gauge(&idle, "duet_log_bytes_total")?);
+    let (t2, b2) = (Instant::now(), idle.require("duet_log_bytes_total")?);
     pair.finish(true)?;
     let mbit = |bytes: f64, d: Duration| bytes * 8.0 / 1e6 / d.as_secs_f64();
     Ok(FtKvRun {
@@ -246,14 +235,14 @@ fn solo_compute() -> anyhow::Result<(f64, f64)> {
 fn ft_compute() -> anyhow::Result<(f64, f64, (f64, f64), f64)> {
     let start = Instant::now();
     let pair = Pair::start("compute", "stdio");
-    let last: Arc<Mutex<Option<(String, Instant)>>> = Arc::default();
+    let last: Arc<Mutex<Option<(Metrics, Instant)>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
     let scraper = {
         let (last, done, addr) = (last.clone(), done.clone(), pair.metrics);
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
-                if let Some(text) = scrape_metrics(addr) {
-                    *last.lock().unwrap() = Some((text, Instant::now()));
+                if let Ok(m) = metrics::scrape(addr, Duration::from_secs(2)) {
+                    *last.lock().unwrap() = Some((m, Instant::now()));
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -263,14 +252,14 @@ fn ft_compute() -> anyhow::Result<(f64, f64, (f64, f64), f64)> {
     let wall = start.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     let _ = scraper.join();
-    let (text, at) = last
+    let (m, at) = last
         .lock()
         .unwrap()
         .take()
         .context("the FT compute primary's metrics never answered")?;
-    let bytes = gauge(&text, "duet_log_bytes_total")?;
+    let bytes = m.require("duet_log_bytes_total")?;
     let mbit = bytes * 8.0 / 1e6 / (at - start).as_secs_f64();
-    Ok((wall, compute_guest_s(&stdout(&o))?, lag_ms(&text)?, mbit))
+    Ok((wall, compute_guest_s(&stdout(&o))?, lag_ms(&m)?, mbit))
 }
 
 /// A JSON number: finite, three decimals.

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod devices;
 pub mod ft;
 pub mod images;
+pub mod kit;
 pub mod kvm;
 pub mod machine;
 pub mod netns;
