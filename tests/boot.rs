@@ -79,16 +79,14 @@ fn unknown_image_name_is_an_error() {
 
 #[test]
 fn non_elf_file_is_an_error() {
-    let dir = std::env::temp_dir().join(format!("duet-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("not-an-elf");
+    let dir = tempdir("non-elf");
+    let path = dir.path().join("not-an-elf");
     std::fs::write(&path, b"#!/bin/sh\necho this is not an ELF\n").unwrap();
     let o = run_bounded(
         duet().args(["run", "--image", path.to_str().unwrap()]),
         None,
         LIMIT,
     );
-    std::fs::remove_dir_all(&dir).ok();
     assert_clean_error(&o, "ELF");
 }
 
@@ -120,21 +118,16 @@ fn tiny_elf(paddr: u64, memsz: u64) -> Vec<u8> {
 }
 
 fn run_elf(bytes: &[u8], extra: &[&str]) -> std::process::Output {
-    let path = std::env::temp_dir().join(format!(
-        "duet-test-{}-{}.elf",
-        std::process::id(),
-        bytes.len() ^ bytes[40] as usize ^ extra.len()
-    ));
+    let dir = tempdir("elf");
+    let path = dir.path().join("guest.elf");
     std::fs::write(&path, bytes).unwrap();
-    let o = run_bounded(
+    run_bounded(
         duet()
             .args(["run", "--image", path.to_str().unwrap()])
             .args(extra),
         None,
         LIMIT,
-    );
-    std::fs::remove_file(&path).ok();
-    o
+    )
 }
 
 #[test]

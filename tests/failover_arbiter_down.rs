@@ -12,8 +12,8 @@ mod twohost;
 
 use std::time::{Duration, Instant};
 
-use common::Reply;
-use twohost::{check_acked, set_ok, NoReply, Pair, Side};
+use common::{resp, Reply};
+use twohost::{check_acked, set_ok, Pair, Side};
 use vmm::netns::Host;
 
 #[test]
@@ -37,31 +37,32 @@ fn nobody_goes_live_while_the_arbiter_is_down() {
     pair.arbiter.as_mut().unwrap().kill();
     pair.topo.cut_logging_link().unwrap();
     let cut = Instant::now();
-    conn.send(&["PING"]);
+    conn.send(&["PING"]).unwrap();
     // Two seconds of partition without an arbiter.
     let held = conn.reply(Duration::from_secs(2));
     let logs = pair.logs();
     match held {
-        Err(NoReply::Timeout) => {}
-        Err(NoReply::Closed(why)) => panic!("the primary closed the client ({why})\n{logs}"),
+        Err(resp::Error::Timeout) => {}
+        Err(resp::Error::Closed(why)) => panic!("the primary closed the client ({why})\n{logs}"),
+        Err(e @ resp::Error::Protocol(_)) => panic!("{e}\n{logs}"),
         Ok(r) => panic!("the primary released output with no arbiter: {r:?}\n{logs}"),
     }
     assert!(
-        pair.primary.exited().is_none() && pair.backup.exited().is_none(),
+        pair.primary.status().is_none() && pair.backup.status().is_none(),
         "a side exited while the arbiter was down: primary {:?}, backup {:?}\n{logs}",
-        pair.primary.exited(),
-        pair.backup.exited()
+        pair.primary.status(),
+        pair.backup.status()
     );
     assert!(
-        !pair.backup.output().contains("backup: going live"),
+        !pair.backup.log_text().contains("backup: going live"),
         "the backup went live without the arbiter\n{logs}"
     );
     assert_eq!(pair.topo.vip_holder().unwrap(), Some(Host::A), "{logs}");
     for p in [&pair.primary, &pair.backup] {
         assert!(
-            p.output().contains("is unreachable; not going live"),
+            p.log_text().contains("is unreachable; not going live"),
             "the {} does not say it is waiting for the arbiter\n{logs}",
-            p.name
+            p.name()
         );
     }
     eprintln!("held for {:?} with the arbiter down", cut.elapsed());
@@ -72,7 +73,7 @@ fn nobody_goes_live_while_the_arbiter_is_down() {
     let decided = seen - back;
     eprintln!("the {survivor:?} won {decided:?} after the arbiter came back");
     let logs = pair.logs();
-    let went_live = pair.backup.output().contains("backup: going live");
+    let went_live = pair.backup.log_text().contains("backup: going live");
     match survivor {
         Side::Primary => {
             match conn.reply(limit) {
@@ -84,7 +85,8 @@ fn nobody_goes_live_while_the_arbiter_is_down() {
         }
         Side::Backup => {
             match conn.reply(Duration::from_secs(1)) {
-                Err(NoReply::Timeout | NoReply::Closed(_)) => {}
+                Err(resp::Error::Timeout | resp::Error::Closed(_)) => {}
+                Err(e @ resp::Error::Protocol(_)) => panic!("{e}\n{logs}"),
                 Ok(r) => panic!("the losing primary answered after the cut: {r:?}\n{logs}"),
             }
             assert!(went_live, "the backup won but never went live\n{logs}");
@@ -97,7 +99,7 @@ fn nobody_goes_live_while_the_arbiter_is_down() {
     acked.push(("after".into(), "x".into()));
     check_acked(&mut conn, &acked, || pair.logs());
     assert!(
-        pair.proc_of(survivor).exited().is_none(),
+        pair.proc_of(survivor).status().is_none(),
         "the surviving {survivor:?} exited\n{}",
         pair.logs()
     );

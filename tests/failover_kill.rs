@@ -6,12 +6,13 @@
 //!   between the acknowledged and the sent INCRs, and the backup must go
 //!   live exactly once.
 //! - Kill the backup: the primary wins the arbiter, continues alone, and its
-//!   output flows without waiting for acknowledgements.
+//!   output flows without waiting for acknowledgements: the write in flight
+//!   at the kill and the writes after it are answered, and every
+//!   acknowledged write is there. (How fast it goes on is the failover
+//!   benchmark's business, not a test's.)
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -30,12 +31,10 @@ fn killing_the_primary_at_random_moments_loses_no_acknowledged_write() {
         return;
     }
     let tas = tas_server_bin();
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("seed {seed}");
-    let mut rng = Rng(seed | 1);
+    let mut rng = seed::rng(
+        "killing_the_primary_at_random_moments_loses_no_acknowledged_write",
+        None,
+    );
     for trial in 0..3 {
         let kill_after = 20 + rng.below(230);
         let o = run_bounded(
@@ -62,7 +61,13 @@ fn killing_the_primary_at_random_moments_loses_no_acknowledged_write() {
             .split_once(" SETs; verified present on the new primary: ")
             .unwrap();
         assert_eq!(acked.trim(), rest.trim(), "trial {trial}: {writes}");
-        assert!(acked.trim().parse::<u64>().unwrap() >= 250, "{writes}");
+        // Every SET before the kill went to a healthy pair, and the new
+        // primary took more after it.
+        let acked: u64 = acked.trim().parse().unwrap();
+        assert!(
+            acked > kill_after,
+            "trial {trial}: {acked} SETs acknowledged, killed after {kill_after}:\n{out}"
+        );
         assert!(field(&out, "counter").ends_with(": yes"), "{out}");
         assert_eq!(field(&out, "backup went live"), "1 time(s)", "{out}");
         let arb = field(&out, "arbiter state");
@@ -70,23 +75,20 @@ fn killing_the_primary_at_random_moments_loses_no_acknowledged_write() {
             arb.contains("backup@"),
             "the backup must hold the pair: {arb}"
         );
-        assert!(out.contains("failover time"), "{out}");
+        let failover = field(&out, "failover time");
+        assert!(
+            failover.ends_with("from SIGKILL to the first reply from the new primary"),
+            "trial {trial}: no reply from the new primary: {failover}"
+        );
     }
 }
 
-/// Sends one RESP command and reads one line of reply, bounded.
-fn ping(stream: &mut TcpStream) -> std::io::Result<String> {
-    stream.write_all(b"*1\r\n$4\r\nPING\r\n")?;
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 64];
-    while !reply.ends_with(b"\r\n") {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        reply.extend_from_slice(&buf[..n]);
+/// Sets `key` to `value`; panics unless `+OK` comes within `limit`.
+fn set_ok(c: &mut Conn, key: &str, value: &str, limit: Duration) {
+    match c.call(&["SET", key, value], limit) {
+        Ok(r) if r.is_ok() => {}
+        other => panic!("SET {key} got {other:?}"),
     }
-    Ok(String::from_utf8_lossy(&reply).into_owned())
 }
 
 #[test]
@@ -94,26 +96,26 @@ fn killing_the_backup_leaves_the_primary_alone_and_unheld() {
     if !kvm_available("killing_the_backup_leaves_the_primary_alone_and_unheld") {
         return;
     }
-    let dir = TempDir::new("kill-backup");
+    let dir = tempdir("kill-backup");
     let (tas_addr, chan, service, metrics) = (free_addr(), free_addr(), free_addr(), free_addr());
-    let tas = Guard(
+    let _tas = Proc::spawn(
+        "arbiter",
         Command::new(tas_server_bin())
             .args(["--listen", &tas_addr.to_string()])
             .arg("--state")
-            .arg(dir.join("tas.state"))
+            .arg(dir.path().join("tas.state"))
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+            .stderr(std::process::Stdio::null()),
+    )
+    .unwrap();
     wait_for_port(tas_addr, Duration::from_secs(10));
-    let backup = Running::start(
+    let mut backup = launch(
         backup_cmd("kv", "kb", chan)
             .args(["--tas", &tas_addr.to_string()])
             .env("DUET_LOG", "info"),
         false,
     );
-    let primary = Running::start(
+    let mut primary = launch(
         primary_cmd("kv", "kb", chan)
             .args(["--tas", &tas_addr.to_string()])
             .args(["--serial", &format!("tcp:{service}")])
@@ -122,39 +124,43 @@ fn killing_the_backup_leaves_the_primary_alone_and_unheld() {
         false,
     );
     wait_for_port(service, Duration::from_secs(20));
-    let mut c = connect(service, Duration::from_secs(5));
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    assert_eq!(ping(&mut c).unwrap(), "+PONG\r\n");
+    let limit = Duration::from_secs(10);
+    let mut c = connect(service, limit);
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        let (k, v) = (format!("before:{i}"), format!("b{i}"));
+        set_ok(&mut c, &k, &v, limit);
+        acked.push((k, v));
+    }
 
-    send_signal(backup.pid(), libc::SIGKILL);
-    let killed = Instant::now();
-    // The primary notices, wins the arbiter and goes on alone: replies keep
-    // coming, and soon none waits for an acknowledgement that cannot come.
-    let mut replies = 0;
-    while killed.elapsed() < Duration::from_secs(3) {
+    backup.signal(libc::SIGKILL).unwrap();
+    // In flight at the kill: held until the primary has won the arbiter,
+    // then released.
+    set_ok(&mut c, "at-kill", "k", limit);
+    acked.push(("at-kill".into(), "k".into()));
+    let end = Instant::now() + limit;
+    let m = loop {
+        let m = scrape(metrics);
+        if m.get("duet_arbiter_state") == Some(2.0) || Instant::now() >= end {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(m.get("duet_arbiter_state"), Some(2.0), "{m:?}");
+    // Alone: writes go on, and no output waits for an acknowledgement.
+    for i in 0..20 {
+        let (k, v) = (format!("after:{i}"), format!("a{i}"));
+        set_ok(&mut c, &k, &v, limit);
+        acked.push((k, v));
+    }
+    assert_eq!(scrape(metrics).get("duet_outputs_held"), Some(0.0));
+    for (k, v) in &acked {
         assert_eq!(
-            ping(&mut c).unwrap(),
-            "+PONG\r\n",
-            "the primary stopped answering"
+            c.call(&["GET", k], limit).unwrap(),
+            Reply::bulk(v),
+            "acknowledged {k}={v} is missing"
         );
-        replies += 1;
     }
-    assert!(
-        replies > 50,
-        "only {replies} replies in 3 s after the backup died"
-    );
-    let text = scrape_metrics(metrics).expect("metrics");
-    assert_eq!(metric(&text, "duet_arbiter_state"), Some(2.0), "{text}");
-    assert_eq!(metric(&text, "duet_outputs_held"), Some(0.0), "{text}");
-    let t = Instant::now();
-    for _ in 0..20 {
-        assert_eq!(ping(&mut c).unwrap(), "+PONG\r\n");
-    }
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "20 PINGs took {:?} with nobody to wait for",
-        t.elapsed()
-    );
     let status = tas_server::client::Client::new(tas_addr, Duration::from_secs(2))
         .status()
         .unwrap();
@@ -162,11 +168,9 @@ fn killing_the_backup_leaves_the_primary_alone_and_unheld() {
     assert_eq!(holders.len(), 1, "{status:?}");
     assert!(holders[0].starts_with("primary@"), "{status:?}");
 
-    primary.terminate();
-    let o = primary.finish(Duration::from_secs(10));
+    primary.terminate().unwrap();
+    let o = finish(primary, Duration::from_secs(10));
     assert!(o.status.success(), "{:?} {}", o.status, stderr(&o));
     let err = stderr(&o);
     assert!(err.contains("continuing alone"), "{err}");
-    drop(backup);
-    drop(tas);
 }

@@ -20,8 +20,8 @@ mod twohost;
 
 use std::time::{Duration, Instant};
 
-use common::Reply;
-use twohost::{check_acked, set_ok, NoReply, Pair, Side};
+use common::{resp, Reply};
+use twohost::{check_acked, set_ok, Pair, Side};
 use vmm::netns::Host;
 
 const KEYS: usize = 20;
@@ -54,7 +54,7 @@ fn partition_once(run: u32, also: Also) -> (Side, Duration) {
     }
     // Sent on the primary's connection during the partition: its reply is
     // held until someone wins.
-    conn.send(&["SET", "during", "d"]);
+    conn.send(&["SET", "during", "d"]).unwrap();
     if let Also::Unplug(host) = also {
         // The connected side wins; then the isolated one comes back.
         let winner = if host == Host::A {
@@ -68,12 +68,12 @@ fn partition_once(run: u32, also: Also) -> (Side, Duration) {
             &mut pair.primary
         };
         assert!(
-            side.wait_for_output(winner, Duration::from_secs(10)),
+            side.wait_for_log(winner, Duration::from_secs(10)),
             "with {host} unplugged, the other side did not win\n{}",
             pair.logs()
         );
         assert!(
-            pair.primary.exited().is_none() && pair.backup.exited().is_none(),
+            pair.primary.status().is_none() && pair.backup.status().is_none(),
             "the unplugged side halted without reaching the arbiter\n{}",
             pair.logs()
         );
@@ -84,7 +84,7 @@ fn partition_once(run: u32, also: Also) -> (Side, Duration) {
     eprintln!("run {run}: the {survivor:?} won {decided:?} after the cut");
 
     let logs = pair.logs();
-    let went_live = pair.backup.output().contains("backup: going live");
+    let went_live = pair.backup.log_text().contains("backup: going live");
     match survivor {
         Side::Primary => {
             // The primary goes on alone and releases what it held.
@@ -101,7 +101,8 @@ fn partition_once(run: u32, also: Also) -> (Side, Duration) {
             // The loser must never release held output. It has exited, so
             // anything it sent is already on the way.
             match conn.reply(Duration::from_secs(1)) {
-                Err(NoReply::Timeout | NoReply::Closed(_)) => {}
+                Err(resp::Error::Timeout | resp::Error::Closed(_)) => {}
+                Err(e @ resp::Error::Protocol(_)) => panic!("{e}\n{logs}"),
                 Ok(r) => panic!("the losing primary answered after the cut: {r:?}\n{logs}"),
             }
             assert!(went_live, "the backup won but never went live\n{logs}");
@@ -119,7 +120,7 @@ fn partition_once(run: u32, also: Also) -> (Side, Duration) {
     }
     check_acked(&mut conn, &acked, || pair.logs());
     assert!(
-        pair.proc_of(survivor).exited().is_none(),
+        pair.proc_of(survivor).status().is_none(),
         "the surviving {survivor:?} exited\n{}",
         pair.logs()
     );

@@ -91,8 +91,8 @@ fn flipped_bit_stops_the_backup() {
     let (done_tx, done_rx) = mpsc::channel();
     std::thread::spawn(move || proxy(listener, chan, done_tx));
 
-    let backup = Running::start(&mut backup_cmd("kv", "ft-corrupt", chan), false);
-    let primary = Running::start(
+    let backup = launch(&mut backup_cmd("kv", "ft-corrupt", chan), false);
+    let primary = launch(
         primary_cmd("kv", "ft-corrupt", via).args(["--serial", "none"]),
         false,
     );
@@ -105,7 +105,7 @@ fn flipped_bit_stops_the_backup() {
         flipped.byte, flipped.payload_len, flipped.frame
     );
 
-    let b = backup.finish(Duration::from_secs(10));
+    let b = finish(backup, Duration::from_secs(10));
     eprintln!("backup stopped {:?} after the flip", at.elapsed());
     let err = stderr(&b);
     assert_eq!(b.status.code(), Some(1), "backup: {:?}\n{err}", b.status);
@@ -123,8 +123,20 @@ fn flipped_bit_stops_the_backup() {
         "the backup must not finish normally:\n{err}"
     );
 
-    // The primary loses its backup; whatever it does next, it must not hang
-    // around forever (it has no arbiter here).
-    let p = primary.finish(LIMIT);
-    eprintln!("primary: {:?}\n{}", p.status, stderr(&p));
+    // The primary loses its backup and, with no arbiter to ask (no --tas),
+    // must stop with exit 1 and say so, not hang, not panic and not claim
+    // a clean finish.
+    let p = finish(primary, LIMIT);
+    let err = stderr(&p);
+    assert_eq!(p.status.code(), Some(1), "primary: {:?}\n{err}", p.status);
+    assert!(!err.contains("panicked"), "the primary panicked:\n{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("duet: lost the backup") && l.contains("no arbiter")),
+        "the primary should say it lost the backup with no arbiter:\n{err}"
+    );
+    assert!(
+        !err.contains("final state"),
+        "the primary must not finish normally:\n{err}"
+    );
 }

@@ -17,7 +17,7 @@ fn mismatched_primaries_are_refused() {
         return;
     }
     let chan = free_addr();
-    let backup = Running::start(
+    let backup = launch(
         backup_cmd("hello", "ft-hs", chan).args(["--epoch", "7"]),
         false,
     );
@@ -53,10 +53,10 @@ fn mismatched_primaries_are_refused() {
     }
     // The backup is still waiting; stop it and read what it said.
     let mut backup = backup;
-    let early = backup.guard.0.try_wait().unwrap();
+    let early = backup.status();
     assert!(early.is_none(), "the backup gave up: {early:?}");
-    let _ = backup.guard.0.kill();
-    let b = backup.finish(LIMIT);
+    backup.kill();
+    let b = finish(backup, LIMIT);
     let err = stderr(&b);
     let refusals: Vec<&str> = err
         .lines()

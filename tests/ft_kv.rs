@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -87,20 +86,19 @@ impl Model {
 /// Sends `RAW_COMMANDS` mixed commands in pipelined batches and checks
 /// every reply against the model.
 fn raw_workload(addr: SocketAddr, model: &mut Model) {
-    let seed = 0x5eed_f7c0_ffee;
-    let mut rng = Rng(seed);
+    let seed = seed::seed("kv_under_ft_matches_backup", Some(0x5eed_f7c0_ffee));
+    let mut rng = Rng::new(seed);
     let mut s = connect(addr, LIMIT);
-    s.set_nodelay(true).unwrap();
     for start in (0..RAW_COMMANDS).step_by(BATCH) {
         let mut input = Vec::new();
         let mut want = Vec::new();
         for i in start..start + BATCH {
             let (args, reply) = model.command(&mut rng, i);
             let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-            input.extend(resp_command(&args));
+            input.extend(resp::encode(&args));
             want.push((String::from_utf8_lossy(&args.concat()).into_owned(), reply));
         }
-        s.write_all(&input).unwrap();
+        s.send_raw(&input).unwrap();
         let got = read_replies(&mut s, BATCH, LIMIT);
         for (i, ((cmd, w), g)) in want.iter().zip(&got).enumerate() {
             assert_eq!(g, w, "command #{} ({cmd}), seed {seed:#x}", start + i);
@@ -113,8 +111,8 @@ fn pipe_workload(addr: SocketAddr, model: &mut Model) {
     let mut input = Vec::new();
     for i in 0..PIPE_COMMANDS / 2 {
         let (k, v) = (format!("p{i}"), format!("piped-{i}"));
-        input.extend(resp_command(&[b"SET", k.as_bytes(), v.as_bytes()]));
-        input.extend(resp_command(&[b"INCR", b"piped"]));
+        input.extend(resp::encode(&[b"SET", k.as_bytes(), v.as_bytes()]));
+        input.extend(resp::encode(&[b"INCR", b"piped"]));
         model.0.insert(k, v.into_bytes());
     }
     model
@@ -143,21 +141,21 @@ fn kv_under_ft_matches_backup() {
     if !kvm_available("kv_under_ft_matches_backup") {
         return;
     }
-    let dir = TempDir::new("ft_kv");
+    let dir = tempdir("ft_kv");
     let (chan, serial, metrics) = (free_addr(), free_addr(), free_addr());
-    let backup = Running::start(
+    let backup = launch(
         backup_cmd("kv", "ft-kv", chan)
             .arg("--transcript")
-            .arg(dir.join("backup.txt")),
+            .arg(dir.path().join("backup.txt")),
         false,
     );
-    let primary = Running::start(
+    let mut primary = launch(
         primary_cmd("kv", "ft-kv", chan)
             .args(["--serial", &format!("tcp:{serial}")])
             .args(["--metrics", &metrics.to_string()])
             .args(["--digest-interval-ms", "100"])
             .arg("--transcript")
-            .arg(dir.join("primary.txt")),
+            .arg(dir.path().join("primary.txt")),
         false,
     );
     wait_for_port(serial, LIMIT);
@@ -175,18 +173,18 @@ fn kv_under_ft_matches_backup() {
         format!("(integer) {}", model.0.len())
     );
 
-    let text = scrape_metrics(metrics).expect("the primary serves --metrics");
-    let sent = metric(&text, "duet_records_sent_total").expect("duet_records_sent_total");
-    let acked = metric(&text, "duet_records_acked_total").expect("duet_records_acked_total");
+    let m = scrape(metrics);
+    let sent = m.require("duet_records_sent_total").unwrap();
+    let acked = m.require("duet_records_acked_total").unwrap();
     assert!(
         sent > 0.0 && acked > 0.0,
-        "sent {sent} acked {acked}:\n{text}"
+        "sent {sent} acked {acked}: {m:?}"
     );
     assert!(acked <= sent, "acked {acked} > sent {sent}");
 
-    send_signal(primary.pid(), libc::SIGTERM);
-    let p = primary.finish(LIMIT);
-    let b = backup.finish(LIMIT);
+    primary.terminate().unwrap();
+    let p = finish(primary, LIMIT);
+    let b = finish(backup, LIMIT);
     assert_eq!(p.status.code(), Some(0), "primary: {}", stderr(&p));
     assert_eq!(
         b.status.code(),
@@ -196,8 +194,8 @@ fn kv_under_ft_matches_backup() {
     );
     assert_eq!(final_state(&p), final_state(&b));
 
-    let pt = std::fs::read(dir.join("primary.txt")).unwrap();
-    let bt = std::fs::read(dir.join("backup.txt")).unwrap();
+    let pt = std::fs::read(dir.path().join("primary.txt")).unwrap();
+    let bt = std::fs::read(dir.path().join("backup.txt")).unwrap();
     assert!(
         pt.windows(6).any(|w| w == b"+PONG\r"),
         "primary transcript lacks the PING reply: {} bytes",

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,15 +16,15 @@ fn reply_waits_for_the_backup() {
     if !kvm_available("reply_waits_for_the_backup") {
         return;
     }
-    let dir = TempDir::new("ft_output_rule");
-    let transcript = dir.join("primary.txt");
+    let dir = tempdir("ft_output_rule");
+    let transcript = dir.path().join("primary.txt");
     let (chan, serial, metrics) = (free_addr(), free_addr(), free_addr());
     // Long timeouts: a frozen backup is the point here, not a failure.
-    let backup = Running::start(
+    let mut backup = launch(
         backup_cmd("kv", "ft-rule", chan).args(["--timeout-ms", "60000"]),
         false,
     );
-    let primary = Running::start(
+    let mut primary = launch(
         primary_cmd("kv", "ft-rule", chan)
             .args(["--timeout-ms", "60000"])
             .args(["--serial", &format!("tcp:{serial}")])
@@ -36,22 +35,19 @@ fn reply_waits_for_the_backup() {
     );
     wait_for_port(serial, LIMIT);
     let mut client = connect(serial, LIMIT);
-    client.set_nodelay(true).unwrap();
     // A first round trip with the backup running: the pair works.
-    client.write_all(b"PING\r\n").unwrap();
+    client.send_raw(b"PING\r\n").unwrap();
     assert_eq!(
         read_replies(&mut client, 1, LIMIT),
         [Reply::Simple("PONG".into())]
     );
 
-    send_signal(backup.pid(), libc::SIGSTOP);
+    backup.signal(libc::SIGSTOP).unwrap();
     assert!(
         wait_until_stopped(backup.pid(), Duration::from_secs(5)),
         "the backup did not stop"
     );
-    client
-        .write_all(&resp_command(&[b"ECHO", b"held"]))
-        .unwrap();
+    client.send(&["ECHO", "held"]).unwrap();
     assert!(
         wait_for_file_containing(&transcript, b"$4\r\nheld\r\n", Duration::from_secs(10)),
         "the primary's guest did not produce its reply within 10 s"
@@ -60,24 +56,19 @@ fn reply_waits_for_the_backup() {
     // For a second, nothing reaches the client, and the primary says why.
     let mut held_seen = 0.0f64;
     let end = Instant::now() + Duration::from_secs(1);
-    let mut buf = [0u8; 256];
     while let Some(left) = end.checked_duration_since(Instant::now()) {
-        if let Some(text) = scrape_metrics(metrics) {
-            held_seen = held_seen.max(metric(&text, "duet_outputs_held").unwrap_or(0.0));
+        if let Ok(m) = metrics::scrape(metrics, Duration::from_secs(2)) {
+            held_seen = held_seen.max(m.get("duet_outputs_held").unwrap_or(0.0));
         }
-        client
-            .set_read_timeout(Some(
-                left.clamp(Duration::from_millis(1), Duration::from_millis(100)),
-            ))
-            .unwrap();
-        match client.read(&mut buf) {
-            Ok(0) => panic!("the primary closed the client connection"),
-            Ok(n) => panic!(
+        let wait = left.clamp(Duration::from_millis(1), Duration::from_millis(100));
+        match client.reply(wait) {
+            Err(resp::Error::Timeout) => assert!(
+                client.pending().is_empty(),
                 "the client got {:?} while the backup was stopped",
-                String::from_utf8_lossy(&buf[..n])
+                String::from_utf8_lossy(client.pending())
             ),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => panic!("read failed: {e}"),
+            Ok(r) => panic!("the client got {r:?} while the backup was stopped"),
+            Err(e) => panic!("the client connection failed: {e}"),
         }
     }
     assert!(
@@ -85,7 +76,7 @@ fn reply_waits_for_the_backup() {
         "duet_outputs_held stayed below 1 while the reply was held"
     );
 
-    send_signal(backup.pid(), libc::SIGCONT);
+    backup.signal(libc::SIGCONT).unwrap();
     let start = Instant::now();
     assert_eq!(
         read_replies(&mut client, 1, Duration::from_secs(5)),
@@ -94,9 +85,9 @@ fn reply_waits_for_the_backup() {
     eprintln!("reply released {:?} after SIGCONT", start.elapsed());
     drop(client);
 
-    send_signal(primary.pid(), libc::SIGTERM);
-    let p = primary.finish(LIMIT);
-    let b = backup.finish(LIMIT);
+    primary.terminate().unwrap();
+    let p = finish(primary, LIMIT);
+    let b = finish(backup, LIMIT);
     assert_eq!(p.status.code(), Some(0), "primary: {}", stderr(&p));
     assert_eq!(b.status.code(), Some(0), "backup: {}", stderr(&b));
     assert_eq!(final_state(&p), final_state(&b));

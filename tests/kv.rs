@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 
@@ -30,7 +29,7 @@ fn cli(addr: SocketAddr, args: &[&str]) -> String {
 }
 
 /// Starts `kv` with its serial port on a fresh loopback address.
-fn start_kv() -> (Guard, SocketAddr) {
+fn start_kv() -> (Proc, SocketAddr) {
     let addr = free_addr();
     (start_tcp_guest("kv", addr), addr)
 }
@@ -86,7 +85,7 @@ fn exact_replies_over_raw_tcp() {
         &[b"ECHO", b""],
     ];
     for c in commands {
-        s.write_all(&resp_command(c)).unwrap();
+        s.send_raw(&resp::encode(c)).unwrap();
     }
     let r = read_replies(&mut s, commands.len(), LIMIT);
     assert_eq!(r[0], Reply::Simple("PONG".into()));
@@ -106,8 +105,8 @@ fn batch_of_1000() -> Vec<u8> {
     let mut input = Vec::new();
     for i in 0..500 {
         let (key, value) = (format!("key:{i}"), format!("value-{i}"));
-        input.extend(resp_command(&[b"SET", key.as_bytes(), value.as_bytes()]));
-        input.extend(resp_command(&[b"INCR", b"counter"]));
+        input.extend(resp::encode(&[b"SET", key.as_bytes(), value.as_bytes()]));
+        input.extend(resp::encode(&[b"INCR", b"counter"]));
     }
     input
 }
@@ -138,8 +137,8 @@ fn raw_pipeline_of_1000_commands() {
     let input = batch_of_1000();
     // Write from another thread: the server may answer (and fill our
     // receive buffer) before it has read everything.
-    let mut w = s.try_clone().unwrap();
-    let writer = std::thread::spawn(move || w.write_all(&input));
+    let mut w = s.stream().try_clone().unwrap();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut w, &input));
     let replies = read_replies(&mut s, 1000, LIMIT * 2);
     writer.join().unwrap().unwrap();
     for (i, pair) in replies.chunks(2).enumerate() {
@@ -148,9 +147,9 @@ fn raw_pipeline_of_1000_commands() {
     }
     let mut get = Vec::new();
     for i in [0, 250, 499] {
-        get.extend(resp_command(&[b"GET", format!("key:{i}").as_bytes()]));
+        get.extend(resp::encode(&[b"GET", format!("key:{i}").as_bytes()]));
     }
-    s.write_all(&get).unwrap();
+    s.send_raw(&get).unwrap();
     assert_eq!(
         read_replies(&mut s, 3, LIMIT),
         ["value-0", "value-250", "value-499"].map(Reply::bulk)
@@ -165,18 +164,14 @@ fn second_client_after_first_closes() {
     let (_vm, addr) = start_kv();
     {
         let mut first = connect(addr, LIMIT);
-        first
-            .write_all(&resp_command(&[b"SET", b"survivor", b"yes"]))
-            .unwrap();
+        first.send(&["SET", "survivor", "yes"]).unwrap();
         assert_eq!(
             read_replies(&mut first, 1, LIMIT),
             [Reply::Simple("OK".into())]
         );
     }
     let mut second = connect(addr, LIMIT);
-    second
-        .write_all(&resp_command(&[b"GET", b"survivor"]))
-        .unwrap();
+    second.send(&["GET", "survivor"]).unwrap();
     assert_eq!(read_replies(&mut second, 1, LIMIT), [Reply::bulk("yes")]);
     drop(second);
     // And a real client after that.
@@ -190,11 +185,11 @@ fn half_closed_client_still_gets_replies() {
     }
     let (_vm, addr) = start_kv();
     let mut s = connect(addr, LIMIT);
-    let mut input = resp_command(&[b"SET", b"h", b"1"]);
-    input.extend(resp_command(&[b"INCR", b"h"]));
-    input.extend(resp_command(&[b"PING"]));
-    s.write_all(&input).unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
+    let mut input = resp::encode(&[b"SET", b"h", b"1"]);
+    input.extend(resp::encode(&[b"INCR", b"h"]));
+    input.extend(resp::encode(&[b"PING"]));
+    s.send_raw(&input).unwrap();
+    s.stream().shutdown(Shutdown::Write).unwrap();
     assert_eq!(
         read_replies(&mut s, 3, LIMIT),
         [

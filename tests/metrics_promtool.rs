@@ -9,12 +9,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -48,116 +45,36 @@ fn promtool_check(text: &str) -> (bool, String) {
     (o.status.success(), format!("{}{}", stdout(&o), stderr(&o)))
 }
 
-/// A `duet` process whose stderr is read line by line as it comes.
-struct Live {
-    guard: Guard,
-    lines: Receiver<String>,
-    log: Arc<Mutex<String>>,
+/// The address in a side's `metrics: serving on ADDR` log line.
+fn metrics_addr(p: &mut Proc) -> SocketAddr {
+    assert!(
+        p.wait_for_log("metrics: serving on ", LIMIT),
+        "no `metrics: serving on` line:\n{}",
+        p.log_text()
+    );
+    let log = p.log_text();
+    let rest = log
+        .split_once("metrics: serving on ")
+        .map(|(_, r)| r)
+        .unwrap_or("");
+    let addr = rest.split_whitespace().next().unwrap_or("");
+    addr.parse()
+        .unwrap_or_else(|e| panic!("bad address {addr:?} in the log: {e}\n{log}"))
 }
 
-impl Live {
-    fn start(cmd: &mut Command) -> Live {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env("DUET_LOG", "warn,vmm::ft=info");
-        let mut child = cmd.spawn().expect("spawn duet");
-        let err = child.stderr.take().unwrap();
-        let (tx, lines) = channel();
-        let log = Arc::new(Mutex::new(String::new()));
-        let all = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                all.lock().unwrap().push_str(&line);
-                all.lock().unwrap().push('\n');
-                let _ = tx.send(line);
-            }
-        });
-        Live {
-            guard: Guard(child),
-            lines,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// The address in the `metrics: serving on ADDR` line.
-    fn metrics_addr(&self) -> SocketAddr {
-        let end = Instant::now() + LIMIT;
-        while let Some(left) = end.checked_duration_since(Instant::now()) {
-            let Ok(line) = self.lines.recv_timeout(left) else {
-                break;
-            };
-            if let Some((_, rest)) = line.split_once("metrics: serving on ") {
-                let addr = rest.split_whitespace().next().unwrap_or("");
-                return addr
-                    .parse()
-                    .unwrap_or_else(|e| panic!("bad address {addr:?} in {line:?}: {e}"));
-            }
-        }
-        panic!("no `metrics: serving on` line; stderr:\n{}", self.log())
-    }
-
-    /// Sends SIGTERM and waits for the exit code.
-    fn stop(&mut self) -> Option<i32> {
-        send_signal(self.guard.0.id(), libc::SIGTERM);
-        self.guard.wait_timeout(LIMIT).and_then(|s| s.code())
-    }
-}
-
-/// Samples of a Prometheus text exposition, keyed by name and labels as
-/// written (`name{k="v",...}`), every line checked for its shape.
-fn parse_samples(text: &str) -> BTreeMap<String, f64> {
-    let mut samples = BTreeMap::new();
-    for line in text.lines() {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("no value in sample line {line:?}"));
-        let name_end = series.find('{').unwrap_or(series.len());
-        let name = &series[..name_end];
-        assert!(
-            !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "bad metric name in {line:?}"
-        );
-        if name_end < series.len() {
-            assert!(series.ends_with('}'), "bad labels in {line:?}");
-        }
-        let value = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            v => v
-                .parse()
-                .unwrap_or_else(|_| panic!("bad value in sample line {line:?}")),
-        };
-        assert!(
-            samples.insert(series.to_string(), value).is_none(),
-            "duplicate series in {line:?}"
-        );
-    }
-    samples
-}
-
-/// One side's scrape, with lookups that fail loudly.
+/// One side's scrape: the text promtool checks, and the parsed samples.
 struct Scrape {
     side: &'static str,
     text: String,
-    samples: BTreeMap<String, f64>,
+    samples: Metrics,
 }
 
 impl Scrape {
     fn take(side: &'static str, addr: SocketAddr) -> Scrape {
-        let text = scrape_metrics(addr).unwrap_or_else(|| panic!("the {side}'s {addr} is silent"));
-        let samples = parse_samples(&text);
+        let stream = TcpStream::connect_timeout(&addr, LIMIT)
+            .unwrap_or_else(|e| panic!("the {side}'s {addr}: {e}"));
+        let text = metrics::fetch(stream, LIMIT).unwrap_or_else(|e| panic!("the {side}: {e}"));
+        let samples = Metrics::parse(&text).unwrap_or_else(|e| panic!("the {side}: {e}\n{text}"));
         Scrape {
             side,
             text,
@@ -165,11 +82,16 @@ impl Scrape {
         }
     }
 
-    fn get(&self, series: &str) -> f64 {
-        *self
-            .samples
-            .get(series)
-            .unwrap_or_else(|| panic!("the {} has no {series}:\n{}", self.side, self.text))
+    fn get(&self, name: &str) -> f64 {
+        self.samples
+            .get(name)
+            .unwrap_or_else(|| panic!("the {} has no {name}:\n{}", self.side, self.text))
+    }
+
+    fn get_with(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .get_with(name, labels)
+            .unwrap_or_else(|| panic!("the {} has no {name}{labels:?}:\n{}", self.side, self.text))
     }
 }
 
@@ -194,30 +116,40 @@ fn both_endpoints_pass_promtool() {
         return;
     }
     let (chan, serial) = (free_addr(), free_addr());
-    let backup =
-        Live::start(backup_cmd("kv", "metrics-promtool", chan).args(["--metrics", "127.0.0.1:0"]));
-    let backup_metrics = backup.metrics_addr();
-    let primary = Live::start(
+    let dir = tempdir("metrics_promtool");
+    let mut backup = Proc::logged(
+        "backup",
+        backup_cmd("kv", "metrics-promtool", chan)
+            .args(["--metrics", "127.0.0.1:0"])
+            .env("DUET_LOG", "warn,vmm::ft=info"),
+        &dir.path().join("backup.log"),
+    )
+    .unwrap();
+    let backup_metrics = metrics_addr(&mut backup);
+    let mut primary = Proc::logged(
+        "primary",
         primary_cmd("kv", "metrics-promtool", chan)
             .args(["--serial", &format!("tcp:{serial}")])
-            .args(["--metrics", "127.0.0.1:0"]),
-    );
-    let primary_metrics = primary.metrics_addr();
+            .args(["--metrics", "127.0.0.1:0"])
+            .env("DUET_LOG", "warn,vmm::ft=info"),
+        &dir.path().join("primary.log"),
+    )
+    .unwrap();
+    let primary_metrics = metrics_addr(&mut primary);
     assert_ne!(primary_metrics.port(), 0);
     assert_ne!(backup_metrics.port(), 0);
     wait_for_port(serial, LIMIT);
 
     // Some traffic: 200 SETs and GETs in pipelined batches.
     let mut client = connect(serial, LIMIT);
-    client.set_nodelay(true).unwrap();
     for batch in 0..4 {
         let mut input = Vec::new();
         for i in 0..50 {
             let (k, v) = (format!("k{batch}-{i}"), format!("v{i}"));
-            input.extend(resp_command(&[b"SET", k.as_bytes(), v.as_bytes()]));
-            input.extend(resp_command(&[b"GET", k.as_bytes()]));
+            input.extend(resp::encode(&[b"SET", k.as_bytes(), v.as_bytes()]));
+            input.extend(resp::encode(&[b"GET", k.as_bytes()]));
         }
-        client.write_all(&input).unwrap();
+        client.send_raw(&input).unwrap();
         let replies = read_replies(&mut client, 100, LIMIT);
         for (i, pair) in replies.chunks(2).enumerate() {
             assert_eq!(pair[0], Reply::Simple("OK".into()));
@@ -264,10 +196,10 @@ fn both_endpoints_pass_promtool() {
     );
 
     // Roles.
-    assert_eq!(p.get("duet_role{role=\"primary\"}"), 1.0);
-    assert_eq!(p.get("duet_role{role=\"backup\"}"), 0.0);
-    assert_eq!(b.get("duet_role{role=\"backup\"}"), 1.0);
-    assert_eq!(b.get("duet_role{role=\"primary\"}"), 0.0);
+    assert_eq!(p.get_with("duet_role", &[("role", "primary")]), 1.0);
+    assert_eq!(p.get_with("duet_role", &[("role", "backup")]), 0.0);
+    assert_eq!(b.get_with("duet_role", &[("role", "backup")]), 1.0);
+    assert_eq!(b.get_with("duet_role", &[("role", "primary")]), 0.0);
     // One pair, one epoch; nobody claims.
     assert!(p.get("duet_epoch") >= 1.0, "{}", p.text);
     assert_eq!(p.get("duet_epoch"), b.get("duet_epoch"));
@@ -300,8 +232,11 @@ fn both_endpoints_pass_promtool() {
     // The lag histogram: samples on the primary, buckets consistent.
     let count = p.get("duet_lag_seconds_count");
     assert!(count > 0.0, "no lag samples:\n{}", p.text);
-    assert_eq!(p.get("duet_lag_seconds_bucket{le=\"+Inf\"}"), count);
-    assert!(p.get("duet_lag_seconds_bucket{le=\"0.0001\"}") <= count);
+    assert_eq!(
+        p.get_with("duet_lag_seconds_bucket", &[("le", "+Inf")]),
+        count
+    );
+    assert!(p.get_with("duet_lag_seconds_bucket", &[("le", "0.0001")]) <= count);
     assert!(p.get("duet_lag_seconds_sum") >= 0.0);
 
     // The OpenMetrics form of the same registry.
@@ -312,15 +247,18 @@ fn both_endpoints_pass_promtool() {
     );
     assert!(om.ends_with("# EOF\n"), "{om}");
     assert!(om.contains("# TYPE duet_records_sent counter\n"), "{om}");
-    let om_samples = parse_samples(&om);
-    assert_eq!(om_samples.get("duet_role{role=\"primary\"}"), Some(&1.0));
+    let om_samples = Metrics::parse(&om).unwrap();
+    assert_eq!(
+        om_samples.get_with("duet_role", &[("role", "primary")]),
+        Some(1.0)
+    );
     assert!(om_samples
         .get("duet_records_sent_total")
-        .is_some_and(|&v| v >= sent));
+        .is_some_and(|v| v >= sent));
 
-    let mut primary = primary;
-    assert_eq!(primary.stop(), Some(0), "primary:\n{}", primary.log());
-    let mut backup = backup;
-    let code = backup.guard.wait_timeout(LIMIT).and_then(|s| s.code());
-    assert_eq!(code, Some(0), "backup:\n{}", backup.log());
+    primary.terminate().unwrap();
+    let code = primary.wait_timeout(LIMIT).and_then(|s| s.code());
+    assert_eq!(code, Some(0), "primary:\n{}", primary.log_text());
+    let code = backup.wait_timeout(LIMIT).and_then(|s| s.code());
+    assert_eq!(code, Some(0), "backup:\n{}", backup.log_text());
 }

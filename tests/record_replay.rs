@@ -64,13 +64,13 @@ fn diverged_at(o: &Output) -> u64 {
 }
 
 /// Records `ticker` with no input (its default 2000 ticks) into `log`.
-fn record_ticker(dir: &TempDir, log: &std::path::Path) -> Output {
+fn record_ticker(dir: &tempfile::TempDir, log: &std::path::Path) -> Output {
     let o = run_bounded(
         duet()
             .args(["record", "--image", "ticker", "--serial", "stdio", "--log"])
             .arg(log)
             .arg("--transcript")
-            .arg(dir.join("ticker.transcript")),
+            .arg(dir.path().join("ticker.transcript")),
         None,
         LIMIT,
     );
@@ -78,26 +78,77 @@ fn record_ticker(dir: &TempDir, log: &std::path::Path) -> Output {
     o
 }
 
+/// 64-bit FNV-1a, the ticker's input digest.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The value of `key=` on the first line containing `marker`.
+fn field(text: &str, marker: &str, key: &str) -> String {
+    text.lines()
+        .filter_map(|l| Some(&l[l.find(marker)? + marker.len()..]))
+        .flat_map(|rest| rest.split_whitespace())
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= after {marker:?} in {text}"))
+        .to_string()
+}
+
+/// The length of a ticker report line (`tick=N input=H all=H\n` or
+/// `ticker done ticks=N input=H all=H\n`) at the start of `b`, if there
+/// is one.
+fn report_len(b: &[u8]) -> Option<usize> {
+    let rest = b
+        .strip_prefix(b"tick=")
+        .or_else(|| b.strip_prefix(b"ticker done ticks="))?;
+    let digits = rest.iter().take_while(|c| c.is_ascii_digit()).count();
+    let mut at = &rest[digits..];
+    if digits == 0 {
+        return None;
+    }
+    for key in [&b" input="[..], b" all="] {
+        at = at.strip_prefix(key)?;
+        let hex = at.get(..16)?;
+        if !hex.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        at = &at[16..];
+    }
+    at.strip_prefix(b"\n")?;
+    Some(b.len() - at.len() + 1)
+}
+
+/// The ticker's output less its report lines: the echo of its input.
+fn echoed(transcript: &[u8]) -> Vec<u8> {
+    let mut echo = Vec::with_capacity(transcript.len());
+    let mut i = 0;
+    while i < transcript.len() {
+        match report_len(&transcript[i..]) {
+            Some(n) => i += n,
+            None => {
+                echo.push(transcript[i]);
+                i += 1;
+            }
+        }
+    }
+    echo
+}
+
 #[test]
 fn ticker_with_random_input_replays_identically() {
     if !kvm_available("ticker_with_random_input_replays_identically") {
         return;
     }
-    let dir = TempDir::new("rr-ticker-input");
+    let dir = tempdir("rr-ticker-input");
     let (log, transcript, replayed) = (
-        dir.join("ticker.log"),
-        dir.join("record.transcript"),
-        dir.join("replay.out"),
+        dir.path().join("ticker.log"),
+        dir.path().join("record.transcript"),
+        dir.path().join("replay.out"),
     );
-    let seed = 0x5eed_0000_0000_0001u64
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-    eprintln!("input seed {seed:#x}");
-    let mut rng = Rng(seed);
+    let mut rng = seed::rng("ticker_with_random_input_replays_identically", None);
 
-    let mut rec = Running::start(
+    let mut rec = launch(
         duet()
             .args(["record", "--image", "ticker", "--serial", "stdio", "--log"])
             .arg(&log)
@@ -111,7 +162,7 @@ fn ticker_with_random_input_replays_identically() {
     let mut sent = b"ticks=1500\n".to_vec();
     stdin.write_all(&sent).unwrap();
     let end = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < end && rec.guard.0.try_wait().unwrap().is_none() {
+    while Instant::now() < end && rec.status().is_none() {
         std::thread::sleep(Duration::from_millis(rng.below(51)));
         let burst: Vec<u8> = (0..1 + rng.below(24))
             .map(|_| match rng.below(40) {
@@ -125,7 +176,7 @@ fn ticker_with_random_input_replays_identically() {
         sent.extend_from_slice(&burst);
     }
     drop(stdin);
-    let recorded = rec.finish(LIMIT);
+    let recorded = finish(rec, LIMIT);
     assert_ok(&recorded, "duet record --image ticker");
 
     let transcript = std::fs::read(&transcript).unwrap();
@@ -138,10 +189,28 @@ fn ticker_with_random_input_replays_identically() {
         text.contains("ticker done ticks=1500 "),
         "ticks=1500 was not applied: {text}"
     );
-    // The echo shows the guest took input beyond the first line.
+    // What the guest took: it echoes every byte it reads, and its input=
+    // digest covers exactly those bytes. So the echo must be the digest's
+    // preimage, and a prefix of what was sent (input arriving after the
+    // guest stopped reading is not taken, but nothing is lost, reordered or
+    // made up), reaching beyond the first line.
+    let echo = echoed(&transcript);
+    let digest = field(&text, "ticker done ", "input");
+    assert_eq!(
+        format!("{:016x}", fnv1a(&echo)),
+        digest,
+        "the echo is not what the guest's input digest covers:\n{text}"
+    );
     assert!(
-        text.contains("ticks=1500") && sent.len() > 20,
-        "little input reached the guest ({} bytes sent)",
+        sent.starts_with(&echo),
+        "the guest echoed bytes that were not sent, or out of order:\nsent {:?}\necho {:?}",
+        String::from_utf8_lossy(&sent),
+        String::from_utf8_lossy(&echo)
+    );
+    assert!(
+        echo.len() > b"ticks=1500\n".len(),
+        "the guest took only {} of {} bytes sent",
+        echo.len(),
         sent.len()
     );
     let (_, records) = read_log(&log);
@@ -195,14 +264,14 @@ fn kv_under_redis_cli_replays_identically() {
     if !kvm_available("kv_under_redis_cli_replays_identically") {
         return;
     }
-    let dir = TempDir::new("rr-kv");
+    let dir = tempdir("rr-kv");
     let (log, transcript, replayed) = (
-        dir.join("kv.log"),
-        dir.join("record.transcript"),
-        dir.join("replay.out"),
+        dir.path().join("kv.log"),
+        dir.path().join("record.transcript"),
+        dir.path().join("replay.out"),
     );
     let addr: SocketAddr = free_addr();
-    let rec = Running::start(
+    let mut rec = launch(
         duet()
             .args(["record", "--image", "kv", "--serial"])
             .arg(format!("tcp:{addr}"))
@@ -214,7 +283,10 @@ fn kv_under_redis_cli_replays_identically() {
     );
     wait_for_port(addr, Duration::from_secs(10));
 
-    let (script, n) = kv_workload(&mut Rng(0x6b76_2d72_6563_6f72));
+    let (script, n) = kv_workload(&mut seed::rng(
+        "kv_under_redis_cli_replays_identically",
+        Some(0x6b76_2d72_6563_6f72),
+    ));
     let cli = redis_cli(addr, &[], Some(script.as_bytes()), LIMIT);
     let replies = stdout(&cli);
     assert!(
@@ -230,8 +302,8 @@ fn kv_under_redis_cli_replays_identically() {
     );
     assert!(!replies.contains("ERR"), "kv refused a command: {replies}");
 
-    rec.terminate();
-    let recorded = rec.finish(Duration::from_secs(30));
+    rec.terminate().unwrap();
+    let recorded = finish(rec, Duration::from_secs(30));
     assert_ok(&recorded, "duet record --image kv, stopped by SIGTERM");
     let (_, records) = read_log(&log);
     assert_eq!(
@@ -272,8 +344,8 @@ fn changed_clock_value_diverges_at_the_next_exit() {
     if !kvm_available("changed_clock_value_diverges_at_the_next_exit") {
         return;
     }
-    let dir = TempDir::new("rr-clock");
-    let (log, edited) = (dir.join("ticker.log"), dir.join("edited.log"));
+    let dir = tempdir("rr-clock");
+    let (log, edited) = (dir.path().join("ticker.log"), dir.path().join("edited.log"));
     record_ticker(&dir, &log);
     let (_, records) = read_log(&log);
 
@@ -322,8 +394,8 @@ fn moved_interrupt_diverges_at_that_record() {
     if !kvm_available("moved_interrupt_diverges_at_that_record") {
         return;
     }
-    let dir = TempDir::new("rr-interrupt");
-    let (log, edited) = (dir.join("ticker.log"), dir.join("edited.log"));
+    let dir = tempdir("rr-interrupt");
+    let (log, edited) = (dir.path().join("ticker.log"), dir.path().join("edited.log"));
     record_ticker(&dir, &log);
     let (_, records) = read_log(&log);
 
@@ -353,8 +425,8 @@ fn replaying_twice_gives_the_same_output_and_state() {
     if !kvm_available("replaying_twice_gives_the_same_output_and_state") {
         return;
     }
-    let dir = TempDir::new("rr-twice");
-    let log = dir.join("ticker.log");
+    let dir = tempdir("rr-twice");
+    let log = dir.path().join("ticker.log");
     let recorded = run_bounded(
         duet()
             .args(["record", "--image", "ticker", "--log"])
@@ -380,4 +452,13 @@ fn replaying_twice_gives_the_same_output_and_state() {
     assert_eq!(first.stdout, recorded.stdout);
     assert_eq!(final_state(&first), final_state(&second));
     assert_eq!(final_state(&first), final_state(&recorded));
+}
+
+#[test]
+fn echo_is_the_ticker_output_less_its_report_lines() {
+    let out = b"ticks=5\nab tick=100 input=0123456789abcdef all=fedcba9876543210\ncd\n\
+        tick=7 input=xyz\nticker done ticks=5 input=0123456789abcdef all=0000000000000000\n";
+    assert_eq!(echoed(out), b"ticks=5\nab cd\ntick=7 input=xyz\n");
+    assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+    assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
 }

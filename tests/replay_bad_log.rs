@@ -12,8 +12,8 @@ use common::*;
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// Records `hello` (64M, the default) into `dir/hello.log`.
-fn record_hello(dir: &TempDir) -> std::path::PathBuf {
-    let log = dir.join("hello.log");
+fn record_hello(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    let log = dir.path().join("hello.log");
     let o = run_bounded(
         duet()
             .args(["record", "--image", "hello", "--serial", "none", "--log"])
@@ -73,12 +73,12 @@ fn log_truncated_mid_record() {
     if !kvm_available("log_truncated_mid_record") {
         return;
     }
-    let dir = TempDir::new("bad-truncated");
+    let dir = tempdir("bad-truncated");
     let log = record_hello(&dir);
     let bytes = std::fs::read(&log).unwrap();
     let frames = record_frames(&bytes);
     let cut = &frames[frames.len() / 2];
-    let bad = dir.join("cut.log");
+    let bad = dir.path().join("cut.log");
     std::fs::write(&bad, &bytes[..cut.start + (cut.end - cut.start) / 2]).unwrap();
     let o = replay(&bad, &[]);
     assert_refused(
@@ -92,7 +92,7 @@ fn log_with_a_flipped_bit() {
     if !kvm_available("log_with_a_flipped_bit") {
         return;
     }
-    let dir = TempDir::new("bad-bitflip");
+    let dir = tempdir("bad-bitflip");
     let log = record_hello(&dir);
     let mut bytes = std::fs::read(&log).unwrap();
     let frames = record_frames(&bytes);
@@ -100,7 +100,7 @@ fn log_with_a_flipped_bit() {
     let frame = &frames[k];
     // A bit in the payload, past the 8-byte length and CRC prefix.
     bytes[frame.start + logchannel::FRAME_PREFIX + 1] ^= 0x10;
-    let bad = dir.join("flipped.log");
+    let bad = dir.path().join("flipped.log");
     std::fs::write(&bad, &bytes).unwrap();
     let o = replay(&bad, &[]);
     assert_refused(&o, &format!("checksum mismatch in the record {k} frame"));
@@ -111,7 +111,7 @@ fn log_from_another_image() {
     if !kvm_available("log_from_another_image") {
         return;
     }
-    let dir = TempDir::new("bad-image");
+    let dir = tempdir("bad-image");
     let log = record_hello(&dir);
     let o = replay(&log, &["--image", "ticker"]);
     assert_refused(&o, "different image");
@@ -122,7 +122,7 @@ fn log_with_another_memory_size() {
     if !kvm_available("log_with_another_memory_size") {
         return;
     }
-    let dir = TempDir::new("bad-mem");
+    let dir = tempdir("bad-mem");
     let log = record_hello(&dir);
     let o = replay(&log, &["--mem", "128M"]);
     assert_refused(&o, "memory");
@@ -135,8 +135,8 @@ fn log_with_another_memory_size() {
 
 #[test]
 fn empty_log() {
-    let dir = TempDir::new("bad-empty");
-    let bad = dir.join("empty.log");
+    let dir = tempdir("bad-empty");
+    let bad = dir.path().join("empty.log");
     std::fs::write(&bad, b"").unwrap();
     assert_refused(&replay(&bad, &[]), "log is empty");
 }
@@ -146,11 +146,11 @@ fn log_from_a_newer_format_version() {
     if !kvm_available("log_from_a_newer_format_version") {
         return;
     }
-    let dir = TempDir::new("bad-version");
+    let dir = tempdir("bad-version");
     let log = record_hello(&dir);
     let (mut header, records) = read_log(&log);
     header.version = logchannel::FORMAT_VERSION + 1;
-    let bad = dir.join("newer.log");
+    let bad = dir.path().join("newer.log");
     write_log(&bad, &header, &records);
     let o = replay(&bad, &[]);
     assert_refused(
@@ -165,18 +165,18 @@ fn log_from_a_newer_format_version() {
 
 #[test]
 fn nonexistent_log() {
-    let dir = TempDir::new("bad-missing");
-    let o = replay(&dir.join("no-such.log"), &[]);
+    let dir = tempdir("bad-missing");
+    let o = replay(&dir.path().join("no-such.log"), &[]);
     assert_refused(&o, "cannot open log");
 }
 
 #[test]
 fn file_that_is_not_a_log() {
-    let dir = TempDir::new("bad-garbage");
-    let mut rng = Rng(0x6761_7262_6167_6521);
+    let dir = tempdir("bad-garbage");
+    let mut rng = seed::rng("file_that_is_not_a_log", Some(0x6761_7262_6167_6521));
     let garbage: Vec<u8> = (0..4096).map(|_| rng.next() as u8).collect();
     assert_ne!(&garbage[..8], &logchannel::MAGIC[..]);
-    let bad = dir.join("garbage.log");
+    let bad = dir.path().join("garbage.log");
     std::fs::write(&bad, &garbage).unwrap();
     assert_refused(&replay(&bad, &[]), "not a Duet log");
 }

@@ -4,21 +4,20 @@
 //! made inside the client namespace.
 //!
 //! Everything is bounded and cleaned up on every path: processes are killed
-//! when their [`Proc`] drops, then the namespaces go with the [`Topology`],
-//! then the scratch directory.
+//! when their [`Proc`] (the kit's) drops, then the namespaces go with the
+//! [`Topology`], then the scratch directory.
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tas_server::protocol::Status;
 use vmm::netns::{self, Host, Topology};
 
-use crate::common::{parse_reply, resp_command, Reply, TempDir};
+use crate::common::{Conn, Proc, Reply};
 
 /// The arbiter's port on 198.18.0.3.
 pub const TAS_PORT: u16 = 7700;
@@ -44,107 +43,9 @@ pub fn netns_available(test: &str) -> bool {
 
 pub use crate::common::tas_server_bin;
 
-/// A child process whose stdout and stderr go to a log file; SIGKILLed and
-/// reaped on drop.
-pub struct Proc {
-    pub name: &'static str,
-    child: Child,
-    pub log: Option<PathBuf>,
-    status: Option<ExitStatus>,
-}
-
-impl Proc {
-    pub fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Proc {
-        let file = std::fs::File::create(&log).unwrap();
-        cmd.stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start the {name} ({cmd:?}): {e}"));
-        Proc {
-            name,
-            child,
-            log: Some(log),
-            status: None,
-        }
-    }
-
-    fn spawn_plain(name: &'static str, mut cmd: Command) -> Proc {
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc {
-            name,
-            child,
-            log: None,
-            status: None,
-        }
-    }
-
-    /// Everything the process printed so far.
-    pub fn output(&self) -> String {
-        self.log
-            .as_ref()
-            .and_then(|l| std::fs::read(l).ok())
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The exit status, if it has exited.
-    pub fn exited(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().ok().flatten();
-        }
-        self.status
-    }
-
-    /// Waits up to `limit` for the exit.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let end = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.exited() {
-                return Some(s);
-            }
-            if Instant::now() >= end {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGKILL and reap.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        if let Ok(s) = self.child.wait() {
-            self.status.get_or_insert(s);
-        }
-    }
-
-    /// Polls the output until it contains `needle`; false after `limit` or
-    /// once the process has exited without printing it.
-    pub fn wait_for_output(&mut self, needle: &str, limit: Duration) -> bool {
-        let end = Instant::now() + limit;
-        loop {
-            if self.output().contains(needle) {
-                return true;
-            }
-            if self.exited().is_some() || Instant::now() >= end {
-                return self.output().contains(needle);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Starts `cmd` with its output in `log`; panics if it cannot.
+fn spawn(name: &str, mut cmd: Command, log: &Path) -> Proc {
+    Proc::logged(name, &mut cmd, log).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Which side survived.
@@ -154,63 +55,6 @@ pub enum Side {
     Backup,
 }
 
-/// Why no reply came.
-#[derive(Debug)]
-pub enum NoReply {
-    /// Nothing within the limit.
-    Timeout,
-    /// The server closed or reset the connection.
-    Closed(String),
-}
-
-/// A RESP client over a socket made in the client namespace.
-pub struct Resp {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Resp {
-    pub fn send(&mut self, args: &[&str]) {
-        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-        // A write into a dead connection shows up as Closed on read.
-        let _ = self.stream.write_all(&resp_command(&args));
-    }
-
-    /// The next reply, or why none came within `limit`.
-    pub fn reply(&mut self, limit: Duration) -> Result<Reply, NoReply> {
-        let end = Instant::now() + limit;
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some((reply, used)) = parse_reply(&self.buf) {
-                self.buf.drain(..used);
-                return Ok(reply);
-            }
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(NoReply::Timeout);
-            }
-            self.stream.set_read_timeout(Some(left)).unwrap();
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return Err(NoReply::Closed("end of stream".into())),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => return Err(NoReply::Closed(e.to_string())),
-            }
-        }
-    }
-
-    pub fn call(&mut self, args: &[&str], limit: Duration) -> Result<Reply, NoReply> {
-        self.send(args);
-        self.reply(limit)
-    }
-}
-
 /// One two-host pair with its arbiter. Field order is drop order:
 /// processes first, then the namespaces, then the directory.
 pub struct Pair {
@@ -218,7 +62,7 @@ pub struct Pair {
     pub primary: Proc,
     pub backup: Proc,
     pub topo: Topology,
-    pub dir: TempDir,
+    pub dir: tempfile::TempDir,
     tas_bin: PathBuf,
     arbiter_starts: u32,
 }
@@ -237,7 +81,7 @@ impl Pair {
     pub fn start(prefix: &str) -> Pair {
         let tas_bin = tas_server_bin();
         let topo = Topology::up(prefix).unwrap_or_else(|e| panic!("netns up: {e}"));
-        let dir = TempDir::new(prefix);
+        let dir = crate::common::tempdir(prefix);
         let duet = env!("CARGO_BIN_EXE_duet");
         let channel = SocketAddr::from((Host::B.log_ip().unwrap(), CHANNEL_PORT));
         let pair_args = |role: &str| -> Vec<String> {
@@ -277,21 +121,21 @@ impl Pair {
         // Fields are filled in drop-safe order: if a later step panics, the
         // processes started so far are killed before the namespaces go.
         let mut arbiter = None;
-        start_arbiter_into(&mut arbiter, &topo, &tas_bin, &dir.0, 1);
-        let mut backup = Proc::spawn(
+        start_arbiter_into(&mut arbiter, &topo, &tas_bin, dir.path(), 1);
+        let mut backup = spawn(
             "backup",
             topo.exec(Host::B, &backup_cmd),
-            dir.0.join("backup.log"),
+            &dir.path().join("backup.log"),
         );
         assert!(
-            backup.wait_for_output("waiting for a primary", Duration::from_secs(10)),
+            backup.wait_for_log("waiting for a primary", Duration::from_secs(10)),
             "the backup did not start listening: {}",
-            backup.output()
+            backup.log_text()
         );
-        let primary = Proc::spawn(
+        let primary = spawn(
             "primary",
             topo.exec(Host::A, &primary_cmd),
-            dir.0.join("primary.log"),
+            &dir.path().join("primary.log"),
         );
         Pair {
             arbiter,
@@ -311,7 +155,7 @@ impl Pair {
             &mut self.arbiter,
             &self.topo,
             &self.tas_bin,
-            &self.dir.0,
+            self.dir.path(),
             self.arbiter_starts,
         );
     }
@@ -327,23 +171,19 @@ impl Pair {
     }
 
     /// A connection to the service address from the client namespace.
-    pub fn connect(&self) -> std::io::Result<Resp> {
+    pub fn connect(&self) -> std::io::Result<Conn> {
         let stream = self
             .topo
             .in_namespace(Host::Client, || {
                 TcpStream::connect_timeout(&Self::service_addr(), Duration::from_millis(500))
             })
             .unwrap()?;
-        stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-        Ok(Resp {
-            stream,
-            buf: Vec::new(),
-        })
+        Conn::from_stream(stream)
     }
 
     /// Connects until a PING is answered with PONG, within `limit`.
-    pub fn wait_for_service(&mut self, limit: Duration) -> Resp {
+    pub fn wait_for_service(&mut self, limit: Duration) -> Conn {
         let end = Instant::now() + limit;
         loop {
             if let Ok(mut c) = self.connect() {
@@ -370,10 +210,10 @@ impl Pair {
     pub fn outcome(&mut self, limit: Duration) -> (Side, Instant) {
         let end = Instant::now() + limit;
         let (loser, survivor) = loop {
-            if self.primary.exited().is_some() {
+            if self.primary.status().is_some() {
                 break (Side::Primary, Side::Backup);
             }
-            if self.backup.exited().is_some() {
+            if self.backup.status().is_some() {
                 break (Side::Backup, Side::Primary);
             }
             assert!(
@@ -391,25 +231,25 @@ impl Pair {
             Side::Primary => (&mut self.primary, &mut self.backup),
             Side::Backup => (&mut self.backup, &mut self.primary),
         };
-        let status = l.exited().unwrap();
+        let status = l.status().unwrap();
         assert_eq!(
             status.code(),
             Some(5),
             "the {} exited with {status}, not 5 (lost arbitration)\n{logs}",
-            l.name
+            l.name()
         );
         let halt = format!("duet: the arbiter gave {VM_ID}/epoch ");
         assert!(
-            l.output().contains(&halt) && l.output().contains(": halting"),
+            l.log_text().contains(&halt) && l.log_text().contains(": halting"),
             "the {} exited 5 without the halting message\n{logs}",
-            l.name
+            l.name()
         );
-        let other = s.exited();
+        let other = s.status();
         assert!(
             other.is_none(),
             "both sides exited: the {} with {status}, the {} with {other:?}\n{logs}",
-            l.name,
-            s.name,
+            l.name(),
+            s.name(),
         );
         (survivor, seen)
     }
@@ -434,8 +274,8 @@ impl Pair {
     /// The epoch in the loser's halting message.
     pub fn halted_epoch(&self, loser: Side) -> u64 {
         let out = match loser {
-            Side::Primary => self.primary.output(),
-            Side::Backup => self.backup.output(),
+            Side::Primary => self.primary.log_text(),
+            Side::Backup => self.backup.log_text(),
         };
         let tail = out
             .split(&format!("the arbiter gave {VM_ID}/epoch "))
@@ -474,7 +314,7 @@ impl Pair {
             Some(&self.backup),
         ];
         for p in procs.into_iter().flatten() {
-            all.push_str(&format!("----- {} -----\n{}\n", p.name, p.output()));
+            all.push_str(&format!("----- {} -----\n{}\n", p.name(), p.log_text()));
         }
         all
     }
@@ -509,19 +349,19 @@ fn start_arbiter_into(slot: &mut Option<Proc>, topo: &Topology, bin: &Path, dir:
     cmd.args(["--listen", &Pair::tas_addr().to_string()])
         .arg("--state")
         .arg(dir.join("tas.state"));
-    let mut p = Proc::spawn(
+    let mut p = spawn(
         "arbiter",
         topo.exec(Host::Arbiter, &cmd),
-        dir.join(format!("tas-{n}.log")),
+        &dir.join(format!("tas-{n}.log")),
     );
-    let ok = p.wait_for_output("tas-server: listening on", Duration::from_secs(10));
-    let out = p.output();
+    let ok = p.wait_for_log("tas-server: listening on", Duration::from_secs(10));
+    let out = p.log_text();
     *slot = Some(p);
     assert!(ok, "the arbiter did not start: {out}");
 }
 
 /// Sets `key` to `value` and insists on +OK within `limit`.
-pub fn set_ok(c: &mut Resp, key: &str, value: &str, limit: Duration, logs: impl Fn() -> String) {
+pub fn set_ok(c: &mut Conn, key: &str, value: &str, limit: Duration, logs: impl Fn() -> String) {
     match c.call(&["SET", key, value], limit) {
         Ok(Reply::Simple(s)) if s == "OK" => {}
         other => panic!("SET {key} got {other:?}\n{}", logs()),
@@ -529,7 +369,7 @@ pub fn set_ok(c: &mut Resp, key: &str, value: &str, limit: Duration, logs: impl 
 }
 
 /// Checks that every acknowledged (key, value) is on the server `c` talks to.
-pub fn check_acked(c: &mut Resp, acked: &[(String, String)], logs: impl Fn() -> String) {
+pub fn check_acked(c: &mut Conn, acked: &[(String, String)], logs: impl Fn() -> String) {
     for (k, v) in acked {
         match c.call(&["GET", k], Duration::from_secs(5)) {
             Ok(Reply::Bulk(Some(got))) if got == v.as_bytes() => {}

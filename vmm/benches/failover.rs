@@ -69,24 +69,24 @@ fn main() {
 
     // Idle soak: a paired kv with default timeouts and nothing to do.
     let soak = env_u64("DUET_SOAK_SECS", 30);
-    let dir = TempDir::new("failover-bench");
+    let dir = tempdir("failover-bench");
     let (tas_addr, chan, service, metrics) = (free_addr(), free_addr(), free_addr(), free_addr());
-    let _arbiter = Guard(
+    let _arbiter = Proc::spawn(
+        "arbiter",
         Command::new(&tas)
             .args(["--listen", &tas_addr.to_string()])
             .arg("--state")
-            .arg(dir.join("tas.state"))
+            .arg(dir.path().join("tas.state"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
     wait_for_port(tas_addr, Duration::from_secs(10));
-    let backup = Running::start(
+    let backup = launch(
         backup_cmd("kv", "soak", chan).args(["--tas", &tas_addr.to_string()]),
         false,
     );
-    let primary = Running::start(
+    let mut primary = launch(
         primary_cmd("kv", "soak", chan)
             .args(["--tas", &tas_addr.to_string()])
             .args(["--serial", &format!("tcp:{service}")])
@@ -98,16 +98,16 @@ fn main() {
     let mut false_failovers = 0;
     while start.elapsed() < Duration::from_secs(soak) {
         std::thread::sleep(Duration::from_secs(1));
-        let text = scrape_metrics(metrics).unwrap_or_default();
-        if metric(&text, "duet_arbiter_state") != Some(0.0) {
+        let m = metrics::scrape(metrics, Duration::from_secs(2)).unwrap_or_default();
+        if m.get("duet_arbiter_state") != Some(0.0) {
             false_failovers += 1;
             break;
         }
     }
-    let text = scrape_metrics(metrics).unwrap_or_default();
-    primary.terminate();
-    let p = primary.finish(Duration::from_secs(20));
-    let b = backup.finish(Duration::from_secs(20));
+    let m = metrics::scrape(metrics, Duration::from_secs(2)).unwrap_or_default();
+    primary.terminate().unwrap();
+    let p = finish(primary, Duration::from_secs(20));
+    let b = finish(backup, Duration::from_secs(20));
     let clean = p.status.success() && b.status.success() && final_state(&p) == final_state(&b);
 
     println!(
@@ -115,7 +115,7 @@ fn main() {
         times.first().map_or(f64::NAN, |_| percentile(&times, 0.5)),
         times.first().map_or(f64::NAN, |_| percentile(&times, 0.99)),
         times.last().copied().unwrap_or(f64::NAN),
-        vmm::ft::metrics::histogram_quantile(&text, "duet_lag_seconds", 0.99).unwrap_or(0.0) * 1e3,
-        metric(&text, "duet_log_mbit_per_second").unwrap_or(0.0),
+        m.quantile("duet_lag_seconds", 0.99).unwrap_or(0.0) * 1e3,
+        m.get("duet_log_mbit_per_second").unwrap_or(0.0),
     );
 }

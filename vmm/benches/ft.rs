@@ -35,7 +35,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,7 +44,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 
 use common::*;
-use vmm::ft::metrics::histogram_quantile_between;
 
 /// Rounds of (solo, FT) per workload.
 const ROUNDS: usize = 2;
@@ -62,23 +60,16 @@ const IDLE: Duration = Duration::from_secs(3);
 
 /// Round trips of `PINGS` sequential inline PINGs, in microseconds, sorted.
 fn ping_round_trips(addr: SocketAddr) -> anyhow::Result<Vec<f64>> {
-    let mut s = connect(addr, Duration::from_secs(10));
-    s.set_nodelay(true)?;
+    let mut c = Conn::connect(addr, Duration::from_secs(10))?;
     let mut times = Vec::with_capacity(PINGS);
-    let mut buf = [0u8; 64];
     for i in 0..PINGS {
         let start = Instant::now();
-        s.write_all(b"PING\r\n")?;
-        let mut got = Vec::new();
-        while got.len() < 7 {
-            let n = s
-                .read(&mut buf)
-                .with_context(|| format!("no reply to PING #{i}"))?;
-            ensure!(n > 0, "kv closed the connection at PING #{i}");
-            got.extend_from_slice(&buf[..n]);
-        }
+        c.send_raw(b"PING\r\n")?;
+        let got = c
+            .reply(Duration::from_secs(10))
+            .with_context(|| format!("no reply to PING #{i}"))?;
         times.push(start.elapsed().as_secs_f64() * 1e6);
-        ensure!(got == b"+PONG\r\n", "PING #{i} got {got:?}");
+        ensure!(got == Reply::simple("PONG"), "PING #{i} got {got:?}");
     }
     times.sort_by(f64::total_cmp);
     Ok(times)
@@ -112,31 +103,28 @@ fn compute_guest_s(out: &str) -> anyhow::Result<f64> {
     Ok(ns.parse::<f64>()? / 1e9)
 }
 
-/// The primary's metrics, scraped now; fails if it does not answer.
-fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    scrape_metrics(addr).with_context(|| format!("the primary's metrics at {addr} did not answer"))
-}
-
-fn gauge(text: &str, name: &str) -> anyhow::Result<f64> {
-    metric(text, name).with_context(|| format!("no {name} in metrics:\n{text}"))
+/// The primary's metrics, scraped now; fails if they do not answer.
+fn scrape(addr: SocketAddr) -> anyhow::Result<Metrics> {
+    metrics::scrape(addr, Duration::from_secs(2))
+        .with_context(|| format!("the primary's metrics at {addr}"))
 }
 
 /// Execution lag (p50, p99) in milliseconds of the samples taken between
 /// two scrapes (`before` empty: since start); NaN (reported as null) if
 /// none was taken.
-fn lag_ms(before: &str, now: &str) -> anyhow::Result<(f64, f64)> {
-    ensure!(
-        now.contains("duet_lag_seconds_count"),
-        "no duet_lag_seconds in metrics:\n{now}"
-    );
-    let q = |q| histogram_quantile_between(before, now, "duet_lag_seconds", q).unwrap_or(f64::NAN);
+fn lag_ms(before: &Metrics, now: &Metrics) -> anyhow::Result<(f64, f64)> {
+    now.require("duet_lag_seconds_count")?;
+    let q = |q| {
+        now.quantile_since(before, "duet_lag_seconds", q)
+            .unwrap_or(f64::NAN)
+    };
     Ok((q(0.50) * 1e3, q(0.99) * 1e3))
 }
 
 /// A running primary and backup.
 struct Pair {
-    primary: Running,
-    backup: Running,
+    primary: Proc,
+    backup: Proc,
     metrics: SocketAddr,
 }
 
@@ -145,8 +133,8 @@ impl Pair {
     /// `--serial` value.
     fn start(image: &str, serial: &str) -> Pair {
         let (chan, metrics) = (free_addr(), free_addr());
-        let backup = Running::start(&mut backup_cmd(image, "bench", chan), false);
-        let primary = Running::start(
+        let backup = launch(&mut backup_cmd(image, "bench", chan), false);
+        let primary = launch(
             primary_cmd(image, "bench", chan)
                 .args(["--serial", serial])
                 .args(["--metrics", &metrics.to_string()]),
@@ -161,12 +149,12 @@ impl Pair {
 
     /// Waits for both to exit (after `stop`, or by themselves) and checks
     /// that both exited 0 with the same final state; the primary's output.
-    fn finish(self, stop: bool) -> anyhow::Result<Output> {
+    fn finish(mut self, stop: bool) -> anyhow::Result<Output> {
         if stop {
-            send_signal(self.primary.pid(), libc::SIGTERM);
+            self.primary.terminate()?;
         }
-        let p = self.primary.finish(RUN_LIMIT);
-        let b = self.backup.finish(RUN_LIMIT);
+        let p = self.primary.finish(RUN_LIMIT)?;
+        let b = self.backup.finish(RUN_LIMIT)?;
         ensure!(p.status.success(), "primary: {}: {}", p.status, stderr(&p));
         ensure!(
             b.status.success(),
@@ -216,13 +204,13 @@ fn ft_kv() -> anyhow::Result<FtKvRun> {
     let pair = Pair::start("kv", &format!("tcp:{addr}"));
     wait_for_port(addr, Duration::from_secs(10));
     let start = scrape(pair.metrics)?;
-    let (t0, b0) = (Instant::now(), gauge(&start, "duet_log_bytes_total")?);
+    let (t0, b0) = (Instant::now(), start.require("duet_log_bytes_total")?);
     let kv = kv_workload(addr)?;
     let busy = scrape(pair.metrics)?;
-    let (t1, b1) = (Instant::now(), gauge(&busy, "duet_log_bytes_total")?);
+    let (t1, b1) = (Instant::now(), busy.require("duet_log_bytes_total")?);
     std::thread::sleep(IDLE);
     let idle = scrape(pair.metrics)?;
-    let (t2, b2) = (Instant::now(), gauge(&idle, "duet_log_bytes_total")?);
+    let (t2, b2) = (Instant::now(), idle.require("duet_log_bytes_total")?);
     pair.finish(true)?;
     let mbit = |bytes: f64, d: Duration| bytes * 8.0 / 1e6 / d.as_secs_f64();
     Ok(FtKvRun {
@@ -249,14 +237,14 @@ fn solo_compute() -> anyhow::Result<(f64, f64)> {
 fn ft_compute() -> anyhow::Result<(f64, f64, (f64, f64), f64)> {
     let start = Instant::now();
     let pair = Pair::start("compute", "stdio");
-    let last: Arc<Mutex<Option<(String, Instant)>>> = Arc::default();
+    let last: Arc<Mutex<Option<(Metrics, Instant)>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
     let scraper = {
         let (last, done, addr) = (last.clone(), done.clone(), pair.metrics);
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
-                if let Some(text) = scrape_metrics(addr) {
-                    *last.lock().unwrap() = Some((text, Instant::now()));
+                if let Ok(m) = metrics::scrape(addr, Duration::from_secs(2)) {
+                    *last.lock().unwrap() = Some((m, Instant::now()));
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -266,17 +254,17 @@ fn ft_compute() -> anyhow::Result<(f64, f64, (f64, f64), f64)> {
     let wall = start.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     let _ = scraper.join();
-    let (text, at) = last
+    let (m, at) = last
         .lock()
         .unwrap()
         .take()
         .context("the FT compute primary's metrics never answered")?;
-    let bytes = gauge(&text, "duet_log_bytes_total")?;
+    let bytes = m.require("duet_log_bytes_total")?;
     let mbit = bytes * 8.0 / 1e6 / (at - start).as_secs_f64();
     Ok((
         wall,
         compute_guest_s(&stdout(&o))?,
-        lag_ms("", &text)?,
+        lag_ms(&Metrics::default(), &m)?,
         mbit,
     ))
 }

@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use common::{duet, free_addr, run_bounded, stderr, stdout, wait_for_port, Running, TempDir};
+use common::{
+    duet, finish, free_addr, launch, run_bounded, stderr, stdout, tempdir, wait_for_port,
+};
 
 /// Interleaved rounds per image.
 const ROUNDS: usize = 3;
@@ -209,11 +211,11 @@ impl Rounds {
 }
 
 /// `compute`: wall and guest-reported time, solo against record.
-fn bench_compute(dir: &TempDir) -> anyhow::Result<String> {
+fn bench_compute(dir: &tempfile::TempDir) -> anyhow::Result<String> {
     let mut r = Rounds::default();
     let (mut solo_guest, mut rec_guest, mut guest_ratio) = (vec![], vec![], vec![]);
     for round in 0..ROUNDS {
-        let log = dir.join(&format!("compute-{round}.log"));
+        let log = dir.path().join(format!("compute-{round}.log"));
         let s = solo("compute")?;
         let rec = record("compute", &log)?;
         let rep = replay("compute", &log)?;
@@ -237,11 +239,11 @@ fn bench_compute(dir: &TempDir) -> anyhow::Result<String> {
 }
 
 /// `ticker`: fixed tick count, so wall time and the guest's progress.
-fn bench_ticker(dir: &TempDir) -> anyhow::Result<String> {
+fn bench_ticker(dir: &tempfile::TempDir) -> anyhow::Result<String> {
     let mut r = Rounds::default();
     let (mut solo_exits, mut rec_exits, mut ratio) = (vec![], vec![], vec![]);
     for round in 0..ROUNDS {
-        let log = dir.join(&format!("ticker-{round}.log"));
+        let log = dir.path().join(format!("ticker-{round}.log"));
         let s = solo("ticker")?;
         let rec = record("ticker", &log)?;
         let rep = replay("ticker", &log)?;
@@ -264,10 +266,10 @@ fn bench_ticker(dir: &TempDir) -> anyhow::Result<String> {
 }
 
 /// `hello`: boot, a few device reads, power off.
-fn bench_hello(dir: &TempDir) -> anyhow::Result<String> {
+fn bench_hello(dir: &tempfile::TempDir) -> anyhow::Result<String> {
     let mut r = Rounds::default();
     for round in 0..ROUNDS {
-        let log = dir.join(&format!("hello-{round}.log"));
+        let log = dir.path().join(format!("hello-{round}.log"));
         let s = solo("hello")?;
         let rec = record("hello", &log)?;
         let rep = replay("hello", &log)?;
@@ -305,11 +307,11 @@ fn kv_run<T>(
         if log.is_some() { "record" } else { "solo" }
     );
     let start = Instant::now();
-    let vm = Running::start(&mut cmd, false);
+    let mut vm = launch(&mut cmd, false);
     wait_for_port(addr, Duration::from_secs(10));
     let t = load(addr)?;
-    vm.terminate();
-    let out = vm.finish(Duration::from_secs(30));
+    vm.terminate()?;
+    let out = finish(vm, Duration::from_secs(30));
     let wall = start.elapsed().as_secs_f64();
     // `duet record` stops cleanly on SIGTERM; `duet run` just dies of it.
     if log.is_some() && !out.status.success() {
@@ -319,10 +321,10 @@ fn kv_run<T>(
 }
 
 /// `kv` with no client: what an idle server logs.
-fn bench_kv_idle(dir: &TempDir) -> anyhow::Result<String> {
+fn bench_kv_idle(dir: &tempfile::TempDir) -> anyhow::Result<String> {
     let mut r = Rounds::default();
     for round in 0..ROUNDS {
-        let log = dir.join(&format!("kv-idle-{round}.log"));
+        let log = dir.path().join(format!("kv-idle-{round}.log"));
         let (rec, ()) = kv_run(Some(&log), |_| {
             std::thread::sleep(KV_IDLE);
             Ok(())
@@ -334,7 +336,7 @@ fn bench_kv_idle(dir: &TempDir) -> anyhow::Result<String> {
 }
 
 /// `kv` under `redis-benchmark`, solo and recorded.
-fn bench_kv_busy(dir: &TempDir) -> anyhow::Result<String> {
+fn bench_kv_busy(dir: &tempfile::TempDir) -> anyhow::Result<String> {
     if Command::new("redis-benchmark")
         .arg("--version")
         .output()
@@ -348,7 +350,7 @@ fn bench_kv_busy(dir: &TempDir) -> anyhow::Result<String> {
     let mut solo_rps: Vec<Vec<(String, f64)>> = vec![];
     let mut rec_rps: Vec<Vec<(String, f64)>> = vec![];
     for round in 0..ROUNDS {
-        let log = dir.join(&format!("kv-busy-{round}.log"));
+        let log = dir.path().join(format!("kv-busy-{round}.log"));
         let (_, s) = with_retries(&mut retries, || kv_run(None, redis_benchmark))?;
         let (rec, t) = with_retries(&mut retries, || kv_run(Some(&log), redis_benchmark))?;
         let rep = replay("kv", &log)?;
@@ -413,7 +415,7 @@ fn main() -> anyhow::Result<()> {
     if !Path::new("/dev/kvm").exists() {
         bail!("the record benchmark needs /dev/kvm");
     }
-    let dir = TempDir::new("bench-record");
+    let dir = tempdir("bench-record");
     let parts = [
         ("rounds", ROUNDS.to_string()),
         ("compute", bench_compute(&dir)?),

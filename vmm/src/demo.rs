@@ -5,15 +5,17 @@
 //! backup gone live), and verifies that nothing the client was told had
 //! happened was lost.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::ft::metrics::histogram_quantile;
+use crate::kit::metrics::{self, Metrics};
+use crate::kit::ports;
+use crate::kit::process::Proc;
+use crate::kit::resp::{Conn, Reply};
 use crate::netns::{self, Host};
 
 /// Options of `duet demo`.
@@ -30,56 +32,6 @@ pub struct DemoOptions {
     pub keep_logs: Option<PathBuf>,
     /// Run across the two-host network namespaces instead of loopback.
     pub netns: bool,
-}
-
-/// A child process killed when dropped, so the demo never leaves VMs behind.
-struct Proc {
-    name: &'static str,
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
-        let log = std::fs::File::create(log)?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start the {name}"))?;
-        Ok(Proc { name, child })
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) with a pid we own; no memory is involved.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
-    }
-
-    /// Waits up to `limit` for the process to exit.
-    fn wait_timeout(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let end = Instant::now() + limit;
-        while Instant::now() < end {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-
-    fn check_running(&mut self) -> anyhow::Result<()> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            bail!("the {} exited early ({status}); see its log", self.name);
-        }
-        Ok(())
-    }
 }
 
 /// Where the demo's processes run and how the client reaches them:
@@ -102,16 +54,13 @@ struct Addrs {
 impl Net {
     fn addrs(&self) -> anyhow::Result<Addrs> {
         Ok(match self {
-            Net::Loopback => {
-                let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-                Addrs {
-                    tas: a(free_port()?),
-                    channel: a(free_port()?),
-                    service: a(free_port()?),
-                    m_primary: a(free_port()?),
-                    m_backup: a(free_port()?),
-                }
-            }
+            Net::Loopback => Addrs {
+                tas: ports::loopback()?,
+                channel: ports::loopback()?,
+                service: ports::loopback()?,
+                m_primary: ports::loopback()?,
+                m_backup: ports::loopback()?,
+            },
             Net::Netns(_) => {
                 let ip = |h: Host| std::net::IpAddr::V4(h.service_ip());
                 let log_b = Host::B.log_ip().map(std::net::IpAddr::V4);
@@ -155,10 +104,6 @@ impl Net {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 fn wait_for_port(
     net: &Net,
     addr: SocketAddr,
@@ -170,67 +115,23 @@ fn wait_for_port(
         if net.connect(addr, Duration::from_millis(100)).is_ok() {
             return Ok(());
         }
-        proc.check_running()?;
+        proc.ensure_running().with_context(|| {
+            let log = proc.log_path().map(|p| p.display().to_string());
+            format!("see {}", log.unwrap_or_else(|| "its log".into()))
+        })?;
         std::thread::sleep(Duration::from_millis(20));
     }
-    bail!("the {} did not open {addr} within {limit:?}", proc.name)
+    bail!("the {} did not open {addr} within {limit:?}", proc.name())
 }
 
-/// A minimal RESP client that reports a broken connection as an error, so
-/// the workload can reconnect.
-struct Resp {
-    stream: BufReader<TcpStream>,
+/// A connection to the service from the client's host; every reply is
+/// awaited for at most five seconds.
+fn connect(net: &Net, addr: SocketAddr) -> std::io::Result<Conn> {
+    Conn::from_stream(net.connect(addr, Duration::from_millis(200))?)
 }
 
-/// A RESP reply, as far as the demo needs one.
-#[derive(Debug, PartialEq, Eq)]
-enum Reply {
-    Status(String),
-    Int(i64),
-    Bulk(Option<Vec<u8>>),
-    Error(String),
-}
-
-impl Resp {
-    fn connect(net: &Net, addr: SocketAddr) -> std::io::Result<Resp> {
-        let s = net.connect(addr, Duration::from_millis(200))?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        Ok(Resp {
-            stream: BufReader::new(s),
-        })
-    }
-
-    fn call(&mut self, args: &[&str]) -> std::io::Result<Reply> {
-        let mut req = format!("*{}\r\n", args.len());
-        for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        self.stream.get_mut().write_all(req.as_bytes())?;
-        let mut line = String::new();
-        if self.stream.read_line(&mut line)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        let body = line.trim_end().to_string();
-        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad RESP reply");
-        match body.as_bytes().first() {
-            Some(b'+') => Ok(Reply::Status(body[1..].to_string())),
-            Some(b'-') => Ok(Reply::Error(body[1..].to_string())),
-            Some(b':') => Ok(Reply::Int(body[1..].parse().map_err(|_| bad())?)),
-            Some(b'$') => {
-                let n: i64 = body[1..].parse().map_err(|_| bad())?;
-                if n < 0 {
-                    return Ok(Reply::Bulk(None));
-                }
-                let mut data = vec![0u8; n as usize + 2];
-                std::io::Read::read_exact(&mut self.stream, &mut data)?;
-                data.truncate(n as usize);
-                Ok(Reply::Bulk(Some(data)))
-            }
-            _ => Err(bad()),
-        }
-    }
-}
+/// How long one reply may take.
+const REPLY_LIMIT: Duration = Duration::from_secs(5);
 
 /// What the client saw.
 #[derive(Debug, Default)]
@@ -267,7 +168,7 @@ impl Ledger {
 /// Returns the reply, and whether the call may have reached the server.
 fn call_with_retry(
     net: &Net,
-    conn: &mut Option<Resp>,
+    conn: &mut Option<Conn>,
     addr: SocketAddr,
     args: &[&str],
     ledger: &mut Ledger,
@@ -276,7 +177,7 @@ fn call_with_retry(
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if conn.is_none() {
-            match Resp::connect(net, addr) {
+            match connect(net, addr) {
                 Ok(c) => *conn = Some(c),
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
@@ -286,7 +187,7 @@ fn call_with_retry(
             }
         }
         let Some(c) = conn.as_mut() else { continue };
-        match c.call(args) {
+        match c.call(args, REPLY_LIMIT) {
             Ok(reply) => {
                 ledger.since_reconnect += 1;
                 if let (Some(k), None) = (killed_at, ledger.failover) {
@@ -317,20 +218,10 @@ fn call_with_retry(
     }
 }
 
-fn scrape(net: &Net, addr: SocketAddr) -> Option<String> {
-    let mut s = net.connect(addr, Duration::from_millis(300)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut s, &mut text).ok()?;
-    Some(text)
-}
-
-fn gauge(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
+/// The metrics at `addr`, reached from the client's host.
+fn scrape(net: &Net, addr: SocketAddr) -> anyhow::Result<Metrics> {
+    let stream = net.connect(addr, Duration::from_millis(300))?;
+    Metrics::parse(&metrics::fetch(stream, Duration::from_secs(1))?)
 }
 
 /// Runs the demo and returns the process exit code.
@@ -353,8 +244,15 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<u8> {
             tas_bin.display()
         );
     }
-    let temp = std::env::temp_dir().join(format!("duet-demo-{}", std::process::id()));
-    let dir = opts.keep_logs.clone().unwrap_or_else(|| temp.clone());
+    // Removed on drop, on every path, unless the logs are to be kept.
+    let temp = tempfile::Builder::new()
+        .prefix("duet-demo-")
+        .tempdir()
+        .context("cannot create a temp dir")?;
+    let dir = opts
+        .keep_logs
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let net = if opts.netns {
         if !netns::is_root() {
@@ -368,11 +266,10 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<u8> {
     let result = run_in(opts, &net, &duet, &tas_bin, &dir);
     // Dropping the topology removes the namespaces.
     drop(net);
-    if opts.keep_logs.is_none() {
-        let _ = std::fs::remove_dir_all(&temp);
-    } else {
+    if opts.keep_logs.is_some() {
         println!("logs kept in {}", dir.display());
     }
+    drop(temp);
     result
 }
 
@@ -389,7 +286,7 @@ fn run_in(
         net.describe()
     );
 
-    let mut arbiter = Proc::spawn(
+    let mut arbiter = Proc::logged(
         "arbiter",
         net.command(Host::Arbiter, tas_bin)
             .args(["--listen", &a.tas.to_string()])
@@ -429,9 +326,9 @@ fn run_in(
             ),
         ]);
     }
-    let mut backup = Proc::spawn("backup", &mut backup_cmd, &dir.join("backup.log"))?;
+    let mut backup = Proc::logged("backup", &mut backup_cmd, &dir.join("backup.log"))?;
     wait_for_port(net, a.m_backup, Duration::from_secs(10), &mut backup)?;
-    let mut primary = Proc::spawn(
+    let mut primary = Proc::logged(
         "primary",
         net.command(Host::A, duet)
             .args(pair("primary"))
@@ -448,14 +345,14 @@ fn run_in(
     let (service, m_primary, tas) = (a.service, a.m_primary, a.tas);
 
     let mut ledger = Ledger::default();
-    let mut conn: Option<Resp> = None;
+    let mut conn: Option<Conn> = None;
     let mut killed_at = None;
     let mut before_kill = None;
     let started = Instant::now();
     for i in 0..opts.ops {
         if i == opts.kill_after {
-            before_kill = scrape(net, m_primary);
-            primary.signal(libc::SIGKILL);
+            before_kill = scrape(net, m_primary).ok();
+            primary.signal(libc::SIGKILL)?;
             killed_at = Some(Instant::now());
             println!("op {i}: killed the primary (SIGKILL)");
         }
@@ -468,7 +365,7 @@ fn run_in(
             &mut ledger,
             killed_at,
         ) {
-            Ok(Reply::Status(s)) if s == "OK" => ledger.acked_sets.push(i),
+            Ok(r) if r.is_ok() => ledger.acked_sets.push(i),
             Ok(other) => ledger.tolerate(&format!("SET {key}"), &other)?,
             Err(e) if e.to_string().starts_with("connection lost") => {}
             Err(e) => return Err(e),
@@ -482,7 +379,7 @@ fn run_in(
             &mut ledger,
             killed_at,
         ) {
-            Ok(Reply::Int(_)) => ledger.acked_incrs += 1,
+            Ok(Reply::Integer(_)) => ledger.acked_incrs += 1,
             Ok(other) => ledger.tolerate("INCR", &other)?,
             Err(e) if e.to_string().starts_with("connection lost") => {}
             Err(e) => return Err(e),
@@ -576,19 +473,19 @@ fn run_in(
     }
     println!(
         "log bandwidth         {:.2} Mbit/s (primary, before the kill)",
-        gauge(&metrics, "duet_log_mbit_per_second").unwrap_or(0.0)
+        metrics.get("duet_log_mbit_per_second").unwrap_or(0.0)
     );
     println!(
         "execution lag         p50 {:.2} ms, p99 {:.2} ms",
-        histogram_quantile(&metrics, "duet_lag_seconds", 0.50).unwrap_or(0.0) * 1e3,
-        histogram_quantile(&metrics, "duet_lag_seconds", 0.99).unwrap_or(0.0) * 1e3
+        metrics.quantile("duet_lag_seconds", 0.50).unwrap_or(0.0) * 1e3,
+        metrics.quantile("duet_lag_seconds", 0.99).unwrap_or(0.0) * 1e3
     );
     println!("arbiter state         {status}");
 
     // The new primary stops cleanly; the arbiter is done.
-    backup.signal(libc::SIGTERM);
+    let _ = backup.terminate();
     let _ = backup.wait_timeout(Duration::from_secs(10));
-    arbiter.signal(libc::SIGTERM);
+    let _ = arbiter.terminate();
     let _ = arbiter.wait_timeout(Duration::from_secs(5));
 
     if !missing.is_empty() || !counter_ok || went_live != 1 {

@@ -9,6 +9,7 @@ pub mod devices;
 pub mod doorbell;
 pub mod ft;
 pub mod images;
+pub mod kit;
 pub mod kvm;
 pub mod machine;
 pub mod netns;

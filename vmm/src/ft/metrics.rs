@@ -422,47 +422,6 @@ pub fn bucket_quantile(cumulative: &[(f64, f64)], q: f64) -> Option<f64> {
     Some(lower.0)
 }
 
-/// The (upper bound, cumulative count) pairs of histogram `name` in a
-/// scraped exposition (either format), from its `name_bucket{le="..."}`
-/// samples, in increasing order of bound.
-pub fn histogram_buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
-    let prefix = format!("{name}_bucket{{le=\"");
-    let mut cumulative: Vec<(f64, f64)> = text
-        .lines()
-        .filter_map(|l| {
-            let (le, rest) = l.strip_prefix(&prefix)?.split_once("\"}")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, rest.split_whitespace().next()?.parse().ok()?))
-        })
-        .collect();
-    cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
-    cumulative
-}
-
-/// The `q` quantile of histogram `name` in a scraped exposition; see
-/// [`bucket_quantile`].
-pub fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
-    bucket_quantile(&histogram_buckets(text, name), q)
-}
-
-/// The `q` quantile of the samples histogram `name` gained between two
-/// scrapes of the same process (`before` may be empty: since start).
-pub fn histogram_quantile_between(before: &str, now: &str, name: &str, q: f64) -> Option<f64> {
-    let before = histogram_buckets(before, name);
-    let delta: Vec<(f64, f64)> = histogram_buckets(now, name)
-        .into_iter()
-        .map(|(le, n)| {
-            let old = before.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
-            (le, n - old)
-        })
-        .collect();
-    bucket_quantile(&delta, q)
-}
-
 /// Serves `metrics` over HTTP (`GET /metrics`) on `addr`, on a thread of
 /// its own, and returns the address it is bound to (so that port 0 picks a
 /// free one), which it also logs as `metrics: serving on ADDR`.
@@ -556,8 +515,8 @@ mod tests {
         assert!((25_000..=50_000).contains(&p50), "{p50}");
         assert!((50_000..=100_000).contains(&p99), "{p99}");
         // The same quantiles from the scraped text.
-        let text = m.render();
-        let from_text = histogram_quantile(&text, "duet_lag_seconds", 0.5).unwrap();
+        let text = crate::kit::metrics::Metrics::parse(&m.render()).unwrap();
+        let from_text = text.quantile("duet_lag_seconds", 0.5).unwrap();
         assert!(
             (from_text * 1e6 - p50 as f64).abs() < 1.0,
             "{from_text} {p50}"
@@ -566,13 +525,10 @@ mod tests {
         for _ in 0..100 {
             m.record_lag(Duration::from_secs(2));
         }
-        let later = m.render();
-        let p = |q| histogram_quantile_between(&text, &later, "duet_lag_seconds", q);
+        let later = crate::kit::metrics::Metrics::parse(&m.render()).unwrap();
+        let p = |q| later.quantile_since(&text, "duet_lag_seconds", q);
         assert_eq!(p(0.01), Some(1.0));
-        assert_eq!(
-            histogram_quantile_between(&later, &later, "duet_lag_seconds", 0.5),
-            None
-        );
+        assert_eq!(later.quantile_since(&later, "duet_lag_seconds", 0.5), None);
         assert!(m.summary().contains("lag p50 "), "{}", m.summary());
     }
 
