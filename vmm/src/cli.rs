@@ -21,6 +21,7 @@ use crate::machine::{self, MachineConfig};
 use crate::serial_backend::{self, SerialSpec};
 
 use crate::doorbell::Doorbell;
+use crate::ft::events::{Event, EventLog};
 use crate::ft::{self, HookError};
 use crate::stop;
 use crate::timeline;
@@ -207,6 +208,8 @@ pub struct PairOptions {
     pub timeout_ms: u64,
     /// Serve Prometheus text here, if given.
     pub metrics: Option<SocketAddr>,
+    /// The event log (JSON lines), if given.
+    pub events: Option<PathBuf>,
 }
 
 impl PairOptions {
@@ -240,6 +243,11 @@ impl PairOptions {
 
     fn metrics(&self, role: Role, epoch: u64) -> anyhow::Result<Arc<Metrics>> {
         let m = Metrics::new(role, epoch);
+        if let Some(path) = &self.events {
+            let log = EventLog::create(path)
+                .with_context(|| format!("cannot create the event log {}", path.display()))?;
+            m.set_events(log);
+        }
         if let Some(addr) = self.metrics {
             metrics::serve(addr, m.clone())?;
         }
@@ -282,6 +290,7 @@ pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
         "primary: paired with the backup at {}, epoch {epoch}",
         opts.backup
     );
+    metrics.event(Event::Paired { epoch });
     let world = open_world(&opts.run)?;
     let outlet = world.outlet()?;
     stop::install()?;
@@ -298,7 +307,7 @@ pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
         .with_context(|| format!("cannot boot {:?}", opts.run.image))?;
     let outcome = vcpu.run();
     tracing::info!("primary: {}", metrics.summary());
-    let outcome = ft_outcome(outcome)?;
+    let outcome = ft_outcome(outcome, &metrics)?;
     print_final_state(&vcpu.stats());
     Ok(outcome)
 }
@@ -308,8 +317,21 @@ pub const EXIT_LOST_ARBITRATION: u8 = 5;
 
 /// Maps how a fault-tolerant run ended to an exit code, with the one-line
 /// reports an operator needs.
-fn ft_outcome(outcome: Result<Outcome, crate::vcpu::Error>) -> anyhow::Result<u8> {
+fn ft_outcome(
+    outcome: Result<Outcome, crate::vcpu::Error>,
+    metrics: &Metrics,
+) -> anyhow::Result<u8> {
     use crate::vcpu::Error::Timeline;
+    let how = match &outcome {
+        Ok(o) => format!("{o:?}"),
+        Err(e) => error_chain(e),
+    };
+    if let Err(Timeline(e @ timeline::Error::Divergence { .. })) = &outcome {
+        metrics.event(Event::Diverged {
+            detail: e.to_string(),
+        });
+    }
+    metrics.event(Event::Stopped { how });
     match outcome {
         Ok(o) => Ok(report(&o)),
         Err(Timeline(e @ timeline::Error::Divergence { .. })) => {
@@ -381,6 +403,7 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
     let epoch = link.peer().epoch;
     metrics.set_epoch(epoch);
     tracing::info!("backup: paired with a primary, epoch {epoch}");
+    metrics.event(Event::Paired { epoch });
     let node = format!("backup@{}", std::process::id());
     let (serial, exec) = (opts.serial.clone(), opts.go_live_exec.clone());
     let takeover = Takeover {
@@ -400,7 +423,7 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
     vcpu.set_timeline(Box::new(BackupTimeline::new(replay, takeover)));
     let outcome = vcpu.run();
     tracing::info!("backup: {}", metrics.summary());
-    let outcome = ft_outcome(outcome)?;
+    let outcome = ft_outcome(outcome, &metrics)?;
     print_final_state(&vcpu.stats());
     Ok(outcome)
 }

@@ -14,6 +14,7 @@ pub mod kvm;
 pub mod machine;
 pub mod netns;
 pub mod serial_backend;
+pub mod status;
 pub mod stop;
 pub mod timeline;
 pub mod vcpu;

@@ -36,11 +36,29 @@ enum Command {
     /// separate processes, a checked kv workload, SIGKILL of the primary,
     /// failover, and an account of what the client saw.
     Demo(DemoArgs),
+    /// Show a pair at a glance, read from each side's --metrics endpoint:
+    /// roles, epoch, protection, lag, log rate, held outputs, the last
+    /// matching digest, the arbiter. A side that cannot be reached is shown
+    /// as unreachable (exit 2 without --watch).
+    Status(StatusArgs),
     /// List the embedded guest images.
     Images,
     /// Build, break and tear down the two-host network namespaces that the
     /// end-to-end tests use (as root).
     Netns(NetnsArgs),
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The sides' --metrics addresses.
+    #[arg(required = true)]
+    addrs: Vec<SocketAddr>,
+    /// Redraw in place until interrupted.
+    #[arg(long)]
+    watch: bool,
+    /// How often --watch redraws, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
 }
 
 #[derive(Args)]
@@ -124,6 +142,10 @@ struct PairArgs {
     /// Serve status as Prometheus text over HTTP on this address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Write this side's state changes here, as JSON lines (paired, peer
+    /// lost, claim sent, granted or lost, live, alone, diverged, stopped).
+    #[arg(long)]
+    events: Option<PathBuf>,
 }
 
 impl PairArgs {
@@ -136,6 +158,7 @@ impl PairArgs {
             heartbeat_ms: self.heartbeat_ms,
             timeout_ms: self.timeout_ms,
             metrics: self.metrics,
+            events: self.events,
         }
     }
 }
@@ -265,6 +288,11 @@ fn main() -> ExitCode {
             netns: a.netns,
         }),
         Command::Netns(a) => vmm::netns::run_action(a.action, &a.prefix, a.to).map_err(Into::into),
+        Command::Status(a) => vmm::status::run(
+            &a.addrs,
+            a.watch,
+            std::time::Duration::from_millis(a.interval_ms.max(100)),
+        ),
         Command::Images => {
             for name in vmm::images::NAMES {
                 println!("{name}");

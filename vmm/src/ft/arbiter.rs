@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tas_server::client::{ClaimOutcome, Client, ClientError};
 
+use super::events::Event;
 use super::metrics::{ArbiterState, Metrics};
 use super::{Error, Rival};
 use crate::stop;
@@ -50,6 +51,10 @@ impl Arbiter {
             self.claimant,
             self.addr
         );
+        metrics.event(Event::ClaimSent {
+            vm_id: self.vm_id.clone(),
+            epoch: self.epoch,
+        });
         let started = Instant::now();
         let mut last_report = Instant::now();
         let client = self.client();
@@ -59,6 +64,9 @@ impl Arbiter {
                     let rival = match outcome {
                         ClaimOutcome::Granted => {
                             metrics.set_arbiter(ArbiterState::Won);
+                            metrics.event(Event::ClaimGranted {
+                                after_ms: started.elapsed().as_millis() as u64,
+                            });
                             tracing::warn!(
                                 "the arbiter granted {}/epoch {} to us after {} ms",
                                 self.vm_id,
@@ -73,6 +81,9 @@ impl Arbiter {
                         }
                     };
                     metrics.set_arbiter(ArbiterState::Lost);
+                    metrics.event(Event::ClaimLost {
+                        rival: rival.to_string(),
+                    });
                     return Err(Error::LostArbitration {
                         vm_id: self.vm_id.clone(),
                         epoch: self.epoch,

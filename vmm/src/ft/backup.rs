@@ -15,6 +15,7 @@ use logchannel::channel::BackupLink;
 use logchannel::{Event, Record};
 
 use super::arbiter::Arbiter;
+use super::events::Event as StateEvent;
 use super::metrics::{self, Metrics};
 use super::{LinkFailure, Peer};
 use crate::stop;
@@ -126,6 +127,11 @@ impl RecordSource for StreamSource {
 
     fn advance(&mut self) {
         if let Some(r) = self.buffered.pop_front() {
+            // Replay consumes a record only once it matched: a digest
+            // consumed is a digest that agreed.
+            if matches!(r.event, Event::Digest { .. }) {
+                self.metrics.digest_matched();
+            }
             self.last_seq = Some(r.seq);
             self.metrics.replayed_inc();
         }
@@ -232,6 +238,10 @@ impl<O: Write> BackupTimeline<O> {
             .snapshot()
             .failed_at
             .map_or(0, |t| t.elapsed().as_millis());
+        self.takeover.metrics.event(StateEvent::PeerLost {
+            peer: Peer::Primary.to_string(),
+            failure: failure.to_string(),
+        });
         arbiter.claim(
             &format!("lost the primary ({failure}; the channel noticed {noticed} ms ago)"),
             &self.takeover.metrics,
@@ -242,6 +252,9 @@ impl<O: Write> BackupTimeline<O> {
         self.replay.source_mut().promote();
         self.live = Some(Live::new(world));
         self.takeover.metrics.set_role(metrics::Role::Primary);
+        self.takeover
+            .metrics
+            .event(StateEvent::Live { exit: next_exit });
         tracing::warn!(
             "backup: going live before exit {next_exit}, after replaying {} records ({} still buffered)",
             self.replay.source().replayed(),

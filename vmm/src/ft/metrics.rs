@@ -73,13 +73,15 @@ pub enum Role {
 
 impl Role {
     fn label(self) -> [(&'static str, &'static str); 1] {
-        [(
-            "role",
-            match self {
-                Role::Primary => "primary",
-                Role::Backup => "backup",
-            },
-        )]
+        [("role", self.name())]
+    }
+
+    /// "primary" or "backup".
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        }
     }
 }
 
@@ -116,6 +118,8 @@ pub struct Metrics {
     /// and more faithful than a window of samples.
     lag_counts: [AtomicU64; LAG_BUCKETS.len() + 1],
     link: Arc<LinkCollector>,
+    digest_matched: Gauge<f64, AtomicU64>,
+    events: std::sync::OnceLock<super::events::EventLog>,
 }
 
 /// What the log channel counts, read at each scrape.
@@ -258,6 +262,12 @@ impl Metrics {
             replayed: replayed.clone(),
         });
         registry.register_collector(Box::new(link.clone()));
+        let digest_matched = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "duet_last_digest_match_timestamp_seconds",
+            "When the backup last found its state digest equal to the primary's (Unix time; 0: not yet)",
+            digest_matched.clone(),
+        );
         Arc::new(Metrics {
             registry,
             role: Mutex::new(role),
@@ -270,7 +280,29 @@ impl Metrics {
             lag,
             lag_counts: std::array::from_fn(|_| AtomicU64::new(0)),
             link,
+            digest_matched,
+            events: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Where [`Metrics::event`] writes; only the first call takes effect.
+    pub fn set_events(&self, log: super::events::EventLog) {
+        let _ = self.events.set(log);
+    }
+
+    /// Records a state change in the event log, if there is one.
+    pub fn event(&self, event: super::events::Event) {
+        if let Some(log) = self.events.get() {
+            log.emit(self.role().name(), event);
+        }
+    }
+
+    /// The backup's digest matched the primary's just now.
+    pub fn digest_matched(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.digest_matched.set(now);
     }
 
     pub fn set_link(&self, link: Arc<LinkState>) {

@@ -7,6 +7,7 @@
 
 pub mod arbiter;
 pub mod backup;
+pub mod events;
 pub mod gate;
 pub mod lag;
 pub mod metrics;

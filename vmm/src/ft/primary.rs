@@ -18,6 +18,7 @@ use logchannel::channel::{self, LinkCounters, LinkState, PrimaryLink};
 use logchannel::{encode_frame, Event, Position, Record};
 
 use super::arbiter::Arbiter;
+use super::events::Event as StateEvent;
 use super::gate::{Gate, Held};
 use super::lag::LagTracker;
 use super::metrics::Metrics;
@@ -142,8 +143,13 @@ impl ChannelSink {
             }
             .into());
         };
+        self.metrics.event(StateEvent::PeerLost {
+            peer: Peer::Backup.to_string(),
+            failure: failure.to_string(),
+        });
         arbiter.claim(&format!("lost the backup ({failure})"), &self.metrics)?;
         self.mode = Mode::Alone;
+        self.metrics.event(StateEvent::Alone);
         self.send_gate(GateMsg::Open)?;
         tracing::warn!("primary: continuing alone; output is no longer held");
         Ok(())
