@@ -154,7 +154,7 @@ impl Server {
             // Close our side after the last reply: on QUIT or a protocol
             // error, or once the client has closed its side and nothing it
             // sent is left to answer.
-            let peer_done = !socket.may_recv() && !socket.can_recv();
+            let peer_done = socket.state() == tcp::State::CloseWait && !socket.can_recv();
             if (conn.closing || peer_done) && conn.pending_out() == 0 {
                 socket.close();
             }
