@@ -84,11 +84,13 @@ fn main() {
             duet_rt::wait();
             continue;
         }
-        let timestamp = now();
-        let tick = duet_rt::ticks();
         // Busy: the device need not interrupt while this loop polls anyway.
+        // Acknowledge first, so that a device that keeps its line raised
+        // until then is not re-injected while the clock is read.
         nic.set_interrupts(false);
         nic.ack_interrupt();
+        let timestamp = now();
+        let tick = duet_rt::ticks();
         // Every frame waiting is taken (and answered at the stack level:
         // ACKs, SYN-ACKs), then every whole request on every connection is
         // answered, then the replies go out.
