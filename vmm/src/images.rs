@@ -9,9 +9,10 @@
 //! | `kv` | Redis-compatible server on COM1 |
 //! | `compute` | CPU-bound run for overhead measurements |
 //! | `bench` | exit, MMIO and interrupt-injection costs, timed by the guest |
+//! | `netkv` | the `kv` server on TCP port 6379 over virtio-net (smoltcp) |
 
 /// Names accepted by [`by_name`].
-pub const NAMES: &[&str] = &["hello", "ticker", "kv", "compute", "bench"];
+pub const NAMES: &[&str] = &["hello", "ticker", "kv", "compute", "bench", "netkv"];
 
 /// The ELF of the image called `name`.
 pub fn by_name(name: &str) -> Option<&'static [u8]> {
@@ -21,6 +22,7 @@ pub fn by_name(name: &str) -> Option<&'static [u8]> {
         "kv" => include_bytes!(concat!(env!("OUT_DIR"), "/images/kv.elf")),
         "compute" => include_bytes!(concat!(env!("OUT_DIR"), "/images/compute.elf")),
         "bench" => include_bytes!(concat!(env!("OUT_DIR"), "/images/bench.elf")),
+        "netkv" => include_bytes!(concat!(env!("OUT_DIR"), "/images/netkv.elf")),
         _ => return None,
     };
     Some(elf)

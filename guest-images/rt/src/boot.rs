@@ -13,6 +13,7 @@
 //! |---|---|
 //! | 0x20 (IRQ0, PIT) | increments [`ticks`](crate::ticks), EOI |
 //! | 0x24 (IRQ4, COM1) | increments [`serial_irqs`](crate::serial_irqs), EOI |
+//! | 0x25 (IRQ5, virtio-net) | increments [`net_irqs`](crate::net_irqs), EOI (masked until an image calls [`enable_irq`](crate::enable_irq)`(5)`) |
 //! | 0x27 (IRQ7) | spurious: `iretq` without EOI |
 //! | 0x2f (IRQ15) | spurious: EOI to the master only |
 //! | anything else | fatal: report on COM1 and power off (see [`exit_code`]) |
@@ -77,6 +78,9 @@ _start:
     leaq __duet_irq4(%rip), %rax
     movl $(0x8000 + 0x24 * 16), %edi
     call __duet_set_gate
+    leaq __duet_irq5(%rip), %rax
+    movl $(0x8000 + 0x25 * 16), %edi
+    call __duet_set_gate
     leaq __duet_irq7(%rip), %rax
     movl $(0x8000 + 0x27 * 16), %edi
     call __duet_set_gate
@@ -100,7 +104,9 @@ _start:
     movb $0x01, %al
     outb %al, $0x21
     outb %al, $0xa1
-    /* Masks: only IRQ0 (PIT), IRQ2 (cascade) and IRQ4 (COM1) open. */
+    /* Masks: only IRQ0 (PIT), IRQ2 (cascade) and IRQ4 (COM1) open; an
+       image opens others with duet_rt::enable_irq (which keeps its own
+       copy of these values, PIC_MASKS in lib.rs). */
     movb $0xea, %al
     outb %al, $0x21
     movb $0xff, %al
@@ -190,6 +196,17 @@ __duet_irq4:
     popq %rax
     iretq
 
+/* IRQ5: the virtio-net device. Ring 3 acknowledges the device and
+   drains its queues; this only wakes it. */
+    .p2align 4
+__duet_irq5:
+    incq DUET_NET_IRQS(%rip)
+    pushq %rax
+    movb $0x20, %al
+    outb %al, $0x20
+    popq %rax
+    iretq
+
 /* Spurious IRQ7: the master never set ISR bit 7, so no EOI. */
     .p2align 4
 __duet_irq7:
@@ -244,6 +261,9 @@ DUET_TICKS:
     .quad 0
     .global DUET_SERIAL_IRQS
 DUET_SERIAL_IRQS:
+    .quad 0
+    .global DUET_NET_IRQS
+DUET_NET_IRQS:
     .quad 0
     .global DUET_MEM_SIZE
 DUET_MEM_SIZE:

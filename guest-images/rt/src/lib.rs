@@ -22,9 +22,9 @@ pub mod pv;
 pub mod rtc;
 pub mod serial;
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 
-pub use pv::{clock_ns, digest_request, entropy, power_off, wait};
+pub use pv::{clock_ns, digest_request, entropy, net_config, power_off, wait, Ipv4Config};
 pub use serial::{serial_read, serial_try_read, serial_write};
 
 extern "C" {
@@ -32,6 +32,8 @@ extern "C" {
     static DUET_TICKS: AtomicU64;
     /// COM1 interrupts taken so far; incremented by the IRQ4 handler.
     static DUET_SERIAL_IRQS: AtomicU64;
+    /// virtio-net interrupts taken so far; incremented by the IRQ5 handler.
+    static DUET_NET_IRQS: AtomicU64;
     /// Guest memory size in bytes, as the VMM passed it in RDI.
     static DUET_MEM_SIZE: AtomicU64;
 }
@@ -47,6 +49,31 @@ pub fn ticks() -> u64 {
 pub fn serial_irqs() -> u64 {
     // SAFETY: as for `ticks`; only the IRQ4 handler writes it.
     unsafe { DUET_SERIAL_IRQS.load(Ordering::Relaxed) }
+}
+
+/// virtio-net interrupts (IRQ5) taken since boot. A driver compares it
+/// with the value at its last acknowledgement to skip the device's
+/// interrupt-status registers (two exits) when nothing was raised.
+pub fn net_irqs() -> u64 {
+    // SAFETY: as for `ticks`; only the IRQ5 handler writes it.
+    unsafe { DUET_NET_IRQS.load(Ordering::Relaxed) }
+}
+
+/// The PIC masks `_start` programs (master in the low byte, slave in the
+/// high byte; a set bit masks the line), kept here so that unmasking costs
+/// one port write and no read.
+static PIC_MASKS: AtomicU16 = AtomicU16::new(0xffea);
+
+/// Unmasks PIC line `irq` (0..=15), from ring 3. Only lines whose vectors
+/// have handlers in [`boot`] may be opened: 0, 4 and 5 (2 is the cascade,
+/// opened already); any other would arrive as a fatal vector.
+pub fn enable_irq(irq: u8) {
+    assert!(
+        matches!(irq, 0 | 2 | 4 | 5),
+        "IRQ {irq} has no handler in duet-rt"
+    );
+    let masks = PIC_MASKS.fetch_and(!(1u16 << irq), Ordering::Relaxed) & !(1u16 << irq);
+    port::outb(0x21, masks as u8);
 }
 
 /// Guest memory size in bytes.
