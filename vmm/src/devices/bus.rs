@@ -500,4 +500,100 @@ mod tests {
         handle(&mut d, &mut tl, Exit::IoIn { port: 0x71, len: 1 });
         assert_eq!(tl.asked, ["wall"]);
     }
+
+    #[test]
+    fn the_nic_is_reached_through_its_window_and_raises_irq5() {
+        use crate::net_config::{NetConfig, DEFAULT_MAC};
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let net = NetConfig {
+            mac: DEFAULT_MAC,
+            ip: Some("198.18.0.2/24".parse().unwrap()),
+            gateway: None,
+        };
+        let mut d = Devices::new(
+            PvDevice::with_net(&net),
+            Some(VirtioNet::new(net.mac, mem.clone())),
+        );
+        let mut tl = Fake::default();
+        let read = |d: &mut Devices, tl: &mut Fake, off: u64, len| {
+            handle(
+                d,
+                tl,
+                Exit::MmioRead {
+                    addr: NET_MMIO_BASE + off,
+                    len,
+                },
+            )
+        };
+        let write = |d: &mut Devices, tl: &mut Fake, off: u64, v: u32| {
+            handle(
+                d,
+                tl,
+                Exit::MmioWrite {
+                    addr: NET_MMIO_BASE + off,
+                    data: v.to_le_bytes().to_vec(),
+                },
+            )
+        };
+        assert_eq!(
+            read(&mut d, &mut tl, 0, 4),
+            Action::Read(0x7472_6976u32.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            read(&mut d, &mut tl, 0x100, 1),
+            Action::Read(vec![DEFAULT_MAC.0[0]])
+        );
+        assert_eq!(
+            handle(
+                &mut d,
+                &mut tl,
+                Exit::MmioRead {
+                    addr: PV_BASE + 0x30,
+                    len: 8
+                }
+            ),
+            Action::Read(0x18_c612_0002u64.to_le_bytes().to_vec())
+        );
+        // Bring the device up with one RX queue of 16 at 0x1_0000.
+        for (off, v) in [(0x70, 1), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 11)] {
+            write(&mut d, &mut tl, off, v);
+        }
+        for (off, v) in [
+            (0x30, 0),
+            (0x38, 16),
+            (0x80, 0x1_0000),
+            (0x90, 0x1_1000),
+            (0xa0, 0x1_2000),
+            (0x44, 1),
+            (0x70, 15),
+        ] {
+            write(&mut d, &mut tl, off, v);
+        }
+        assert_eq!(d.demand(false).net.rx_buffers, 0);
+        // Post one writable 2 KiB buffer at 0x2_0000.
+        mem.write_obj(0x2_0000u64, GuestAddress(0x1_0000)).unwrap();
+        mem.write_obj(2048u32, GuestAddress(0x1_0008)).unwrap();
+        mem.write_obj(2u16, GuestAddress(0x1_000c)).unwrap();
+        mem.write_obj(1u16, GuestAddress(0x1_1002)).unwrap();
+        assert_eq!(d.demand(false).net.rx_buffers, 1);
+        // Unmask IRQ5 in an initialised PIC, so the frame's interrupt shows.
+        for (port, v) in [
+            (0x20, 0x11),
+            (0x21, 0x20),
+            (0x21, 4),
+            (0x21, 1),
+            (0x21, 0xdf),
+        ] {
+            d.pio_write(port, v, &Position::default(), &mut tl).unwrap();
+        }
+        d.apply(&Input::Net(vec![0xab; 60])).unwrap();
+        assert_eq!(d.demand(false).net.rx_buffers, 0);
+        assert_eq!(d.acknowledge_interrupt(), Some(0x25));
+        assert_eq!(d.net().unwrap().counters().rx_frames, 1);
+        let mut outputs = Vec::new();
+        d.take_outputs(&mut outputs);
+        assert!(outputs.is_empty());
+        assert!(tl.asked.is_empty());
+    }
 }
