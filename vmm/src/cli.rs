@@ -18,7 +18,9 @@ use crate::ft::metrics::{self, Metrics, Role};
 use crate::ft::primary::ChannelSink;
 use crate::images;
 use crate::machine::{self, MachineConfig};
+use crate::net_config::NetConfig;
 use crate::serial_backend::{self, SerialSpec};
+use crate::tap_backend;
 
 use crate::doorbell::Doorbell;
 use crate::ft::events::{Event, EventLog};
@@ -47,6 +49,16 @@ pub struct RunOptions {
     pub kvm_path: PathBuf,
     /// A file that receives a copy of all serial output.
     pub transcript: Option<PathBuf>,
+    /// The NIC: its TAP and the guest's identity. None: no NIC.
+    pub net: Option<NetOptions>,
+}
+
+/// A NIC backed by a TAP (`--tap`, `--mac`, `--guest-ip`, `--gateway`).
+#[derive(Debug, Clone)]
+pub struct NetOptions {
+    /// The TAP's name; opened (or created) when the world opens.
+    pub tap: String,
+    pub config: NetConfig,
 }
 
 /// Logs go to stderr, filtered by `DUET_LOG` (default: warnings, plus the
@@ -160,6 +172,8 @@ pub struct ReplayOptions {
     /// Where the replayed serial output goes (stdout if None).
     pub output: Option<PathBuf>,
     pub kvm_path: PathBuf,
+    /// The NIC the recording machine had (replay opens no TAP).
+    pub net: Option<NetConfig>,
 }
 
 /// `duet replay`: re-executes a recorded run from the log alone.
@@ -171,6 +185,7 @@ pub fn replay(opts: &ReplayOptions) -> anyhow::Result<u8> {
         image,
         mem_size,
         kvm_path: opts.kvm_path.clone(),
+        net: opts.net,
     };
     check_header(&header, &config)?;
     let output: Box<dyn Write> = match &opts.output {
@@ -365,6 +380,8 @@ pub struct BackupOptions {
     /// A shell command run at go-live, before the serial address is
     /// opened (for example to move a service IP to this host).
     pub go_live_exec: Option<String>,
+    /// The NIC; its TAP is opened at go-live, never before.
+    pub net: Option<NetOptions>,
 }
 
 /// `duet backup`: boots the same image and replays the primary's stream,
@@ -375,6 +392,7 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
         image: load_image(&opts.image)?,
         mem_size: opts.mem_size,
         kvm_path: opts.kvm_path.clone(),
+        net: opts.net.as_ref().map(|n| n.config),
     };
     let metrics = opts
         .pair
@@ -406,6 +424,7 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
     metrics.event(Event::Paired { epoch });
     let node = format!("backup@{}", std::process::id());
     let (serial, exec) = (opts.serial.clone(), opts.go_live_exec.clone());
+    let net = opts.net.clone();
     let takeover = Takeover {
         arbiter: opts.pair.arbiter(epoch, node),
         metrics: metrics.clone(),
@@ -415,7 +434,13 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
             }
             let bell = Doorbell::new();
             let port = serial_backend::start(&serial, &bell).map_err(ft::Error::GoLiveSerial)?;
-            Ok(World::new(bell, port, None))
+            let world = World::new(bell.clone(), port, None);
+            Ok(match &net {
+                Some(n) => world.with_net(
+                    tap_backend::start(&n.tap, n.config, &bell).map_err(ft::Error::GoLiveNet)?,
+                ),
+                None => world,
+            })
         }),
     };
     stop::install()?;
@@ -511,6 +536,7 @@ fn machine_config(opts: &RunOptions) -> anyhow::Result<MachineConfig> {
         image: load_image(&opts.image)?,
         mem_size: opts.mem_size,
         kvm_path: opts.kvm_path.clone(),
+        net: opts.net.as_ref().map(|n| n.config),
     })
 }
 
@@ -523,7 +549,11 @@ fn open_world(opts: &RunOptions) -> anyhow::Result<World> {
     };
     let bell = Doorbell::new();
     let port = serial_backend::start(&opts.serial, &bell)?;
-    Ok(World::new(bell, port, transcript))
+    let world = World::new(bell.clone(), port, transcript);
+    Ok(match &opts.net {
+        Some(n) => world.with_net(tap_backend::start(&n.tap, n.config, &bell)?),
+        None => world,
+    })
 }
 
 /// Prints a crash report and maps the outcome to an exit code.

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use vmm::cli::{self, parse_mem_size};
+use vmm::net_config::{self, Ipv4Cidr, MacAddr, NetConfig, DEFAULT_MAC};
 use vmm::serial_backend::SerialSpec;
 
 #[derive(Parser)]
@@ -89,16 +90,84 @@ struct RunArgs {
     /// Also write all serial output to this file.
     #[arg(long)]
     transcript: Option<PathBuf>,
+    #[command(flatten)]
+    net: NetArgs,
 }
 
 impl RunArgs {
-    fn options(self) -> cli::RunOptions {
-        cli::RunOptions {
+    fn options(self) -> anyhow::Result<cli::RunOptions> {
+        Ok(cli::RunOptions {
             image: self.image,
             mem_size: self.mem,
             serial: self.serial,
             kvm_path: self.kvm,
             transcript: self.transcript,
+            net: self.net.options()?,
+        })
+    }
+}
+
+fn parse_mac(s: &str) -> Result<MacAddr, String> {
+    s.parse().map_err(|e: net_config::Error| e.to_string())
+}
+
+fn parse_cidr(s: &str) -> Result<Ipv4Cidr, String> {
+    s.parse().map_err(|e: net_config::Error| e.to_string())
+}
+
+fn parse_gateway(s: &str) -> Result<std::net::Ipv4Addr, String> {
+    net_config::parse_gateway(s).map_err(|e| e.to_string())
+}
+
+/// The guest's network identity, shared by every subcommand with a NIC.
+#[derive(Args)]
+struct IdentityArgs {
+    /// The guest's MAC address (in the virtio-net config space).
+    #[arg(long, value_parser = parse_mac)]
+    mac: Option<MacAddr>,
+    /// The guest's IPv4 address and prefix, A.B.C.D/N (duet-pv 0x30).
+    #[arg(long, value_parser = parse_cidr)]
+    guest_ip: Option<Ipv4Cidr>,
+    /// The guest's IPv4 gateway (duet-pv 0x38).
+    #[arg(long, value_parser = parse_gateway)]
+    gateway: Option<std::net::Ipv4Addr>,
+}
+
+impl IdentityArgs {
+    fn any(&self) -> bool {
+        self.mac.is_some() || self.guest_ip.is_some() || self.gateway.is_some()
+    }
+
+    fn config(&self) -> NetConfig {
+        NetConfig {
+            mac: self.mac.unwrap_or(DEFAULT_MAC),
+            ip: self.guest_ip,
+            gateway: self.gateway,
+        }
+    }
+}
+
+#[derive(Args)]
+struct NetArgs {
+    /// Give the guest a virtio-net NIC backed by this TAP (created if
+    /// missing, and brought up). Without it the machine has no NIC.
+    #[arg(long)]
+    tap: Option<String>,
+    #[command(flatten)]
+    identity: IdentityArgs,
+}
+
+impl NetArgs {
+    fn options(self) -> anyhow::Result<Option<cli::NetOptions>> {
+        match self.tap {
+            Some(tap) => Ok(Some(cli::NetOptions {
+                tap,
+                config: self.identity.config(),
+            })),
+            None if self.identity.any() => {
+                anyhow::bail!("--mac, --guest-ip and --gateway configure a NIC: give --tap too")
+            }
+            None => Ok(None),
         }
     }
 }
@@ -206,6 +275,9 @@ struct BackupArgs {
     /// The KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     kvm: PathBuf,
+    /// The NIC; its TAP is opened only when this backup goes live.
+    #[command(flatten)]
+    net: NetArgs,
 }
 
 #[derive(Args)]
@@ -244,17 +316,25 @@ struct ReplayArgs {
     /// The KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     kvm: PathBuf,
+    /// The recording had a NIC (implied by --mac, --guest-ip or
+    /// --gateway, which must match the recording's). No TAP is opened.
+    #[arg(long)]
+    net: bool,
+    #[command(flatten)]
+    identity: IdentityArgs,
 }
 
 fn main() -> ExitCode {
     cli::init_logging();
     let args = Cli::parse();
     let result = match args.command {
-        Command::Run(a) => cli::run(&a.options()),
-        Command::Record(a) => cli::record(&cli::RecordOptions {
-            run: a.run.options(),
-            log: a.log,
-            digest_interval_ms: a.digest_interval_ms,
+        Command::Run(a) => a.options().and_then(|o| cli::run(&o)),
+        Command::Record(a) => a.run.options().and_then(|run| {
+            cli::record(&cli::RecordOptions {
+                run,
+                log: a.log,
+                digest_interval_ms: a.digest_interval_ms,
+            })
         }),
         Command::Replay(a) => cli::replay(&cli::ReplayOptions {
             image: a.image,
@@ -262,23 +342,29 @@ fn main() -> ExitCode {
             mem_size: a.mem,
             output: a.output,
             kvm_path: a.kvm,
+            net: (a.net || a.identity.any()).then(|| a.identity.config()),
         }),
-        Command::Primary(a) => cli::primary(&cli::PrimaryOptions {
-            run: a.run.options(),
-            backup: a.backup,
-            pair: a.pair.options(),
-            digest_interval_ms: a.digest_interval_ms,
-            connect_timeout_ms: a.connect_timeout_ms,
+        Command::Primary(a) => a.run.options().and_then(|run| {
+            cli::primary(&cli::PrimaryOptions {
+                run,
+                backup: a.backup,
+                pair: a.pair.options(),
+                digest_interval_ms: a.digest_interval_ms,
+                connect_timeout_ms: a.connect_timeout_ms,
+            })
         }),
-        Command::Backup(a) => cli::backup(&cli::BackupOptions {
-            image: a.image,
-            mem_size: a.mem,
-            listen: a.listen,
-            pair: a.pair.options(),
-            transcript: a.transcript,
-            kvm_path: a.kvm,
-            serial: a.serial,
-            go_live_exec: a.go_live_exec,
+        Command::Backup(a) => a.net.options().and_then(|net| {
+            cli::backup(&cli::BackupOptions {
+                image: a.image,
+                mem_size: a.mem,
+                listen: a.listen,
+                pair: a.pair.options(),
+                transcript: a.transcript,
+                kvm_path: a.kvm,
+                serial: a.serial,
+                go_live_exec: a.go_live_exec,
+                net,
+            })
         }),
         Command::Demo(a) => vmm::demo::run(&vmm::demo::DemoOptions {
             ops: a.ops,

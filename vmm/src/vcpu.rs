@@ -82,11 +82,16 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    pub fn new(vm: Vm, mem: GuestMemoryMmap, timeline: Box<dyn Timeline>) -> Self {
+    pub fn new(
+        vm: Vm,
+        mem: GuestMemoryMmap,
+        devices: Devices,
+        timeline: Box<dyn Timeline>,
+    ) -> Self {
         Vcpu {
             vm,
             mem,
-            devices: Devices::default(),
+            devices,
             timeline,
             woke: false,
             inputs: Vec::new(),

@@ -13,6 +13,8 @@ use super::pit::Pit;
 use super::pv::{PvDevice, PvRead, PvRequest, PV_BASE, PV_SIZE};
 use super::rtc::Rtc;
 use super::serial::Com1;
+use super::virtio_net::{VirtioNet, NET_IRQ, NET_MMIO_BASE, NET_MMIO_SIZE};
+use crate::timeline::NetDemand;
 
 const COM1_BASE: u16 = 0x3f8;
 /// The IRQ lines the VMM drives.
@@ -58,9 +60,27 @@ pub struct Devices {
     rtc: Rtc,
     com1: Com1,
     pv: PvDevice,
+    /// The NIC, when the machine has one (`--tap`).
+    net: Option<VirtioNet>,
 }
 
 impl Devices {
+    /// The devices of a machine with this `duet-pv` configuration and,
+    /// optionally, a NIC. `Devices::default()` is the machine without a
+    /// network.
+    pub fn new(pv: PvDevice, net: Option<VirtioNet>) -> Self {
+        Devices {
+            pv,
+            net,
+            ..Devices::default()
+        }
+    }
+
+    /// The NIC, for state and counters.
+    pub fn net(&self) -> Option<&VirtioNet> {
+        self.net.as_ref()
+    }
+
     /// The exit handler: the only place that decides what an exit means.
     pub fn handle_exit(
         &mut self,
@@ -85,26 +105,35 @@ impl Devices {
                 Action::Continue
             }
             Exit::MmioRead { addr, len } => {
-                let value = match self.pv_offset(*addr) {
-                    Some(off) => match self.pv.read(off, *len) {
+                let value = if let Some(off) = self.pv_offset(*addr) {
+                    match self.pv.read(off, *len) {
                         PvRead::Clock => tl.clock_ns(at)?,
                         PvRead::Entropy => tl.entropy(at)?,
                         PvRead::Value(v) => v,
                         PvRead::Unknown => u64::MAX,
-                    },
-                    None => u64::MAX,
+                    }
+                } else if let Some((net, off)) = self.net_at(*addr) {
+                    net.read(off, *len)
+                } else {
+                    u64::MAX
                 };
                 Action::Read(value.to_le_bytes()[..(*len).min(8)].to_vec())
             }
-            Exit::MmioWrite { addr, data } => match self.pv_offset(*addr) {
-                Some(off) => match self.pv.write(off, data) {
-                    PvRequest::PowerOff(code) => Action::PowerOff(code),
-                    PvRequest::Digest(tag) => Action::Digest(tag),
-                    PvRequest::Wait => Action::Idle,
-                    PvRequest::Ignored => Action::Continue,
-                },
-                None => Action::Continue,
-            },
+            Exit::MmioWrite { addr, data } => {
+                if let Some(off) = self.pv_offset(*addr) {
+                    match self.pv.write(off, data) {
+                        PvRequest::PowerOff(code) => Action::PowerOff(code),
+                        PvRequest::Digest(tag) => Action::Digest(tag),
+                        PvRequest::Wait => Action::Idle,
+                        PvRequest::Ignored => Action::Continue,
+                    }
+                } else {
+                    if let Some((net, off)) = self.net_at(*addr) {
+                        net.write(off, data);
+                    }
+                    Action::Continue
+                }
+            }
             Exit::Hlt => Action::Idle,
             Exit::Interrupted => Action::Continue,
             Exit::Shutdown => Action::Fatal("the guest shut down (triple fault)".into()),
@@ -116,6 +145,14 @@ impl Devices {
         (PV_BASE..PV_BASE + PV_SIZE)
             .contains(&addr)
             .then(|| addr - PV_BASE)
+    }
+
+    /// The NIC and the offset in its window, if `addr` is there.
+    fn net_at(&mut self, addr: u64) -> Option<(&mut VirtioNet, u64)> {
+        let net = self.net.as_mut()?;
+        (NET_MMIO_BASE..NET_MMIO_BASE + NET_MMIO_SIZE)
+            .contains(&addr)
+            .then(|| (net, addr - NET_MMIO_BASE))
     }
 
     fn pio_read(&mut self, port: u16, at: &Position, tl: &mut dyn Timeline) -> Result<u8, Error> {
@@ -186,6 +223,9 @@ impl Devices {
                 room: self.com1.rx_room(),
                 rx_empty: self.com1.rx_empty(),
             },
+            net: NetDemand {
+                rx_buffers: self.net.as_ref().map_or(0, |n| n.rx_buffers()),
+            },
             idle: idle && !self.interrupt_pending(),
         }
     }
@@ -196,6 +236,9 @@ impl Devices {
         let serial = self.com1.take_output();
         if !serial.is_empty() {
             out.push(Output::Serial(serial));
+        }
+        if let Some(net) = self.net.as_mut() {
+            out.extend(net.take_tx().into_iter().map(Output::Net));
         }
     }
 
@@ -225,15 +268,26 @@ impl Devices {
                 }
             }
             Input::Serial(SerialInput::Hangup) => self.com1.hang_up(),
+            // A machine without a NIC never demands frames, so a frame
+            // here comes from a log of another machine: the header check
+            // refuses those, and otherwise it is lost as on a dead NIC.
+            Input::Net(frame) => {
+                if let Some(net) = self.net.as_mut() {
+                    net.receive(frame);
+                }
+            }
         }
         self.latch_irqs();
         Ok(())
     }
 
-    /// Moves edge-triggered device interrupts (COM1) into the PIC.
+    /// Moves edge-triggered device interrupts (COM1, the NIC) into the PIC.
     pub fn latch_irqs(&mut self) {
         if self.com1.take_irq() {
             self.pic.raise_irq(IRQ_COM1);
+        }
+        if self.net.as_mut().is_some_and(|n| n.take_irq()) {
+            self.pic.raise_irq(NET_IRQ);
         }
     }
 }
@@ -445,5 +499,101 @@ mod tests {
         );
         handle(&mut d, &mut tl, Exit::IoIn { port: 0x71, len: 1 });
         assert_eq!(tl.asked, ["wall"]);
+    }
+
+    #[test]
+    fn the_nic_is_reached_through_its_window_and_raises_irq5() {
+        use crate::net_config::{NetConfig, DEFAULT_MAC};
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let net = NetConfig {
+            mac: DEFAULT_MAC,
+            ip: Some("198.18.0.2/24".parse().unwrap()),
+            gateway: None,
+        };
+        let mut d = Devices::new(
+            PvDevice::with_net(&net),
+            Some(VirtioNet::new(net.mac, mem.clone())),
+        );
+        let mut tl = Fake::default();
+        let read = |d: &mut Devices, tl: &mut Fake, off: u64, len| {
+            handle(
+                d,
+                tl,
+                Exit::MmioRead {
+                    addr: NET_MMIO_BASE + off,
+                    len,
+                },
+            )
+        };
+        let write = |d: &mut Devices, tl: &mut Fake, off: u64, v: u32| {
+            handle(
+                d,
+                tl,
+                Exit::MmioWrite {
+                    addr: NET_MMIO_BASE + off,
+                    data: v.to_le_bytes().to_vec(),
+                },
+            )
+        };
+        assert_eq!(
+            read(&mut d, &mut tl, 0, 4),
+            Action::Read(0x7472_6976u32.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            read(&mut d, &mut tl, 0x100, 1),
+            Action::Read(vec![DEFAULT_MAC.0[0]])
+        );
+        assert_eq!(
+            handle(
+                &mut d,
+                &mut tl,
+                Exit::MmioRead {
+                    addr: PV_BASE + 0x30,
+                    len: 8
+                }
+            ),
+            Action::Read(0x18_c612_0002u64.to_le_bytes().to_vec())
+        );
+        // Bring the device up with one RX queue of 16 at 0x1_0000.
+        for (off, v) in [(0x70, 1), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 11)] {
+            write(&mut d, &mut tl, off, v);
+        }
+        for (off, v) in [
+            (0x30, 0),
+            (0x38, 16),
+            (0x80, 0x1_0000),
+            (0x90, 0x1_1000),
+            (0xa0, 0x1_2000),
+            (0x44, 1),
+            (0x70, 15),
+        ] {
+            write(&mut d, &mut tl, off, v);
+        }
+        assert_eq!(d.demand(false).net.rx_buffers, 0);
+        // Post one writable 2 KiB buffer at 0x2_0000.
+        mem.write_obj(0x2_0000u64, GuestAddress(0x1_0000)).unwrap();
+        mem.write_obj(2048u32, GuestAddress(0x1_0008)).unwrap();
+        mem.write_obj(2u16, GuestAddress(0x1_000c)).unwrap();
+        mem.write_obj(1u16, GuestAddress(0x1_1002)).unwrap();
+        assert_eq!(d.demand(false).net.rx_buffers, 1);
+        // Unmask IRQ5 in an initialised PIC, so the frame's interrupt shows.
+        for (port, v) in [
+            (0x20, 0x11),
+            (0x21, 0x20),
+            (0x21, 4),
+            (0x21, 1),
+            (0x21, 0xdf),
+        ] {
+            d.pio_write(port, v, &Position::default(), &mut tl).unwrap();
+        }
+        d.apply(&Input::Net(vec![0xab; 60])).unwrap();
+        assert_eq!(d.demand(false).net.rx_buffers, 0);
+        assert_eq!(d.acknowledge_interrupt(), Some(0x25));
+        assert_eq!(d.net().unwrap().counters().rx_frames, 1);
+        let mut outputs = Vec::new();
+        d.take_outputs(&mut outputs);
+        assert!(outputs.is_empty());
+        assert!(tl.asked.is_empty());
     }
 }

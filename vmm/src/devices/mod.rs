@@ -6,3 +6,5 @@ pub mod pit;
 pub mod pv;
 pub mod rtc;
 pub mod serial;
+pub mod virtio_mmio;
+pub mod virtio_net;

@@ -16,6 +16,11 @@
 //! | 0x18 | write | digest request, the value is a tag |
 //! | 0x20 | write | wait for an interrupt |
 //! | 0x28 | read | magic 0x5445_5544 ("DUET") |
+//! | 0x30 | read | guest IPv4 address: bits 0..32 the address as a number (first octet in bits 24..32), bits 32..40 the prefix length; 0 = no network configured |
+//! | 0x38 | read | IPv4 gateway, the same way; 0 = none |
+//!
+//! The network registers are machine configuration (`--guest-ip`,
+//! `--gateway`), fixed when the machine is built, so they need no timeline.
 //!
 //! Any other access (another size, another offset, the wrong direction)
 //! is ignored; by convention an ignored read returns all ones, as a read
@@ -36,6 +41,8 @@ const POWER_OFF: u64 = 0x10;
 const DIGEST: u64 = 0x18;
 const WAIT: u64 = 0x20;
 const MAGIC: u64 = 0x28;
+const NET_IP: u64 = 0x30;
+const NET_GATEWAY: u64 = 0x38;
 /// Every register is 8 bytes wide and must be accessed whole.
 const ACCESS_LEN: usize = 8;
 
@@ -71,19 +78,33 @@ pub enum PvRequest {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PvState {}
 
-/// The `duet-pv` register decoder.
+/// The `duet-pv` register decoder, with the machine's network
+/// configuration (register values, see the table above).
 #[derive(Clone, Debug, Default)]
-pub struct PvDevice;
+pub struct PvDevice {
+    net_ip: u64,
+    net_gateway: u64,
+}
 
 impl PvDevice {
-    /// A decoder.
+    /// A decoder for a machine without network configuration.
     pub fn new() -> Self {
-        Self
+        Self::default()
     }
 
-    /// Rebuilds a device from a state taken with [`PvDevice::state`].
-    pub fn from_state(_state: &PvState) -> Self {
-        Self
+    /// A decoder that reports this network configuration.
+    pub fn with_net(net: &crate::net_config::NetConfig) -> Self {
+        PvDevice {
+            net_ip: net.pv_ip_register(),
+            net_gateway: net.pv_gateway_register(),
+        }
+    }
+
+    /// Rebuilds a device from a state taken with [`PvDevice::state`]; the
+    /// network registers are configuration, not state, and come from
+    /// `config` (the machine the state is restored into).
+    pub fn from_state(_state: &PvState, config: &PvDevice) -> Self {
+        config.clone()
     }
 
     /// The device's (empty) state, for state transfer.
@@ -100,6 +121,8 @@ impl PvDevice {
             CLOCK => PvRead::Clock,
             ENTROPY => PvRead::Entropy,
             MAGIC => PvRead::Value(PV_MAGIC),
+            NET_IP => PvRead::Value(self.net_ip),
+            NET_GATEWAY => PvRead::Value(self.net_gateway),
             _ => PvRead::Unknown,
         }
     }
@@ -166,7 +189,7 @@ mod tests {
         for data in [&[][..], &[1], &[1, 2, 3, 4], &[0; 16]] {
             assert_eq!(pv.write(0x10, data), PvRequest::Ignored);
         }
-        for off in [0x04, 0x11, 0x30, 0xff8, PV_SIZE, u64::MAX] {
+        for off in [0x04, 0x11, 0x40, 0xff8, PV_SIZE, u64::MAX] {
             assert_eq!(pv.read(off, 8), PvRead::Unknown);
             assert_eq!(pv.write(off, &[0; 8]), PvRequest::Ignored);
         }
@@ -192,7 +215,11 @@ mod tests {
     /// and whose own state is the same again.
     #[test]
     fn state_round_trip_after_writes() {
-        let pv = PvDevice::new();
+        let pv = PvDevice::with_net(&crate::net_config::NetConfig {
+            mac: crate::net_config::DEFAULT_MAC,
+            ip: Some("198.18.0.2/24".parse().unwrap()),
+            gateway: None,
+        });
         let le = |v: u64| v.to_le_bytes();
         assert_eq!(
             pv.write(0x18, &le(0xdead_beef)),
@@ -202,7 +229,7 @@ mod tests {
         assert_eq!(pv.write(0x10, &le(7)), PvRequest::PowerOff(7));
         assert_eq!(pv.write(0x30, &le(9)), PvRequest::Ignored);
         let state = pv.state();
-        let restored = PvDevice::from_state(&state);
+        let restored = PvDevice::from_state(&state, &pv);
         assert_eq!(restored.state(), state);
         for (off, len, data) in accesses() {
             assert_eq!(
@@ -216,9 +243,26 @@ mod tests {
                 "write {off:#x} {data:?}"
             );
         }
-        // The decoder keeps nothing from the writes: the state after them
-        // is a fresh device's, so a backup that restores it cannot disagree
-        // with a primary that never wrote.
+        // The decoder keeps nothing from the writes (its configuration is
+        // the machine's, not state): a backup that restores it cannot
+        // disagree with a primary that never wrote.
         assert_eq!(state, PvDevice::new().state());
+        assert_eq!(restored.read(0x30, 8), pv.read(0x30, 8));
+    }
+
+    #[test]
+    fn network_registers() {
+        assert_eq!(PvDevice::new().read(0x30, 8), PvRead::Value(0));
+        assert_eq!(PvDevice::new().read(0x38, 8), PvRead::Value(0));
+        let net = crate::net_config::NetConfig {
+            mac: crate::net_config::DEFAULT_MAC,
+            ip: Some("198.18.0.2/24".parse().unwrap()),
+            gateway: Some("198.18.0.1".parse().unwrap()),
+        };
+        let pv = PvDevice::with_net(&net);
+        assert_eq!(pv.read(0x30, 8), PvRead::Value(0x18_c612_0002));
+        assert_eq!(pv.read(0x38, 8), PvRead::Value(0xc612_0001));
+        assert_eq!(pv.read(0x30, 4), PvRead::Unknown);
+        assert_eq!(pv.write(0x30, &[0; 8]), PvRequest::Ignored);
     }
 }

@@ -108,6 +108,8 @@ pub enum Error {
     GoLiveHook(#[source] HookError),
     #[error("cannot open the serial port to go live")]
     GoLiveSerial(#[source] crate::serial_backend::Error),
+    #[error("cannot open the TAP to go live")]
+    GoLiveNet(#[source] crate::tap_backend::Error),
     #[error("the log channel failed")]
     Channel(#[source] logchannel::channel::Error),
     #[error("cannot start the {0} thread")]

@@ -9,7 +9,7 @@
 //!
 //! The door is device-neutral: an [`Input`] and an [`Output`] have a
 //! variant per device kind, and [`Demand`] says per device what the
-//! machine can take now. A new device (a NIC, a disk) adds variants here
+//! machine can take now. A new device (the NIC did, a disk will) adds variants here
 //! and a backend in [`world`]; the vCPU loop and the timelines do not change.
 //!
 //! The vCPU loop and the devices never ask "am I recording?". Solo, record
@@ -36,6 +36,9 @@ pub enum Input {
     TimerTick,
     /// Something for COM1.
     Serial(SerialInput),
+    /// One Ethernet frame for the NIC, written into the next RX buffer the
+    /// guest posted; never offered unless [`NetDemand::rx_buffers`] > 0.
+    Net(Vec<u8>),
 }
 
 /// What the serial line delivers.
@@ -58,6 +61,9 @@ impl Input {
                 bytes: bytes.clone(),
             },
             Input::Serial(SerialInput::Hangup) => Event::SerialHangup,
+            Input::Net(bytes) => Event::NetFrame {
+                bytes: bytes.clone(),
+            },
         }
     }
 
@@ -67,6 +73,7 @@ impl Input {
             Event::TimerTick => Input::TimerTick,
             Event::SerialIn { bytes } => Input::Serial(SerialInput::Bytes(bytes.clone())),
             Event::SerialHangup => Input::Serial(SerialInput::Hangup),
+            Event::NetFrame { bytes } => Input::Net(bytes.clone()),
             _ => return None,
         })
     }
@@ -77,13 +84,17 @@ impl Input {
 pub enum Output {
     /// Bytes COM1 transmitted.
     Serial(Vec<u8>),
+    /// One Ethernet frame the NIC transmitted (without the virtio header).
+    Net(Vec<u8>),
 }
 
 impl Output {
-    /// The bytes as the guest produced them, for transcripts.
-    pub fn bytes(&self) -> &[u8] {
+    /// The bytes of serial output, for transcripts (which show the serial
+    /// line only; frames are not text).
+    pub fn serial_bytes(&self) -> Option<&[u8]> {
         match self {
-            Output::Serial(b) => b,
+            Output::Serial(b) => Some(b),
+            Output::Net(_) => None,
         }
     }
 }
@@ -97,6 +108,15 @@ pub struct SerialDemand {
     pub rx_empty: bool,
 }
 
+/// What the NIC can take now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NetDemand {
+    /// Receive buffers the guest has posted and the device has not filled:
+    /// one frame takes one. Read from guest memory at the exit, so both
+    /// sides of a pair compute the same number.
+    pub rx_buffers: usize,
+}
+
 /// What the machine can take at this exit, per device, from deterministic
 /// device state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -104,6 +124,7 @@ pub struct Demand {
     /// The PIT channel 0 period, when the guest programmed a periodic timer.
     pub timer_period_ns: Option<u64>,
     pub serial: SerialDemand,
+    pub net: NetDemand,
     /// The guest is idle (HLT, or the paravirtual wait) and nothing is
     /// pending: block until at least one input arrives.
     pub idle: bool,
@@ -115,6 +136,7 @@ impl Demand {
         match input {
             Input::TimerTick | Input::Serial(SerialInput::Hangup) => true,
             Input::Serial(SerialInput::Bytes(b)) => b.len() <= self.serial.room,
+            Input::Net(_) => self.net.rx_buffers > 0,
         }
     }
 
@@ -122,9 +144,13 @@ impl Demand {
     /// two sources (a backup going live drains the log, then the world)
     /// offers the second only what the first left.
     pub fn consume(&mut self, input: &Input) {
-        if let Input::Serial(SerialInput::Bytes(b)) = input {
-            self.serial.room = self.serial.room.saturating_sub(b.len());
-            self.serial.rx_empty &= b.is_empty();
+        match input {
+            Input::Serial(SerialInput::Bytes(b)) => {
+                self.serial.room = self.serial.room.saturating_sub(b.len());
+                self.serial.rx_empty &= b.is_empty();
+            }
+            Input::Net(_) => self.net.rx_buffers = self.net.rx_buffers.saturating_sub(1),
+            Input::TimerTick | Input::Serial(SerialInput::Hangup) => {}
         }
     }
 }

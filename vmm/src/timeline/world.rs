@@ -1,5 +1,6 @@
 //! The world as a timeline sees it: the clocks, entropy, timer ticks, and
-//! the device backends (the serial port today). The solo, record and
+//! the device backends (the serial port, and the TAP when the machine has a
+//! NIC). The solo, record and
 //! (after go-live) backup timelines share it; replay never builds one.
 //!
 //! The world waits on all of its backends at once through one
@@ -14,6 +15,7 @@ use super::{Demand, Error, Input, Output};
 use crate::doorbell::Doorbell;
 use crate::serial_backend::{Chunk, SerialPort};
 use crate::stop;
+use crate::tap_backend::NetPort;
 
 /// Timer state for timelines that take time from the world.
 #[derive(Debug, Default)]
@@ -68,12 +70,17 @@ pub struct Outgoing(Addressed);
 #[derive(Debug)]
 enum Addressed {
     Serial(Chunk),
+    /// A frame needs no address: the TAP is one wire.
+    Net(Vec<u8>),
 }
 
 /// Where held outputs are released to, from any thread.
 #[derive(Clone)]
 pub struct Outlet {
     serial: SyncSender<Chunk>,
+    /// None when the world has no TAP: frames are lost, as on a NIC with
+    /// no cable.
+    net: Option<SyncSender<Vec<u8>>>,
 }
 
 impl Outlet {
@@ -82,6 +89,10 @@ impl Outlet {
     pub fn send(&self, out: Outgoing) -> Result<(), Error> {
         match out.0 {
             Addressed::Serial(chunk) => self.serial.send(chunk).map_err(|_| Error::OutputClosed),
+            Addressed::Net(frame) => match &self.net {
+                Some(net) => net.send(frame).map_err(|_| Error::OutputClosed),
+                None => Ok(()),
+            },
         }
     }
 }
@@ -92,6 +103,7 @@ pub struct World {
     ticks: TickClock,
     bell: Doorbell,
     serial: SerialPort,
+    net: Option<NetPort>,
     transcript: Option<BufWriter<File>>,
 }
 
@@ -104,8 +116,15 @@ impl World {
             ticks: TickClock::default(),
             bell,
             serial,
+            net: None,
             transcript: transcript.map(BufWriter::new),
         }
+    }
+
+    /// Adds the NIC's backend; its reader must ring this world's bell.
+    pub fn with_net(mut self, net: NetPort) -> Self {
+        self.net = Some(net);
+        self
     }
 
     pub fn clock_ns(&self) -> u64 {
@@ -127,9 +146,13 @@ impl World {
     }
 
     /// This world takes over a guest that ran elsewhere (a backup going
-    /// live): each backend adjusts (the serial line starts with a hang-up).
+    /// live): each backend adjusts (the serial line starts with a hang-up;
+    /// the NIC announces the guest's MAC from this host).
     pub fn after_failover(&mut self) {
         self.serial.after_failover();
+        if let Some(net) = self.net.as_mut() {
+            net.after_failover();
+        }
     }
 
     /// Fills `out` with a due tick and whatever input fits, blocking first
@@ -150,11 +173,15 @@ impl World {
             if let Some(input) = self.serial.take(&demand.serial, demand.idle) {
                 out.push(Input::Serial(input));
             }
+            if let Some(net) = self.net.as_mut() {
+                net.take(&demand.net, out);
+            }
             if !demand.idle || !out.is_empty() || stop::requested() || wake() {
                 return Ok(());
             }
             let deadline = self.ticks.deadline();
-            if deadline.is_none() && self.serial.input_closed() {
+            let net_closed = self.net.as_ref().is_none_or(|n| n.input_closed());
+            if deadline.is_none() && self.serial.input_closed() && net_closed {
                 return Err(Error::Deadlock);
             }
             let limit = deadline
@@ -168,9 +195,12 @@ impl World {
     /// the transcript at once: the transcript shows what the guest produced
     /// when it produced it, even while the Output Rule still holds it.
     pub fn address(&mut self, output: Output) -> Result<Outgoing, Error> {
-        self.write_transcript(output.bytes())?;
+        if let Some(bytes) = output.serial_bytes() {
+            self.write_transcript(bytes)?;
+        }
         Ok(Outgoing(match output {
             Output::Serial(bytes) => Addressed::Serial(self.serial.address(bytes)),
+            Output::Net(frame) => Addressed::Net(frame),
         }))
     }
 
@@ -185,6 +215,7 @@ impl World {
     pub fn outlet(&self) -> Result<Outlet, Error> {
         Ok(Outlet {
             serial: self.serial.sender().ok_or(Error::OutputClosed)?,
+            net: self.net.as_ref().and_then(|n| n.sender()),
         })
     }
 
@@ -203,6 +234,9 @@ impl World {
             t.flush().map_err(Error::Transcript)?;
         }
         self.serial.close();
+        if let Some(net) = self.net.as_mut() {
+            net.close();
+        }
         Ok(())
     }
 }
@@ -210,7 +244,8 @@ impl World {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::timeline::{SerialDemand, SerialInput};
+    use crate::net_config::{NetConfig, DEFAULT_MAC};
+    use crate::timeline::{NetDemand, SerialDemand, SerialInput};
 
     fn world(serial: SerialPort) -> World {
         World::new(Doorbell::new(), serial, None)
@@ -301,5 +336,63 @@ mod tests {
         let outlet = w.outlet().unwrap();
         outlet.send(held).unwrap();
         assert_eq!(out_rx.recv().unwrap(), (3, b"a".to_vec()));
+    }
+
+    fn net_config() -> NetConfig {
+        NetConfig {
+            mac: DEFAULT_MAC,
+            ip: Some("198.18.0.2/24".parse().unwrap()),
+            gateway: None,
+        }
+    }
+
+    #[test]
+    fn an_idle_guest_wakes_for_a_frame_once_it_has_a_buffer() {
+        let bell = Doorbell::new();
+        let (serial, _stx, _sout) = SerialPort::detached();
+        let (net, ntx, _nout) = NetPort::detached(net_config());
+        let mut w = World::new(bell.clone(), serial, None).with_net(net);
+        let frame = vec![7u8; 60];
+        {
+            let (frame, bell) = (frame.clone(), bell.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                ntx.send(frame).unwrap();
+                bell.ring();
+                std::thread::sleep(Duration::from_secs(2));
+            });
+        }
+        let mut demand = Demand {
+            idle: false,
+            ..Demand::default()
+        };
+        let mut out = Vec::new();
+        std::thread::sleep(Duration::from_millis(60));
+        // No buffer posted: the frame waits.
+        w.poll(&demand, &mut out, &|| false).unwrap();
+        assert!(out.is_empty());
+        demand.net = NetDemand { rx_buffers: 1 };
+        demand.idle = true;
+        w.poll(&demand, &mut out, &|| false).unwrap();
+        assert_eq!(out, vec![Input::Net(frame)]);
+    }
+
+    #[test]
+    fn frames_leave_through_the_outlet_and_not_the_transcript() {
+        let (serial, _stx, _sout) = SerialPort::detached();
+        let (net, _ntx, nout) = NetPort::detached(net_config());
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let mut w = World::new(Doorbell::new(), serial, Some(file.reopen().unwrap())).with_net(net);
+        let held = w.address(Output::Net(vec![1; 60])).unwrap();
+        w.outlet().unwrap().send(held).unwrap();
+        assert_eq!(nout.recv().unwrap(), vec![1; 60]);
+        w.after_failover();
+        assert_eq!(nout.recv().unwrap()[12..14], [0x08, 0x06]);
+        w.close().unwrap();
+        assert!(std::fs::read(file.path()).unwrap().is_empty());
+        // Without a TAP a frame is lost, not an error.
+        let (serial, _stx, _sout) = SerialPort::detached();
+        let mut bare = World::new(Doorbell::new(), serial, None);
+        bare.output(Output::Net(vec![1; 60])).unwrap();
     }
 }
