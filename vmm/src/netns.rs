@@ -12,6 +12,13 @@
 //!  + VIP .100
 //! ```
 //!
+//! On A and B the service interface is enslaved to a host bridge `hbr0`,
+//! which holds the host's address, and so is a persistent TAP `tap0` for
+//! the guest's NIC: host A, host B, the client and the guest share one L2
+//! segment, as a VM's bridged NIC shares the service LAN on real hosts. The
+//! guest's address is [`GUEST_IP`]. A TAP no VMM holds open has no carrier,
+//! so the bridge sends the guest's traffic only to the side that serves.
+//!
 //! Host A and host B also share a dedicated logging link (a direct veth
 //! pair, like VMware FT's logging NIC). A partition is that link going down
 //! while the service network stays up, which is exactly the case the
@@ -35,6 +42,11 @@ pub const SERVICE_NET: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
 pub const SERVICE_PREFIX_LEN: u8 = 24;
 /// The service address clients use; it belongs to whichever host serves.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// The guest's own address on the service network (its NIC is bridged).
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 50);
+/// The guest NIC's TAP inside A and B, made persistent and bridged by
+/// [`Topology::up`]; a VMM attaches to it with `--tap`.
+pub const TAP_IF: &str = "tap0";
 /// The logging link between A and B.
 pub const LOG_NET: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 0);
 /// Prefix length of the logging link.
@@ -48,6 +60,16 @@ const SERVICE_IF: &str = "svc0";
 const LOG_IF: &str = "log0";
 /// The bridge inside the switch namespace.
 const BRIDGE: &str = "br0";
+/// The bridge inside A and B that joins the service interface and the TAP.
+const HOST_BRIDGE: &str = "hbr0";
+
+/// The interface that holds `host`'s service address.
+fn service_dev(host: Host) -> &'static str {
+    match host {
+        Host::A | Host::B => HOST_BRIDGE,
+        Host::Arbiter | Host::Client => SERVICE_IF,
+    }
+}
 
 /// Errors of building, changing or using the topology.
 #[derive(Debug, thiserror::Error)]
@@ -281,11 +303,27 @@ impl Topology {
         let from = to.peer().ok_or(Error::NotAServer(to))?;
         let vip = format!("{VIP}/{SERVICE_PREFIX_LEN}");
         tolerate(
-            ip(&["-n", &self.ns(to), "addr", "add", &vip, "dev", SERVICE_IF]),
+            ip(&[
+                "-n",
+                &self.ns(to),
+                "addr",
+                "add",
+                &vip,
+                "dev",
+                service_dev(to),
+            ]),
             &["File exists", "already assigned"],
         )?;
         tolerate(
-            ip(&["-n", &self.ns(from), "addr", "del", &vip, "dev", SERVICE_IF]),
+            ip(&[
+                "-n",
+                &self.ns(from),
+                "addr",
+                "del",
+                &vip,
+                "dev",
+                service_dev(from),
+            ]),
             &["Cannot assign requested address", "not found"],
         )?;
         ip(&[
@@ -311,7 +349,7 @@ impl Topology {
                 "addr",
                 "show",
                 "dev",
-                SERVICE_IF,
+                service_dev(host),
             ])?;
             if out.contains(&format!(" {VIP}/")) {
                 holders.push(host);
@@ -394,8 +432,17 @@ impl Topology {
             ])?;
             ip(&["-n", &sw, "link", "set", &port, "master", BRIDGE])?;
             ip(&["-n", &sw, "link", "set", &port, "up"])?;
+            let dev = service_dev(host);
+            if dev == HOST_BRIDGE {
+                ip(&["-n", &ns, "link", "add", HOST_BRIDGE, "type", "bridge"])?;
+                ip(&["-n", &ns, "link", "set", SERVICE_IF, "master", HOST_BRIDGE])?;
+                ip(&["-n", &ns, "tuntap", "add", "dev", TAP_IF, "mode", "tap"])?;
+                ip(&["-n", &ns, "link", "set", TAP_IF, "master", HOST_BRIDGE])?;
+                ip(&["-n", &ns, "link", "set", TAP_IF, "up"])?;
+                ip(&["-n", &ns, "link", "set", HOST_BRIDGE, "up"])?;
+            }
             let addr = format!("{}/{SERVICE_PREFIX_LEN}", host.service_ip());
-            ip(&["-n", &ns, "addr", "add", &addr, "dev", SERVICE_IF])?;
+            ip(&["-n", &ns, "addr", "add", &addr, "dev", dev])?;
             ip(&["-n", &ns, "link", "set", SERVICE_IF, "up"])?;
         }
         let (a, b) = (self.ns(Host::A), self.ns(Host::B));
@@ -409,7 +456,7 @@ impl Topology {
             ip(&["-n", &ns, "link", "set", LOG_IF, "up"])?;
         }
         let vip = format!("{VIP}/{SERVICE_PREFIX_LEN}");
-        ip(&["-n", &a, "addr", "add", &vip, "dev", SERVICE_IF])?;
+        ip(&["-n", &a, "addr", "add", &vip, "dev", service_dev(Host::A)])?;
         Ok(())
     }
 }
