@@ -3,6 +3,7 @@
 //! a run can be recorded and replayed bit for bit.
 
 pub mod boot;
+pub mod chart;
 pub mod cli;
 pub mod demo;
 pub mod devices;
