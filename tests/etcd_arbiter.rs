@@ -7,12 +7,17 @@
 
 mod etcd;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use etcd::Cluster;
 use vmm::ft::arbiter::etcd::{EtcdArbiter, ATTEMPT_TIMEOUT};
 use vmm::ft::arbiter::{Arbiter, ArbiterAddr, Backend, ClaimOutcome};
+
+/// Attempts that failed as unreachable, in this test binary: shows that a
+/// kill landed in the middle of a race.
+static RETRIES: AtomicUsize = AtomicUsize::new(0);
 
 /// Claims, retrying while etcd is unreachable, for at most `limit`.
 fn claim(arb: &mut EtcdArbiter, vm: &str, epoch: u64, who: &str, limit: Duration) -> ClaimOutcome {
@@ -21,6 +26,7 @@ fn claim(arb: &mut EtcdArbiter, vm: &str, epoch: u64, who: &str, limit: Duration
         match arb.test_and_set(vm, epoch, who) {
             Ok(outcome) => return outcome,
             Err(e) if e.is_unreachable() && Instant::now() < end => {
+                RETRIES.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => panic!("{who} claiming {vm}/{epoch}: {e:?}"),
@@ -28,15 +34,24 @@ fn claim(arb: &mut EtcdArbiter, vm: &str, epoch: u64, who: &str, limit: Duration
     }
 }
 
+/// When [`race`] calls its hook for an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Before the claimants are released.
+    Before,
+    /// Right after, while they race.
+    Racing,
+}
+
 /// `claimants` threads claim each of `epochs` together (a barrier per
-/// epoch), while `between` runs once per epoch on this thread as they
-/// race. Returns, per epoch, every claimant's outcome.
+/// epoch); `between` runs on this thread just before each epoch's race and
+/// again as it starts. Returns, per epoch, every claimant's outcome.
 fn race(
     endpoints: &[String],
     vm: &str,
     claimants: usize,
     epochs: u64,
-    mut between: impl FnMut(u64),
+    mut between: impl FnMut(u64, Phase),
 ) -> Vec<Vec<(String, ClaimOutcome)>> {
     let start = Arc::new(Barrier::new(claimants + 1));
     let threads: Vec<_> = (0..claimants)
@@ -58,8 +73,9 @@ fn race(
         })
         .collect();
     for epoch in 1..=epochs {
+        between(epoch, Phase::Before);
         start.wait();
-        between(epoch);
+        between(epoch, Phase::Racing);
     }
     let per_thread: Vec<Vec<_>> = threads
         .into_iter()
@@ -106,7 +122,7 @@ fn one_winner_each(
 fn one_winner_among_concurrent_claimants_and_the_decision_stands() {
     let started = Instant::now();
     let mut cluster = Cluster::start("race", 3);
-    let results = race(&cluster.endpoints(), "race-vm", 16, 5, |_| {});
+    let results = race(&cluster.endpoints(), "race-vm", 16, 5, |_, _| {});
     let winners = one_winner_each(&results, || cluster.logs());
     eprintln!("winners: {winners:?} after {:?}", started.elapsed());
 
@@ -231,16 +247,37 @@ fn killing_a_member_during_the_race_still_gives_one_winner() {
     let mut cluster = Cluster::start("kill-member", 3);
     let endpoints = cluster.endpoints();
     let mut killed = None;
-    let results = race(&endpoints, "kill-vm", 16, 6, |epoch| {
-        // Let the claims get under way, then kill a member (each in turn,
-        // so the leader is among them), and bring the previous one back.
-        std::thread::sleep(Duration::from_millis(2 * epoch));
-        let victim = (epoch as usize) % 3;
-        cluster.kill(victim);
-        if let Some(prev) = killed.replace(victim) {
-            cluster.restart(prev);
+    let mut victims = Vec::new();
+    let mut leader = None;
+    let results = race(&endpoints, "kill-vm", 16, 6, |epoch, phase| match phase {
+        // Bring the last victim back, so that a quorum remains, and find
+        // the leader before the claimants go.
+        Phase::Before => {
+            if let Some(prev) = killed.take() {
+                cluster.restart(prev);
+                cluster.wait_healthy(Duration::from_secs(30));
+            }
+            leader = cluster.leader();
+        }
+        // Kill a member as the claims get under way: the leader in odd
+        // epochs (proposals in flight may be lost, or committed by the
+        // next leader), a follower in even ones.
+        Phase::Racing => {
+            let victim = match leader {
+                Some(l) if epoch % 2 == 1 => l,
+                Some(l) => (l + 1) % 3,
+                None => epoch as usize % 3,
+            };
+            std::thread::sleep(Duration::from_millis(epoch % 3));
+            cluster.kill(victim);
+            killed = Some(victim);
+            victims.push((victim, leader == Some(victim)));
         }
     });
+    eprintln!(
+        "killed (member, was leader): {victims:?}; {} attempts failed as unreachable",
+        RETRIES.load(Ordering::Relaxed)
+    );
     let winners = one_winner_each(&results, || cluster.logs());
     eprintln!(
         "winners {winners:?} with members killed, after {:?}",

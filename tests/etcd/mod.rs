@@ -163,6 +163,38 @@ impl Cluster {
             .is_some_and(|p| p.status().is_none())
     }
 
+    /// The index of the member that is the Raft leader, as the running
+    /// members report it (None while there is none, or none answers).
+    pub fn leader(&mut self) -> Option<usize> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let endpoints = self.endpoints();
+        let mut ids = vec![None; endpoints.len()];
+        let mut leader = None;
+        for (i, ep) in endpoints.iter().enumerate() {
+            if self.members[i].proc.is_none() {
+                continue;
+            }
+            let options = etcd_client::ConnectOptions::new()
+                .with_timeout(Duration::from_millis(500))
+                .with_connect_timeout(Duration::from_millis(300));
+            let status = runtime.block_on(async {
+                let mut c = etcd_client::Client::connect([ep.as_str()], Some(options)).await?;
+                c.status().await
+            });
+            if let Ok(s) = status {
+                ids[i] = s.header().map(|h| h.member_id());
+                if s.leader() != 0 {
+                    leader = Some(s.leader());
+                }
+            }
+        }
+        let leader = leader?;
+        ids.iter().position(|id| *id == Some(leader))
+    }
+
     /// Waits until every running member answers a linearizable read (so
     /// the cluster has a quorum and that member a leader).
     pub fn wait_healthy(&mut self, limit: Duration) {
