@@ -77,8 +77,9 @@
 //!
 //! Every attempt (all the requests of one claim) is bounded by
 //! [`ATTEMPT_TIMEOUT`], every request by a gRPC deadline, and connecting by
-//! its own timeout; HTTP/2 keep-alive pings drop a connection to a member
-//! that stopped answering. Requests carry etcd's "require leader" flag, so
+//! its own timeout; HTTP/2 keep-alive pings (sent while a request runs,
+//! see below) drop a connection to a member that stopped answering, so the
+//! next attempt goes to another member. Requests carry etcd's "require leader" flag, so
 //! a member cut off from its quorum refuses at once instead of waiting.
 //! With every member down or no quorum, the claim times out or is refused
 //! as unavailable, which the claim loop retries without anyone going live,
