@@ -8,6 +8,12 @@
 #   prometheus   `promtool check metrics`, which lints the --metrics endpoint
 #                (the package also ships a Prometheus server and may start it
 #                on port 9090; nothing here uses it)
+#   etcd-server  `etcd`, a real cluster for the etcd arbiter's tests (the
+#                package may try to start a system etcd on 2379; the tests
+#                use their own ports)
+#   protobuf-compiler, libprotobuf-dev
+#                `protoc` and its well-known .proto files, which the
+#                etcd-client crate's build script compiles its API from
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +21,9 @@ missing=()
 command -v redis-cli >/dev/null && command -v redis-benchmark >/dev/null || missing+=(redis-tools)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v promtool >/dev/null || missing+=(prometheus)
+command -v etcd >/dev/null || missing+=(etcd-server)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
+[[ -e /usr/include/google/protobuf/descriptor.proto ]] || missing+=(libprotobuf-dev)
 
 if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then

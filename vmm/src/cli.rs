@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use logchannel::channel::{self, error_chain, BackupLink, ChannelConfig, Hello, PrimaryLink};
 use logchannel::{Header, LogReader, LogWriter};
 
-use crate::ft::arbiter::Arbiter;
+use crate::ft::arbiter::{Arbiter, ArbiterAddr};
 use crate::ft::backup::{BackupTimeline, StreamSource, Takeover};
 use crate::ft::metrics::{self, Metrics, Role};
 use crate::ft::primary::ChannelSink;
@@ -215,8 +215,9 @@ pub struct PairOptions {
     /// The pairing epoch. None: the primary asks the arbiter for a new one
     /// (or uses 1 without an arbiter); the backup adopts the primary's.
     pub epoch: Option<u64>,
-    /// The test-and-set arbiter; without one, losing the peer halts.
-    pub tas: Option<SocketAddr>,
+    /// The test-and-set arbiter (tas-server or etcd); without one, losing
+    /// the peer halts.
+    pub tas: Option<ArbiterAddr>,
     /// This process's name at the arbiter.
     pub node: Option<String>,
     pub heartbeat_ms: u64,
@@ -248,7 +249,7 @@ impl PairOptions {
     }
 
     fn arbiter(&self, epoch: u64, default_node: String) -> Option<Arbiter> {
-        self.tas.map(|addr| Arbiter {
+        self.tas.clone().map(|addr| Arbiter {
             addr,
             vm_id: self.vm_id.clone(),
             epoch,

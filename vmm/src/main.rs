@@ -194,10 +194,11 @@ struct PairArgs {
     /// (1 without an arbiter) and the backup adopts the primary's.
     #[arg(long)]
     epoch: Option<u64>,
-    /// The test-and-set arbiter (tas-server). Without it, losing the peer
-    /// halts this side instead of failing over.
-    #[arg(long)]
-    tas: Option<SocketAddr>,
+    /// The test-and-set arbiter: HOST:PORT (or tas://HOST:PORT) for a
+    /// tas-server, etcd://HOST:PORT[,HOST:PORT...] for an etcd cluster.
+    /// Without it, losing the peer halts this side instead of failing over.
+    #[arg(long, value_name = "ARBITER")]
+    tas: Option<vmm::ft::arbiter::ArbiterAddr>,
     /// This process's name at the arbiter (default: role@pid).
     #[arg(long)]
     node: Option<String>,

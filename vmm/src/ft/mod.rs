@@ -101,7 +101,7 @@ pub enum Error {
         rival: Rival,
     },
     #[error("the arbiter failed")]
-    Arbiter(#[source] tas_server::client::ClientError),
+    Arbiter(#[source] arbiter::BackendError),
     #[error("stopped by a signal while claiming at the arbiter")]
     StoppedClaiming,
     #[error("the go-live command failed")]
