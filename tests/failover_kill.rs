@@ -38,7 +38,7 @@ fn killing_the_primary_at_random_moments_loses_no_acknowledged_write() {
     for trial in 0..3 {
         let kill_after = 20 + rng.below(230);
         let o = run_bounded(
-            duet().args(["demo", "--ops", "260"]).args([
+            duet().args(["demo", "--serial", "--ops", "260"]).args([
                 "--kill-after",
                 &kill_after.to_string(),
                 "--tas-server",

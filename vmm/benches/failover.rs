@@ -41,6 +41,7 @@ fn main() {
         let o = run_bounded(
             duet().args([
                 "demo",
+                "--serial",
                 "--ops",
                 "120",
                 "--kill-after",

@@ -1,17 +1,25 @@
-//! `duet demo`: the whole mission in one command. It starts the arbiter, a
-//! primary and a backup as separate processes, runs a checked write
-//! workload against the `kv` guest, kills the primary with SIGKILL in the
-//! middle, lets the client reconnect to the same address (now served by the
-//! backup gone live), and verifies that nothing the client was told had
-//! happened was lost.
+//! `duet demo`: the whole mission in one command. It builds two hosts (and
+//! an arbiter's and a client's) as network namespaces, starts the arbiter,
+//! a primary and a backup as separate processes, and runs a checked write
+//! workload against the `netkv` guest over a bridged NIC on a few TCP
+//! connections; it kills the primary with SIGKILL in the middle, keeps the
+//! same connections going against the backup gone live, and verifies that
+//! nothing the clients were told had happened was lost and that no
+//! connection had to be made again. It prints its progress, an account,
+//! and a chart of the failover (SVG and PNG).
+//!
+//! Where it cannot make namespaces (not root, no iproute2), it says why and
+//! runs the serial demo instead: `kv` on a serial line over loopback, whose
+//! client must reconnect after the failover (`--serial` asks for it).
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 
+use crate::chart::{self, Mark, Timeline};
 use crate::kit::metrics::{self, Metrics};
 use crate::kit::ports;
 use crate::kit::process::Proc;
@@ -21,17 +29,28 @@ use crate::netns::{self, Host};
 /// Options of `duet demo`.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    /// Operations (a SET and an INCR each) in the whole run.
-    pub ops: u64,
-    /// Kill the primary after this many operations.
-    pub kill_after: u64,
+    /// Operations (a SET and an INCR each) in the whole run (default 2000
+    /// for the network demo, 600 for the serial one).
+    pub ops: Option<u64>,
+    /// Kill the primary after this many operations (default 800, or 300).
+    pub kill_after: Option<u64>,
     /// The tas-server binary (default: next to `duet`).
     pub tas_server: Option<PathBuf>,
     /// Keep the processes' logs in this directory (default: a temp dir,
     /// removed at the end).
     pub keep_logs: Option<PathBuf>,
-    /// Run across the two-host network namespaces instead of loopback.
+    /// Run the serial demo (`kv` on COM1) instead of the network one.
+    pub serial: bool,
+    /// Run the serial demo across the two-host network namespaces instead
+    /// of loopback.
     pub netns: bool,
+    /// Client connections of the network demo.
+    pub connections: usize,
+    /// Operations per second (default 500 for the network demo; 0 for the
+    /// serial one: as fast as it answers).
+    pub rate: Option<u64>,
+    /// Where the failover chart goes.
+    pub out: PathBuf,
 }
 
 /// Where the demo's processes run and how the client reaches them:
@@ -124,8 +143,13 @@ fn wait_for_port(
     bail!("the {} did not open {addr} within {limit:?}", proc.name())
 }
 
-/// A connection to the service from the client's host; every reply is
-/// awaited for at most five seconds.
+/// The metrics at `addr`, reached from the client's host.
+fn scrape(net: &Net, addr: SocketAddr) -> anyhow::Result<Metrics> {
+    let stream = net.connect(addr, Duration::from_millis(300))?;
+    Metrics::parse(&metrics::fetch(stream, Duration::from_secs(1))?)
+}
+
+/// A connection to the service from the client's host.
 fn connect(net: &Net, addr: SocketAddr) -> std::io::Result<Conn> {
     Conn::from_stream(net.connect(addr, Duration::from_millis(200))?)
 }
@@ -133,29 +157,39 @@ fn connect(net: &Net, addr: SocketAddr) -> std::io::Result<Conn> {
 /// How long one reply may take.
 const REPLY_LIMIT: Duration = Duration::from_secs(5);
 
-/// What the client saw.
+/// One client connection, and how often it had to be made again.
+#[derive(Default)]
+struct Slot {
+    conn: Option<Conn>,
+    reconnects: u64,
+    /// Replies since the last reconnect.
+    since_reconnect: u64,
+}
+
+/// What the clients saw.
 #[derive(Debug, Default)]
 struct Ledger {
     acked_sets: Vec<u64>,
     sent_incrs: u64,
     acked_incrs: u64,
-    reconnects: u64,
+    /// From the SIGKILL to the first reply on a connection made after it
+    /// (the serial demo, whose clients must reconnect).
     failover: Option<Duration>,
     /// Requests answered with a protocol error just after a reconnect:
     /// the dead primary had passed the guest only part of an earlier
     /// request, and a serial line has no connection boundary to reset the
     /// guest's parser. Not acknowledged, so not counted as writes.
     refused_after_reconnect: u64,
-    /// Replies since the last reconnect.
-    since_reconnect: u64,
+    /// Every reply: (seconds since the start, latency in ms).
+    replies: Vec<(f64, f64)>,
 }
 
 impl Ledger {
     /// An error reply is tolerated only as the first reply after a
     /// reconnect; anywhere else it is a failure.
-    fn tolerate(&mut self, what: &str, reply: &Reply) -> anyhow::Result<()> {
+    fn tolerate(&mut self, slot: &Slot, what: &str, reply: &Reply) -> anyhow::Result<()> {
         match reply {
-            Reply::Error(_) if self.reconnects > 0 && self.since_reconnect <= 1 => {
+            Reply::Error(_) if slot.reconnects > 0 && slot.since_reconnect <= 1 => {
                 self.refused_after_reconnect += 1;
                 Ok(())
             }
@@ -164,74 +198,150 @@ impl Ledger {
     }
 }
 
-/// Runs one call, reconnecting (bounded) when the connection breaks.
-/// Returns the reply, and whether the call may have reached the server.
-fn call_with_retry(
+/// Why a call got no reply.
+#[derive(Debug)]
+enum CallError {
+    /// The connection broke: the request may or may not have been
+    /// executed, so the caller counts it as sent, not acknowledged.
+    Lost,
+    /// The service could not be reached again for 30 s.
+    Unreachable(String),
+}
+
+/// Runs one call on `slot`, connecting first if it has no connection.
+fn call(
     net: &Net,
-    conn: &mut Option<Conn>,
+    slot: &mut Slot,
     addr: SocketAddr,
     args: &[&str],
     ledger: &mut Ledger,
-    killed_at: Option<Instant>,
-) -> anyhow::Result<Reply> {
+    clock: (Instant, Option<Instant>),
+) -> Result<Reply, CallError> {
+    let (started, killed_at) = clock;
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if conn.is_none() {
-            match connect(net, addr) {
-                Ok(c) => *conn = Some(c),
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                }
-                Err(e) => bail!("cannot reach the service at {addr} for 30 s: {e}"),
+    while slot.conn.is_none() {
+        match connect(net, addr) {
+            Ok(c) => slot.conn = Some(c),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => {
+                return Err(CallError::Unreachable(format!(
+                    "cannot reach the service at {addr} for 30 s: {e}"
+                )))
             }
         }
-        let Some(c) = conn.as_mut() else { continue };
-        match c.call(args, REPLY_LIMIT) {
-            Ok(reply) => {
-                ledger.since_reconnect += 1;
-                if let (Some(k), None) = (killed_at, ledger.failover) {
-                    if ledger.reconnects > 0 {
-                        ledger.failover = Some(k.elapsed());
-                    }
+    }
+    let Some(c) = slot.conn.as_mut() else {
+        return Err(CallError::Lost);
+    };
+    let sent = Instant::now();
+    match c.call(args, REPLY_LIMIT) {
+        Ok(reply) => {
+            let now = Instant::now();
+            ledger.replies.push((
+                (now - started).as_secs_f64(),
+                (now - sent).as_secs_f64() * 1e3,
+            ));
+            slot.since_reconnect += 1;
+            if let (Some(k), None) = (killed_at, ledger.failover) {
+                if slot.reconnects > 0 {
+                    ledger.failover = Some(k.elapsed());
                 }
-                return Ok(reply);
             }
-            Err(e) => {
-                if std::env::var_os("DUET_DEMO_DEBUG").is_some() {
-                    eprintln!(
-                        "demo: {:?} {args:?} failed: {e}",
-                        killed_at.map(|k| k.elapsed())
-                    );
-                }
-                *conn = None;
-                ledger.reconnects += 1;
-                ledger.since_reconnect = 0;
-                if Instant::now() >= deadline {
-                    bail!("the service at {addr} kept failing for 30 s: {e}");
-                }
-                // The request may or may not have been executed: the caller
-                // counts it as sent, not acknowledged, and moves on.
-                return Err(anyhow::anyhow!("connection lost: {e}"));
+            Ok(reply)
+        }
+        Err(e) => {
+            if std::env::var_os("DUET_DEMO_DEBUG").is_some() {
+                eprintln!(
+                    "demo: {:?} {args:?} failed: {e}",
+                    killed_at.map(|k| k.elapsed())
+                );
             }
+            slot.conn = None;
+            slot.reconnects += 1;
+            slot.since_reconnect = 0;
+            Err(CallError::Lost)
         }
     }
 }
 
-/// The metrics at `addr`, reached from the client's host.
-fn scrape(net: &Net, addr: SocketAddr) -> anyhow::Result<Metrics> {
-    let stream = net.connect(addr, Duration::from_millis(300))?;
-    Metrics::parse(&metrics::fetch(stream, Duration::from_secs(1))?)
+/// The events (`--events`) a side wrote, as (Unix time, event name).
+fn read_events(path: &Path) -> Vec<(f64, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((v["ts"].as_f64()?, v["event"].as_str()?.to_string()))
+        })
+        .collect()
+}
+
+/// The failover's moments: the kill, then what the backup's events say.
+fn failover_marks(kill_t: f64, t0_unix: f64, backup_events: &[(f64, String)]) -> Vec<Mark> {
+    let mut marks = vec![Mark {
+        t: kill_t,
+        label: "kill".into(),
+    }];
+    for (ts, event) in backup_events {
+        let label = match event.as_str() {
+            "peer_lost" => "detected",
+            "claim_sent" => "claim",
+            "claim_granted" => "granted",
+            "live" => "go-live",
+            _ => continue,
+        };
+        marks.push(Mark {
+            t: (ts - t0_unix).max(kill_t),
+            label: label.into(),
+        });
+    }
+    marks
+}
+
+/// Which guest the demo runs, and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guest {
+    /// `netkv` on a bridged NIC: clients keep their TCP connections.
+    Network,
+    /// `kv` on the serial line: clients reconnect after a failover.
+    Serial,
+}
+
+/// Why the network demo cannot run here, if it cannot.
+fn network_unavailable() -> Option<String> {
+    if !netns::is_root() {
+        return Some("it needs root to create network namespaces".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing".into());
+    }
+    match Command::new("ip").arg("-V").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some("`ip` (iproute2) is not installed".into()),
+    }
 }
 
 /// Runs the demo and returns the process exit code.
 pub fn run(opts: &DemoOptions) -> anyhow::Result<u8> {
-    if opts.kill_after >= opts.ops {
-        bail!(
-            "--kill-after ({}) must be below --ops ({})",
-            opts.kill_after,
-            opts.ops
-        );
+    let guest = match (opts.serial, network_unavailable()) {
+        (true, _) => Guest::Serial,
+        (false, None) => Guest::Network,
+        (false, Some(why)) => {
+            println!(
+                "duet demo: the network demo cannot run here ({why}); running the serial demo on loopback instead"
+            );
+            Guest::Serial
+        }
+    };
+    let (ops, kill_after) = match guest {
+        Guest::Network => (opts.ops.unwrap_or(2000), opts.kill_after.unwrap_or(800)),
+        Guest::Serial => (opts.ops.unwrap_or(600), opts.kill_after.unwrap_or(300)),
+    };
+    if kill_after >= ops {
+        bail!("--kill-after ({kill_after}) must be below --ops ({ops})");
+    }
+    if opts.connections == 0 {
+        bail!("--connections must be at least 1");
     }
     let duet = std::env::current_exe().context("cannot find the duet executable")?;
     let tas_bin = match &opts.tas_server {
@@ -254,7 +364,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<u8> {
         .clone()
         .unwrap_or_else(|| temp.path().to_path_buf());
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let net = if opts.netns {
+    let net = if guest == Guest::Network || opts.netns {
         if !netns::is_root() {
             bail!("--netns needs root (it creates network namespaces)");
         }
@@ -263,7 +373,19 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<u8> {
     } else {
         Net::Loopback
     };
-    let result = run_in(opts, &net, &duet, &tas_bin, &dir);
+    let plan = Plan {
+        guest,
+        ops,
+        kill_after,
+        connections: match guest {
+            Guest::Network => opts.connections,
+            Guest::Serial => 1,
+        },
+        rate: opts
+            .rate
+            .unwrap_or(if guest == Guest::Network { 500 } else { 0 }),
+    };
+    let result = run_in(opts, &plan, &net, (&duet, &tas_bin), &dir);
     // Dropping the topology removes the namespaces.
     drop(net);
     if opts.keep_logs.is_some() {
@@ -273,18 +395,38 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<u8> {
     result
 }
 
+/// What this run does, once the defaults are settled.
+struct Plan {
+    guest: Guest,
+    ops: u64,
+    kill_after: u64,
+    connections: usize,
+    /// Operations per second; 0: as fast as the service answers.
+    rate: u64,
+}
+
 fn run_in(
     opts: &DemoOptions,
+    plan: &Plan,
     net: &Net,
-    duet: &Path,
-    tas_bin: &Path,
+    (duet, tas_bin): (&Path, &Path),
     dir: &Path,
 ) -> anyhow::Result<u8> {
-    let a = net.addrs()?;
+    let mut a = net.addrs()?;
+    let network = plan.guest == Guest::Network;
+    if network {
+        a.service = SocketAddr::new(std::net::IpAddr::V4(netns::GUEST_IP), 6379);
+    }
     println!(
         "duet demo: arbiter, primary and backup as separate processes {}",
         net.describe()
     );
+    if network {
+        println!(
+            "the guest (netkv, a Redis-protocol server with its own TCP stack) is on a bridged NIC at {}; {} client connection(s) stay open across the failover",
+            a.service, plan.connections
+        );
+    }
 
     let mut arbiter = Proc::logged(
         "arbiter",
@@ -296,18 +438,25 @@ fn run_in(
     )?;
     wait_for_port(net, a.tas, Duration::from_secs(10), &mut arbiter)?;
 
+    let guest_ip = format!("{}/{}", netns::GUEST_IP, netns::SERVICE_PREFIX_LEN);
     let pair = |role: &str| -> Vec<String> {
-        vec![
-            role.to_string(),
-            "--image".into(),
-            "kv".into(),
-            "--vm-id".into(),
-            "demo".into(),
-            "--tas".into(),
-            a.tas.to_string(),
-            "--serial".into(),
-            format!("tcp:{}", a.service),
-        ]
+        let mut args: Vec<String> = [role, "--vm-id", "demo", "--tas"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(a.tas.to_string());
+        args.push("--events".into());
+        args.push(dir.join(format!("{role}.events")).display().to_string());
+        if network {
+            args.extend(
+                ["--image", "netkv", "--tap", netns::TAP_IF, "--guest-ip"].map(String::from),
+            );
+            args.push(guest_ip.clone());
+        } else {
+            args.extend(["--image".into(), "kv".into(), "--serial".into()]);
+            args.push(format!("tcp:{}", a.service));
+        }
+        args
     };
     let mut backup_cmd = net.command(Host::B, duet);
     backup_cmd
@@ -315,8 +464,10 @@ fn run_in(
         .args(["--listen", &a.channel.to_string()])
         .args(["--metrics", &a.m_backup.to_string()])
         .env("DUET_LOG", "info");
-    if let Net::Netns(t) = net {
-        // Going live moves the service address to host B.
+    if let (Net::Netns(t), false) = (net, network) {
+        // Going live moves the serial service's address to host B. (A
+        // NIC needs no hook: the guest keeps its address, and the backup
+        // announces the MAC from its host.)
         backup_cmd.args([
             "--go-live-exec",
             &format!(
@@ -328,91 +479,137 @@ fn run_in(
     }
     let mut backup = Proc::logged("backup", &mut backup_cmd, &dir.join("backup.log"))?;
     wait_for_port(net, a.m_backup, Duration::from_secs(10), &mut backup)?;
-    let mut primary = Proc::logged(
-        "primary",
-        net.command(Host::A, duet)
-            .args(pair("primary"))
-            .args(["--backup", &a.channel.to_string()])
-            .args(["--metrics", &a.m_primary.to_string()])
-            .env("DUET_LOG", "info"),
-        &dir.join("primary.log"),
-    )?;
+    let mut primary_cmd = net.command(Host::A, duet);
+    primary_cmd
+        .args(pair("primary"))
+        .args(["--backup", &a.channel.to_string()])
+        .args(["--metrics", &a.m_primary.to_string()])
+        .env("DUET_LOG", "info");
+    if network {
+        primary_cmd.args(["--serial", "none"]);
+    }
+    let mut primary = Proc::logged("primary", &mut primary_cmd, &dir.join("primary.log"))?;
     wait_for_port(net, a.service, Duration::from_secs(20), &mut primary)?;
     println!(
-        "primary serving kv on {}; backup replaying; arbiter on {}",
+        "primary serving on {} from host A; backup replaying on host B; arbiter on {}",
         a.service, a.tas
     );
     let (service, m_primary, tas) = (a.service, a.m_primary, a.tas);
+    let backup_events = dir.join("backup.events");
 
     let mut ledger = Ledger::default();
-    let mut conn: Option<Conn> = None;
+    let mut slots: Vec<Slot> = (0..plan.connections).map(|_| Slot::default()).collect();
+    if network {
+        // Every connection is made now, before the kill, so that any
+        // connection made later is a reconnect.
+        for slot in &mut slots {
+            slot.conn = Some(connect(net, service).context("cannot connect to the guest")?);
+        }
+    }
     let mut killed_at = None;
     let mut before_kill = None;
     let started = Instant::now();
-    for i in 0..opts.ops {
-        if i == opts.kill_after {
+    let t0_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let mut progress = (Instant::now(), 0usize);
+    for i in 0..plan.ops {
+        if plan.rate > 0 {
+            let due = started + Duration::from_secs_f64(i as f64 / plan.rate as f64);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+        if i == plan.kill_after {
             before_kill = scrape(net, m_primary).ok();
             primary.signal(libc::SIGKILL)?;
             killed_at = Some(Instant::now());
-            println!("op {i}: killed the primary (SIGKILL)");
+            println!(
+                "  {:5.1} s  op {i}: killed the primary (SIGKILL)",
+                started.elapsed().as_secs_f64()
+            );
         }
+        if progress.0.elapsed() >= Duration::from_secs(1) {
+            let who = if read_events(&backup_events).iter().any(|(_, e)| e == "live") {
+                "host B (the backup went live)"
+            } else {
+                "host A"
+            };
+            let rate =
+                (ledger.replies.len() - progress.1) as f64 / progress.0.elapsed().as_secs_f64();
+            println!(
+                "  {:5.1} s  {:6.0} replies/s  primary: {who}",
+                started.elapsed().as_secs_f64(),
+                rate
+            );
+            progress = (Instant::now(), ledger.replies.len());
+        }
+        let slot = &mut slots[i as usize % plan.connections];
+        let clock = (started, killed_at);
         let (key, value) = (format!("key:{i}"), format!("value:{i}"));
-        match call_with_retry(
+        match call(
             net,
-            &mut conn,
+            slot,
             service,
             &["SET", &key, &value],
             &mut ledger,
-            killed_at,
+            clock,
         ) {
             Ok(r) if r.is_ok() => ledger.acked_sets.push(i),
-            Ok(other) => ledger.tolerate(&format!("SET {key}"), &other)?,
-            Err(e) if e.to_string().starts_with("connection lost") => {}
-            Err(e) => return Err(e),
+            Ok(other) => ledger.tolerate(slot, &format!("SET {key}"), &other)?,
+            Err(CallError::Lost) => {}
+            Err(CallError::Unreachable(e)) => bail!(e),
         }
         ledger.sent_incrs += 1;
-        match call_with_retry(
-            net,
-            &mut conn,
-            service,
-            &["INCR", "counter"],
-            &mut ledger,
-            killed_at,
-        ) {
+        match call(net, slot, service, &["INCR", "counter"], &mut ledger, clock) {
             Ok(Reply::Integer(_)) => ledger.acked_incrs += 1,
-            Ok(other) => ledger.tolerate("INCR", &other)?,
-            Err(e) if e.to_string().starts_with("connection lost") => {}
-            Err(e) => return Err(e),
+            Ok(other) => ledger.tolerate(slot, "INCR", &other)?,
+            Err(CallError::Lost) => {}
+            Err(CallError::Unreachable(e)) => bail!(e),
         }
     }
     let elapsed = started.elapsed();
+    // The chart shows the workload, not the check that follows.
+    let workload_replies = ledger.replies.clone();
 
-    // Verify against the new primary.
+    // Verify against the new primary, each key on the connection that
+    // wrote it.
     let mut missing = Vec::new();
     for i in ledger.acked_sets.clone() {
         let want = format!("value:{i}").into_bytes();
-        match call_with_retry(
-            net,
-            &mut conn,
-            service,
-            &["GET", &format!("key:{i}")],
-            &mut ledger,
-            None,
-        )? {
-            Reply::Bulk(Some(v)) if v == want => {}
-            _ => missing.push(i),
+        let slot = &mut slots[i as usize % plan.connections];
+        let got = loop {
+            match call(
+                net,
+                slot,
+                service,
+                &["GET", &format!("key:{i}")],
+                &mut ledger,
+                (started, None),
+            ) {
+                Ok(r) => break r,
+                Err(CallError::Lost) => continue,
+                Err(CallError::Unreachable(e)) => bail!(e),
+            }
+        };
+        if !matches!(got, Reply::Bulk(Some(v)) if v == want) {
+            missing.push(i);
         }
     }
-    let counter = match call_with_retry(
-        net,
-        &mut conn,
-        service,
-        &["GET", "counter"],
-        &mut ledger,
-        None,
-    )? {
-        Reply::Bulk(Some(v)) => String::from_utf8_lossy(&v).parse::<u64>().unwrap_or(0),
-        _ => 0,
+    let counter = loop {
+        match call(
+            net,
+            &mut slots[0],
+            service,
+            &["GET", "counter"],
+            &mut ledger,
+            (started, None),
+        ) {
+            Ok(Reply::Bulk(Some(v))) => {
+                break String::from_utf8_lossy(&v).parse::<u64>().unwrap_or(0)
+            }
+            Ok(_) => break 0,
+            Err(CallError::Lost) => continue,
+            Err(CallError::Unreachable(e)) => bail!(e),
+        }
     };
     let counter_ok = (ledger.acked_incrs..=ledger.sent_incrs).contains(&counter);
     let went_live = std::fs::read_to_string(dir.join("backup.log"))
@@ -420,12 +617,16 @@ fn run_in(
         .matches("going live")
         .count();
     let status = match net {
-        Net::Loopback => tas_server::client::Client::new(tas, Duration::from_secs(1)).status(),
+        Net::Loopback => tas_server::client::Client::new(tas, Duration::from_secs(1))
+            .status()
+            .map_err(|e| e.to_string()),
         Net::Netns(t) => t
             .in_namespace(Host::Client, || {
-                tas_server::client::Client::new(tas, Duration::from_secs(1)).status()
+                tas_server::client::Client::new(tas, Duration::from_secs(1))
+                    .status()
+                    .map_err(|e| e.to_string())
             })
-            .map_err(|e| tas_server::client::ClientError::Protocol(e.to_string()))
+            .map_err(|e| e.to_string())
             .and_then(|r| r),
     }
     .map(|s| {
@@ -437,15 +638,35 @@ fn run_in(
     })
     .unwrap_or_else(|e| format!("unavailable: {e}"));
 
+    let kill_t = killed_at.map_or(0.0, |k| (k - started).as_secs_f64());
+    let marks = failover_marks(kill_t, t0_unix, &read_events(&backup_events));
+    let timeline = Timeline {
+        title: format!(
+            "duet demo: {} clients across a SIGKILL of the primary",
+            if network { "TCP" } else { "serial" }
+        ),
+        replies: workload_replies,
+        marks: marks.clone(),
+    };
+    let reconnected = slots.iter().filter(|s| s.reconnects > 0).count();
+
     let metrics = before_kill.unwrap_or_default();
     println!();
-    println!("=== duet demo: what the client saw ===");
+    println!("=== duet demo: what the clients saw ===");
     println!(
-        "operations            {} SET + {} INCR in {:.1} s",
-        opts.ops,
+        "operations            {} SET + {} INCR in {:.1} s over {} connection(s)",
+        plan.ops,
         ledger.sent_incrs,
-        elapsed.as_secs_f64()
+        elapsed.as_secs_f64(),
+        plan.connections
     );
+    if network {
+        println!(
+            "connections           {} of {} kept open across the failover; {reconnected} had to reconnect",
+            plan.connections - reconnected,
+            plan.connections
+        );
+    }
     println!(
         "writes acknowledged   {} SETs; verified present on the new primary: {}",
         ledger.acked_sets.len(),
@@ -462,7 +683,27 @@ fn run_in(
             "failover time         {:.0} ms from SIGKILL to the first reply from the new primary",
             d.as_secs_f64() * 1e3
         ),
-        None => println!("failover time         not observed"),
+        None if !network => println!("failover time         not observed"),
+        None => {}
+    }
+    let steps: Vec<String> = marks
+        .iter()
+        .skip(1)
+        .map(|m| format!("{} +{:.0} ms", m.label, (m.t - kill_t) * 1e3))
+        .collect();
+    println!(
+        "failover steps        SIGKILL, then {}",
+        if steps.is_empty() {
+            "nothing in the backup's events".to_string()
+        } else {
+            steps.join(", ")
+        }
+    );
+    if let Some((gap, _)) = timeline.longest_gap() {
+        println!(
+            "longest reply gap     {:.0} ms (the failover as a client saw it)",
+            gap * 1e3
+        );
     }
     println!("backup went live      {went_live} time(s)");
     if ledger.refused_after_reconnect > 0 {
@@ -481,21 +722,37 @@ fn run_in(
         metrics.quantile("duet_lag_seconds", 0.99).unwrap_or(0.0) * 1e3
     );
     println!("arbiter state         {status}");
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let (svg, png) = (
+        opts.out.join("duet-demo-failover.svg"),
+        opts.out.join("duet-demo-failover.png"),
+    );
+    match chart::write(&timeline, &svg, &png) {
+        Ok(()) => println!(
+            "chart                 {} and {}",
+            svg.display(),
+            png.display()
+        ),
+        Err(e) => println!("chart                 not written: {e}"),
+    }
 
     // The new primary stops cleanly; the arbiter is done.
+    drop(slots);
     let _ = backup.terminate();
     let _ = backup.wait_timeout(Duration::from_secs(10));
     let _ = arbiter.terminate();
     let _ = arbiter.wait_timeout(Duration::from_secs(5));
 
-    if !missing.is_empty() || !counter_ok || went_live != 1 {
+    let kept_open = !network || reconnected == 0;
+    if !missing.is_empty() || !counter_ok || went_live != 1 || !kept_open {
         println!(
-            "FAILED: {} acknowledged writes missing (first: {:?}), counter ok: {counter_ok}, went live {went_live} times",
+            "FAILED: {} acknowledged writes missing (first: {:?}), counter ok: {counter_ok}, went live {went_live} times, connections that had to reconnect: {reconnected}",
             missing.len(),
             missing.first()
         );
         return Ok(1);
     }
-    println!("OK: nothing the client was told had happened was lost");
+    println!("OK: nothing the clients were told had happened was lost");
     Ok(0)
 }

@@ -283,21 +283,36 @@ struct BackupArgs {
 
 #[derive(Args)]
 struct DemoArgs {
-    /// Operations (one SET and one INCR each) in the whole run.
-    #[arg(long, default_value_t = 600)]
-    ops: u64,
-    /// Kill the primary after this many operations.
-    #[arg(long, default_value_t = 300)]
-    kill_after: u64,
+    /// Operations (one SET and one INCR each) in the whole run (default:
+    /// 2000 for the network demo, 600 for the serial one).
+    #[arg(long)]
+    ops: Option<u64>,
+    /// Kill the primary after this many operations (default: 800, or 300).
+    #[arg(long)]
+    kill_after: Option<u64>,
     /// The tas-server binary (default: next to duet).
     #[arg(long)]
     tas_server: Option<PathBuf>,
     /// Keep the processes' logs in this directory.
     #[arg(long)]
     keep_logs: Option<PathBuf>,
-    /// Run across two-host network namespaces instead of loopback.
+    /// Run the serial demo (`kv` on COM1, on loopback) instead of the
+    /// network one.
     #[arg(long)]
+    serial: bool,
+    /// With --serial: across two-host network namespaces instead of loopback.
+    #[arg(long, requires = "serial")]
     netns: bool,
+    /// Client TCP connections of the network demo.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Operations per second (default: 500 for the network demo; 0, as fast
+    /// as it answers, for the serial one).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Where the failover chart (duet-demo-failover.svg and .png) goes.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -372,7 +387,11 @@ fn main() -> ExitCode {
             kill_after: a.kill_after,
             tas_server: a.tas_server,
             keep_logs: a.keep_logs,
+            serial: a.serial,
             netns: a.netns,
+            connections: a.connections,
+            rate: a.rate,
+            out: a.out,
         }),
         Command::Netns(a) => vmm::netns::run_action(a.action, &a.prefix, a.to).map_err(Into::into),
         Command::Status(a) => vmm::status::run(
