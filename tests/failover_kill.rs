@@ -35,15 +35,20 @@ fn killing_the_primary_at_random_moments_loses_no_acknowledged_write() {
         "killing_the_primary_at_random_moments_loses_no_acknowledged_write",
         None,
     );
+    let out_dir = tempdir("failover-kill-demo");
     for trial in 0..3 {
         let kill_after = 20 + rng.below(230);
         let o = run_bounded(
-            duet().args(["demo", "--serial", "--ops", "260"]).args([
-                "--kill-after",
-                &kill_after.to_string(),
-                "--tas-server",
-                tas.to_str().unwrap(),
-            ]),
+            duet()
+                .args(["demo", "--serial", "--ops", "260"])
+                .arg("--out")
+                .arg(out_dir.path())
+                .args([
+                    "--kill-after",
+                    &kill_after.to_string(),
+                    "--tas-server",
+                    tas.to_str().unwrap(),
+                ]),
             None,
             Duration::from_secs(120),
         );

@@ -42,6 +42,8 @@ fn main() {
             duet().args([
                 "demo",
                 "--serial",
+                "--out",
+                std::env::temp_dir().to_str().unwrap_or("/tmp"),
                 "--ops",
                 "120",
                 "--kill-after",
