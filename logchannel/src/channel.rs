@@ -717,6 +717,12 @@ async fn read_message(
         .map_err(io)?;
     *offset += total as u64;
     match decode_frame::<Message>(&frame) {
+        // The reserved tag spelled as an over-long varint (0x83 0x00), which
+        // postcard accepts: its first byte is not RECORDS_TAG, so it got
+        // here, but no control message has that tag. Found by fuzzing.
+        Ok(Some((Message::RecordsTag, _))) => Err(corrupt(Corruption::Undecodable(
+            postcard::Error::DeserializeBadEnum,
+        ))),
         Ok(Some((m, _))) => Ok(Incoming::Control(m)),
         // `frame` holds the whole frame, so this cannot happen.
         Ok(None) => Err(corrupt(Corruption::Truncated)),
@@ -1765,7 +1771,7 @@ mod tests {
         ));
     }
 
-    /// The seed inputs of the fuzz targets in `fuzz/` (see its README):
+    /// The seed inputs of the fuzz targets in `fuzz/` (run by tests/fuzz.sh):
     /// (target, file name, bytes).
     fn fuzz_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         let header = log::Header::new(log::image_hash(b"guest"), 64 << 20, "1 vcpu");
@@ -1879,6 +1885,31 @@ mod tests {
             assert!(failure.is_none(), "{}: {failure:?}", seeds[i].1);
             assert_eq!(got.len(), records, "{}", seeds[i].1);
         }
+    }
+
+    /// Found by the `channel` fuzz target: a control message whose tag is
+    /// the over-long varint `83 00` decoded as the reserved `RecordsTag`,
+    /// which re-encodes as a batch.
+    #[test]
+    fn an_over_long_records_tag_is_not_a_control_message() {
+        let wire = [0x02, 0, 0, 0, 0x77, 0xd9, 0x77, 0x51, 0x83, 0x00];
+        assert_eq!(
+            u32::from_le_bytes(wire[4..8].try_into().unwrap()),
+            crc32fast::hash(&wire[FRAME_PREFIX..])
+        );
+        let (got, f) = read_stream(&wire);
+        assert!(got.is_empty());
+        assert!(
+            matches!(
+                f,
+                Some(LinkFailure::Corrupt {
+                    offset: 0,
+                    seq: None,
+                    cause: Corruption::Undecodable(postcard::Error::DeserializeBadEnum)
+                })
+            ),
+            "{f:?}"
+        );
     }
 
     #[test]
