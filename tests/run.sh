@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Duet's test command: installs what the suite needs on Debian (when
 # something is missing), then runs the whole suite. Arguments go to
-# `cargo test`. Runs unattended: as root it needs no standard input.
+# `cargo test`. Then fuzzes the decoders of untrusted input for a bounded
+# time (tests/fuzz.sh; DUET_FUZZ_SECS per target, 0 to skip). Runs
+# unattended: as root it needs no standard input.
 #
 #   redis-tools  redis-cli / redis-benchmark, real clients for the kv guest
 #   iproute2     `ip`, network namespaces for the two-host tests
@@ -28,3 +30,4 @@ if ((${#missing[@]})); then
 fi
 
 cargo test --release --workspace "$@"
+tests/fuzz.sh
