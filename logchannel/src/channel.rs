@@ -717,6 +717,12 @@ async fn read_message(
         .map_err(io)?;
     *offset += total as u64;
     match decode_frame::<Message>(&frame) {
+        // The reserved tag spelled as an over-long varint (0x83 0x00), which
+        // postcard accepts: its first byte is not RECORDS_TAG, so it got
+        // here, but no control message has that tag. Found by fuzzing.
+        Ok(Some((Message::RecordsTag, _))) => Err(corrupt(Corruption::Undecodable(
+            postcard::Error::DeserializeBadEnum,
+        ))),
         Ok(Some((m, _))) => Ok(Incoming::Control(m)),
         // `frame` holds the whole frame, so this cannot happen.
         Ok(None) => Err(corrupt(Corruption::Truncated)),
@@ -738,6 +744,84 @@ async fn read_control(
             message: format!("a batch of {} records ({expected} expected)", b.announced),
         }),
     }
+}
+
+/// One wire message as [`decode_message`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WireMessage {
+    /// A control message (Hello, Ack, Heartbeat, ...).
+    Control(ControlMessage),
+    /// A record batch, every record decoded and checked.
+    Batch(Vec<Record>),
+}
+
+/// A control message, opaque: the protocol's message types stay private,
+/// and a caller outside the channel only compares or re-encodes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlMessage(Message);
+
+impl WireMessage {
+    /// The bytes a sender puts on the wire for this message: a control
+    /// message as one log frame, a batch as its prefix, tag and the
+    /// records' frames. For every message [`decode_message`] returns this
+    /// decodes to the same message; it equals the bytes decoded when they
+    /// were canonical postcard (postcard also accepts over-long varints).
+    pub fn encode(&self) -> log::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        match self {
+            WireMessage::Control(ControlMessage(m)) => encode_frame(m, &mut buf)?,
+            WireMessage::Batch(records) => {
+                start_batch(&mut buf);
+                for r in records {
+                    encode_frame(r, &mut buf)?;
+                }
+                finish_batch(&mut buf, records.len() as u32);
+            }
+        }
+        Ok(buf)
+    }
+}
+
+/// Decodes the wire message at the start of `buf` exactly as the backup's
+/// reader decodes one from its socket (the same code runs, over the slice),
+/// and for a batch checks each record, the first of which must carry
+/// `next_seq`. Returns the message and the bytes it used. A `buf` that ends
+/// inside the message gives [`LinkFailure::PeerClosed`], as a socket closing
+/// there does.
+///
+/// The link itself does not call this: it is the pure entry point for the
+/// fuzz target in `logchannel/fuzz`, so that the decoder of untrusted bytes
+/// can be exercised without sockets or a runtime.
+pub fn decode_message(buf: &[u8], next_seq: u64) -> Result<(WireMessage, usize), LinkFailure> {
+    let mut input = buf;
+    let mut offset = 0;
+    let polled = {
+        let read = std::pin::pin!(read_message(&mut input, &mut offset, Role::Primary));
+        // Reading from a slice never waits, so one poll finishes the future.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        std::future::Future::poll(read, &mut cx)
+    };
+    let incoming = match polled {
+        std::task::Poll::Ready(result) => result?,
+        std::task::Poll::Pending => {
+            return Err(LinkFailure::Io(Arc::new(io::Error::other(
+                "reading from a slice was pending",
+            ))))
+        }
+    };
+    let used = buf.len() - input.len();
+    let message = match incoming {
+        Incoming::Control(m) => WireMessage::Control(ControlMessage(m)),
+        Incoming::Batch(mut batch) => {
+            let mut seq = next_seq;
+            let mut records = Vec::new();
+            while let Some(r) = batch.next_record(&mut seq)? {
+                records.push(r);
+            }
+            WireMessage::Batch(records)
+        }
+    };
+    Ok((message, used))
 }
 
 /// Exchanges Hellos; the backup side decides and answers Welcome/Refuse.
@@ -1646,6 +1730,186 @@ mod tests {
             "{f:?}"
         );
         assert_eq!(got.len(), 2);
+    }
+
+    #[test]
+    fn decode_message_reads_one_message_and_its_records() {
+        let mut wire = batch_message(&frames(0, 3), 3);
+        let batch_len = wire.len();
+        let bye = control(&Message::Bye);
+        wire.extend_from_slice(&bye);
+        let (m, used) = decode_message(&wire, 0).unwrap();
+        assert_eq!(used, batch_len);
+        let WireMessage::Batch(records) = &m else {
+            panic!("{m:?}");
+        };
+        assert!(records.iter().enumerate().all(|(i, r)| r.seq == i as u64));
+        assert_eq!(m.encode().unwrap(), wire[..used]);
+        let (m, used) = decode_message(&wire[batch_len..], 3).unwrap();
+        assert_eq!(m, WireMessage::Control(ControlMessage(Message::Bye)));
+        assert_eq!((used, m.encode().unwrap()), (bye.len(), bye));
+        assert!(matches!(
+            decode_message(&wire, 1),
+            Err(LinkFailure::SequenceGap {
+                expected: 1,
+                got: 0
+            })
+        ));
+        assert!(matches!(
+            decode_message(&wire[..batch_len - 1], 0),
+            Err(LinkFailure::PeerClosed { .. })
+        ));
+        // A 4 GiB length is refused from its prefix, with nothing read after.
+        let mut huge = u32::MAX.to_le_bytes().to_vec();
+        huge.extend_from_slice(&[0; 5]);
+        assert!(matches!(
+            decode_message(&huge, 0),
+            Err(LinkFailure::Corrupt {
+                cause: Corruption::TooLarge { .. },
+                ..
+            })
+        ));
+    }
+
+    /// The seed inputs of the fuzz targets in `fuzz/` (run by tests/fuzz.sh):
+    /// (target, file name, bytes).
+    fn fuzz_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+        let header = log::Header::new(log::image_hash(b"guest"), 64 << 20, "1 vcpu");
+        let records = [
+            Event::Interrupt { vector: 0x20 },
+            Event::SerialIn {
+                bytes: b"hi\n".to_vec(),
+            },
+        ];
+        let mut w = log::LogWriter::new(Vec::new(), &header).unwrap();
+        for (i, e) in records.iter().enumerate() {
+            let pos = Position {
+                exit: i as u64 * 7,
+                rip: 0x10_0000 + i as u64,
+                regs_crc: 0xdead_beef,
+                kind: 1,
+            };
+            w.append(pos, e.clone()).unwrap();
+        }
+        let log_bytes = w.into_inner();
+        // The log target's other input form: each frame's payload behind
+        // a u16 length, framed by the target.
+        let mut payloads = Vec::new();
+        let mut at = MAGIC_LEN;
+        while at < log_bytes.len() {
+            let len = frame_len(log_bytes[at..at + FRAME_PREFIX].try_into().unwrap()).unwrap();
+            let payload = &log_bytes[at + FRAME_PREFIX..at + len];
+            payloads.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+            payloads.extend_from_slice(payload);
+            at += len;
+        }
+        // A log whose first record claims 4 GiB.
+        let header_end = MAGIC_LEN
+            + frame_len(log_bytes[MAGIC_LEN..][..FRAME_PREFIX].try_into().unwrap()).unwrap();
+        let mut huge = log_bytes[..header_end].to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        huge.extend_from_slice(&[0; 5]);
+
+        let mut handshake = vec![0];
+        handshake.extend(control(&Message::Hello(hello(Role::Primary))));
+        handshake.extend(control(&Message::Welcome));
+        let after = [
+            Message::Ack {
+                received: Some(1),
+                replayed_exit: 1,
+            },
+            Message::Heartbeat { replayed_exit: 1 },
+            Message::Bye,
+        ];
+        // A batch of two records and what follows it; and the same with
+        // every CRC zeroed and mode bit 0 set, for the target to write them.
+        let mut batch = vec![0];
+        let mut fix = vec![1];
+        batch.extend(batch_message(&frames(0, 2), 2));
+        let mut zeroed = Vec::new();
+        for seq in 0..2 {
+            let mut f = frames(seq, 1);
+            f[4..FRAME_PREFIX].fill(0);
+            zeroed.extend(f);
+        }
+        fix.extend(batch_message(&zeroed, 2));
+        for m in &after {
+            let c = control(m);
+            batch.extend(&c);
+            fix.extend(&c[..4]);
+            fix.extend([0; 4]);
+            fix.extend(&c[FRAME_PREFIX..]);
+        }
+        vec![
+            ("log", "seed-log", log_bytes),
+            ("log", "seed-payloads", payloads),
+            ("log", "seed-4gib-record", huge),
+            ("channel", "seed-handshake", handshake),
+            ("channel", "seed-batch", batch),
+            ("channel", "seed-batch-fix-crcs", fix),
+        ]
+    }
+
+    const MAGIC_LEN: usize = log::MAGIC.len();
+
+    /// The committed seeds are what [`fuzz_seeds`] makes, so that a format
+    /// change cannot leave the fuzzers starting from stale inputs.
+    /// `DUET_WRITE_FUZZ_SEEDS=1` (re)writes them.
+    #[test]
+    fn fuzz_seeds_are_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        let write = std::env::var_os("DUET_WRITE_FUZZ_SEEDS").is_some();
+        for (target, name, bytes) in fuzz_seeds() {
+            assert!(bytes.len() < 4096, "{name}");
+            let path = dir.join(target).join(name);
+            if write {
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(&path, &bytes).unwrap();
+            }
+            let committed =
+                std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(
+                committed == bytes,
+                "{} is stale: rerun with DUET_WRITE_FUZZ_SEEDS=1",
+                path.display()
+            );
+        }
+        // The valid ones decode.
+        let seeds = fuzz_seeds();
+        let (mut r, _) = log::LogReader::open(&seeds[0].2[..]).unwrap();
+        assert!(r.next_record().unwrap().is_some());
+        assert!(r.next_record().unwrap().is_some());
+        assert!(r.next_record().unwrap().is_none());
+        for (i, records) in [(3, 0), (4, 2)] {
+            let (got, failure) = read_stream(&seeds[i].2[1..]);
+            assert!(failure.is_none(), "{}: {failure:?}", seeds[i].1);
+            assert_eq!(got.len(), records, "{}", seeds[i].1);
+        }
+    }
+
+    /// Found by the `channel` fuzz target: a control message whose tag is
+    /// the over-long varint `83 00` decoded as the reserved `RecordsTag`,
+    /// which re-encodes as a batch.
+    #[test]
+    fn an_over_long_records_tag_is_not_a_control_message() {
+        let wire = [0x02, 0, 0, 0, 0x77, 0xd9, 0x77, 0x51, 0x83, 0x00];
+        assert_eq!(
+            u32::from_le_bytes(wire[4..8].try_into().unwrap()),
+            crc32fast::hash(&wire[FRAME_PREFIX..])
+        );
+        let (got, f) = read_stream(&wire);
+        assert!(got.is_empty());
+        assert!(
+            matches!(
+                f,
+                Some(LinkFailure::Corrupt {
+                    offset: 0,
+                    seq: None,
+                    cause: Corruption::Undecodable(postcard::Error::DeserializeBadEnum)
+                })
+            ),
+            "{f:?}"
+        );
     }
 
     #[test]

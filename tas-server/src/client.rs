@@ -188,8 +188,12 @@ fn check_epoch(claim: Claim, claimed: u64) -> Result<ClaimOutcome, ClientError> 
     Ok(claim.outcome)
 }
 
-/// Checks `ok` and decodes the rest of a reply line.
-fn parse_reply<T: DeserializeOwned>(line: &[u8]) -> Result<T, ClientError> {
+/// Checks `ok` and decodes the rest of a reply line (without its newline)
+/// as `T` ([`Claim`], [`Status`], ...), as every call of the client does.
+///
+/// Public so that the fuzz target in `tas-server/fuzz` can feed it bytes a
+/// hostile or broken arbiter might send, without a socket.
+pub fn parse_reply<T: DeserializeOwned>(line: &[u8]) -> Result<T, ClientError> {
     let value: Value = serde_json::from_slice(line).map_err(ReplyError::NotJson)?;
     let header = ReplyHeader::deserialize(&value).map_err(ReplyError::NoOk)?;
     if !header.ok {
