@@ -89,8 +89,10 @@ impl RawLink {
 
     /// Sends `frame` (Ethernet header included) as it is.
     fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        // With SOCK_RAW the frame carries its own header, so the kernel
+        // does not use this address; it is the guest's for the record.
         let mut sll_addr = [0u8; 8];
-        sll_addr[..6].copy_from_slice(&frame[..frame.len().min(6)]);
+        sll_addr[..6].copy_from_slice(&GUEST_MAC);
         let addr = libc::sockaddr_ll {
             sll_family: libc::AF_PACKET as u16,
             sll_protocol: 0,
@@ -166,10 +168,16 @@ fn ipv4_header(protocol: u8, payload_len: usize) -> [u8; 20] {
 fn malformed() -> Vec<(&'static str, Vec<u8>)> {
     let mut v = vec![
         ("unknown ethertype", ether(0x1234, &[0xa5; 46])),
-        ("experimental ethertype", ether(ETH_EXPERIMENTAL, b"duet bad frame")),
+        (
+            "experimental ethertype",
+            ether(ETH_EXPERIMENTAL, b"duet bad frame"),
+        ),
         ("ethertype 0", ether(0x0000, &[0; 46])),
         ("IPv4, 1 byte", ether(0x0800, &[0x45])),
-        ("IPv4, 10 bytes of header", ether(0x0800, &ipv4_header(6, 0)[..10])),
+        (
+            "IPv4, 10 bytes of header",
+            ether(0x0800, &ipv4_header(6, 0)[..10]),
+        ),
         ("ARP, 8 bytes", ether(0x0806, &[0, 1, 8, 0, 6, 4, 0, 1])),
         ("VLAN tag", ether(0x8100, &[0, 5, 0x08, 0x00, 0x45, 0])),
         ("IPv6 header only", ether(0x86dd, &[0x60; 40])),
@@ -183,18 +191,35 @@ fn malformed() -> Vec<(&'static str, Vec<u8>)> {
     };
     v.push(("IPv4 version 6", with(|h| h[0] = 0x65, 17, &[0; 8])));
     v.push(("IPv4 IHL 2", with(|h| h[0] = 0x42, 17, &[0; 8])));
-    v.push(("IPv4 IHL 15 in 20 bytes", with(|h| h[0] = 0x4f, 17, &[0; 8])));
+    v.push((
+        "IPv4 IHL 15 in 20 bytes",
+        with(|h| h[0] = 0x4f, 17, &[0; 8]),
+    ));
     v.push((
         "IPv4 total length past the frame",
-        with(|h| h[2..4].copy_from_slice(&1400u16.to_be_bytes()), 17, &[0; 8]),
+        with(
+            |h| h[2..4].copy_from_slice(&1400u16.to_be_bytes()),
+            17,
+            &[0; 8],
+        ),
     ));
     v.push((
         "IPv4 total length inside the header",
-        with(|h| h[2..4].copy_from_slice(&8u16.to_be_bytes()), 17, &[0; 8]),
+        with(
+            |h| h[2..4].copy_from_slice(&8u16.to_be_bytes()),
+            17,
+            &[0; 8],
+        ),
     ));
-    v.push(("IPv4 bad header checksum", with(|h| h[10] ^= 0xff, 17, &[0; 8])));
+    v.push((
+        "IPv4 bad header checksum",
+        with(|h| h[10] ^= 0xff, 17, &[0; 8]),
+    ));
     v.push(("IPv4 fragment", with(|h| h[6] = 0x20, 17, &[0; 8])));
-    v.push(("TCP header cut at 5 bytes", with(|_| {}, 6, &[0x30, 0x39, 0x18, 0xeb, 0])));
+    v.push((
+        "TCP header cut at 5 bytes",
+        with(|_| {}, 6, &[0x30, 0x39, 0x18, 0xeb, 0]),
+    ));
     // A SYN to 6379 whose TCP checksum is left zero (wrong).
     let mut syn = [0u8; 20];
     syn[0..2].copy_from_slice(&40000u16.to_be_bytes());
@@ -203,7 +228,10 @@ fn malformed() -> Vec<(&'static str, Vec<u8>)> {
     syn[13] = 0x02;
     syn[14..16].copy_from_slice(&1024u16.to_be_bytes());
     v.push(("TCP SYN to 6379, bad checksum", with(|_| {}, 6, &syn)));
-    v.push(("UDP with a length past the packet", with(|_| {}, 17, &[0, 9, 0, 9, 0xff, 0xff, 0, 0])));
+    v.push((
+        "UDP with a length past the packet",
+        with(|_| {}, 17, &[0, 9, 0, 9, 0xff, 0xff, 0, 0]),
+    ));
     v
 }
 
@@ -284,8 +312,15 @@ fn bad_frames_and_a_flood_leave_the_guest_serving_and_the_log_whole() {
     for (len, e) in &sent.runts_refused {
         assert!(e.contains("Invalid argument"), "a {len}-byte runt: {e}");
     }
-    assert_eq!(sent.flood + sent.flood_errors, FLOOD, "the flood stopped at its time bound");
-    assert!(sent.flood > FLOOD / 2, "most of the flood was refused: {sent:?}");
+    assert_eq!(
+        sent.flood + sent.flood_errors,
+        FLOOD,
+        "the flood stopped at its time bound"
+    );
+    assert!(
+        sent.flood > FLOOD / 2,
+        "most of the flood was refused: {sent:?}"
+    );
 
     // The guest still serves, on a fresh connection and with real clients.
     let mut conn = solo.wait_for_service(Duration::from_secs(20));
@@ -310,9 +345,19 @@ fn bad_frames_and_a_flood_leave_the_guest_serving_and_the_log_whole() {
         None,
         LIMIT,
     );
-    assert_eq!(stdout(&o).trim(), "v19", "redis-cli: {}{}", stdout(&o), stderr(&o));
+    assert_eq!(
+        stdout(&o).trim(),
+        "v19",
+        "redis-cli: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
 
-    assert!(solo.vm.status().is_none(), "the VMM exited\n{}", solo.logs());
+    assert!(
+        solo.vm.status().is_none(),
+        "the VMM exited\n{}",
+        solo.logs()
+    );
     solo.vm.terminate().unwrap();
     let status = solo.vm.wait_timeout(LIMIT);
     let out = solo.vm.log_text();
@@ -357,7 +402,10 @@ fn bad_frames_and_a_flood_leave_the_guest_serving_and_the_log_whole() {
     assert!(flood_logged <= sent.flood);
     assert!(logged_len(14), "no bare 14-byte header reached the guest");
     for len in &sent.oversize {
-        assert!(logged_len(*len), "the {len}-byte frame never reached the device");
+        assert!(
+            logged_len(*len),
+            "the {len}-byte frame never reached the device"
+        );
     }
 
     let o = run_bounded(

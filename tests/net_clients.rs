@@ -36,7 +36,13 @@ fn cli(topo: &Topology, addr: SocketAddr, args: &[&str], stdin: Option<&[u8]>) -
 
 /// Runs `redis-cli ARGS` and insists on exit 0 and exactly `want` on
 /// stdout.
-fn cli_expect(topo: &Topology, addr: SocketAddr, args: &[&str], want: &str, logs: &dyn Fn() -> String) {
+fn cli_expect(
+    topo: &Topology,
+    addr: SocketAddr,
+    args: &[&str],
+    want: &str,
+    logs: &dyn Fn() -> String,
+) {
     let o = cli(topo, addr, args, None);
     assert!(
         o.status.success() && stdout(&o).trim_end() == want,
@@ -52,7 +58,13 @@ fn cli_expect(topo: &Topology, addr: SocketAddr, args: &[&str], want: &str, logs
 fn clients_agree(topo: &Topology, addr: SocketAddr, tag: &str, logs: &dyn Fn() -> String) {
     cli_expect(topo, addr, &["PING"], "PONG", logs);
     let key = format!("{tag}:greeting");
-    cli_expect(topo, addr, &["SET", &key, "hello over virtio-net"], "OK", logs);
+    cli_expect(
+        topo,
+        addr,
+        &["SET", &key, "hello over virtio-net"],
+        "OK",
+        logs,
+    );
     cli_expect(topo, addr, &["GET", &key], "hello over virtio-net", logs);
     let counter = format!("{tag}:counter");
     for want in ["1", "2", "3"] {
@@ -75,7 +87,13 @@ fn clients_agree(topo: &Topology, addr: SocketAddr, tag: &str, logs: &dyn Fn() -
         logs()
     );
     for i in [0, PIPED / 2, PIPED - 1] {
-        cli_expect(topo, addr, &["GET", &format!("{tag}:pipe:{i}")], &format!("v{i}"), logs);
+        cli_expect(
+            topo,
+            addr,
+            &["GET", &format!("{tag}:pipe:{i}")],
+            &format!("v{i}"),
+            logs,
+        );
     }
 
     // 50 connections at once, each pipelining nothing but keeping its own
@@ -94,7 +112,10 @@ fn clients_agree(topo: &Topology, addr: SocketAddr, tag: &str, logs: &dyn Fn() -
     );
     eprintln!("{tag}: redis-benchmark -c 50:\n{all}");
     for test in ["\"SET\"", "\"GET\""] {
-        assert!(all.contains(test), "redis-benchmark reported no {test}: {all}");
+        assert!(
+            all.contains(test),
+            "redis-benchmark reported no {test}: {all}"
+        );
     }
 }
 

@@ -82,7 +82,10 @@ fn redis_benchmark_runs_through_a_primary_kill() {
     );
     pair.primary.kill();
     let killed = Instant::now();
-    eprintln!("killed the primary {:?} into the benchmark", started.elapsed());
+    eprintln!(
+        "killed the primary {:?} into the benchmark",
+        started.elapsed()
+    );
 
     let status = bench.wait_timeout(Duration::from_secs(120));
     let out = bench.log_text();
@@ -166,7 +169,10 @@ fn one_connection_keeps_every_acknowledged_write_across_a_primary_kill() {
             ),
         }
     }
-    assert!(conn.pending().is_empty(), "stray bytes after the last reply");
+    assert!(
+        conn.pending().is_empty(),
+        "stray bytes after the last reply"
+    );
     assert_eq!(
         conn.stream().local_addr().unwrap(),
         local,

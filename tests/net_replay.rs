@@ -8,13 +8,16 @@
 //! - `duet replay --net --guest-ip ...` ends in the same final state
 //!   (exits, registers, memory CRC) as the recording;
 //! - the log holds the frames the guest received (`NetFrame` records,
-//!   Ethernet frames to the guest's MAC or broadcast);
+//!   thousands of them to the guest's MAC);
 //! - changing one byte of one logged TCP frame makes the replay diverge
-//!   (exit 4): the guest's stack drops the frame on its checksum where the
-//!   recording accepted it, so the guest's own execution differs from the
-//!   first record after it that checks a position (the frame's own record
-//!   still matches: it is where the frame is written, before the guest
-//!   looks at it).
+//!   (exit 4) at a record after that frame's, and no later than the next
+//!   digest. The frame's own record still matches (its position is where
+//!   the frame is written, before the guest looks at it); the replayed
+//!   guest's stack then drops the segment on its checksum where the
+//!   recording accepted it, so its TCP state differs from there on. How
+//!   soon a register check sees that depends on the guest's loop (its
+//!   exits per pass do not depend on what a segment held); the memory CRC
+//!   of the next digest sees it for certain.
 
 mod common;
 mod twohost;
@@ -134,20 +137,19 @@ fn a_recording_under_redis_benchmark_replays_and_its_frames_matter() {
         })
         .collect();
     // 6000 requests over 8 connections, plus their handshakes: thousands
-    // of frames.
+    // of frames to the guest's MAC. (The TAP is a bridge port, so the guest
+    // also gets what the bridge floods: broadcasts, multicast such as the
+    // hosts' IGMP and MLD reports, unicast to addresses not learnt yet.)
+    let to_guest = frames
+        .iter()
+        .filter(|(_, f)| f.len() >= 14 && f[..6] == GUEST_MAC)
+        .count();
     assert!(
-        frames.len() >= 1000,
-        "only {} NetFrame records in {} records",
+        to_guest >= 1000,
+        "only {to_guest} frames to the guest's MAC among {} NetFrame records in {} records",
         frames.len(),
         records.len()
     );
-    for (seq, f) in &frames {
-        assert!(
-            f.len() >= 14 && (f[..6] == GUEST_MAC || f[..6] == [0xff; 6]),
-            "record {seq}: a frame for someone else reached the guest: {:02x?}",
-            &f[..f.len().min(14)]
-        );
-    }
 
     // Replay, with no TAP and outside the namespaces.
     let o = replay(&log);
@@ -183,9 +185,7 @@ fn a_recording_under_redis_benchmark_replays_and_its_frames_matter() {
         "divergence at record {seq}, not after the edited frame's record {target}: {}",
         stderr(&o)
     );
-    // The guest reacts to the frame within the same pass of its main loop
-    // (it reads the clock, takes every waiting frame, answers): well
-    // before the next periodic digest would catch the changed memory.
+    // The memory CRC of the next digest would catch it at the latest.
     let next_digest = records[target as usize..]
         .iter()
         .find(|r| matches!(r.event, Event::Digest { .. }))

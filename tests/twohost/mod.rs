@@ -141,7 +141,10 @@ pub struct Solo {
 impl Solo {
     /// Builds the namespaces and starts netkv on host A as `mode` says.
     pub fn start(prefix: &str, mode: SoloMode) -> Solo {
-        Solo::start_in(Topology::up(prefix).unwrap_or_else(|e| panic!("netns up: {e}")), mode)
+        Solo::start_in(
+            Topology::up(prefix).unwrap_or_else(|e| panic!("netns up: {e}")),
+            mode,
+        )
     }
 
     /// Starts netkv on host A of a topology already built (one whose links
@@ -156,7 +159,11 @@ impl Solo {
         cmd.args(["--image", "netkv", "--serial", "none"])
             .args(netkv_args())
             .env("DUET_LOG", "info");
-        let vm = spawn("solo VM", topo.exec(Host::A, &cmd), &dir.path().join("vm.log"));
+        let vm = spawn(
+            "solo VM",
+            topo.exec(Host::A, &cmd),
+            &dir.path().join("vm.log"),
+        );
         Solo { vm, topo, dir }
     }
 

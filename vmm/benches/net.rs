@@ -121,9 +121,7 @@ fn solo_trial(prefix: &str) -> anyhow::Result<BTreeMap<String, Row>> {
     let mut solo = Solo::start(prefix, SoloMode::Run);
     drop(solo.wait_for_service(Duration::from_secs(30)));
     let rows = redis_benchmark(&solo.topo, solo.service())?;
-    solo.vm
-        .ensure_running()
-        .with_context(|| solo.logs())?;
+    solo.vm.ensure_running().with_context(|| solo.logs())?;
     Ok(rows)
 }
 
@@ -156,7 +154,10 @@ fn failover_gap(pair: &mut Pair) -> anyhow::Result<Duration> {
             let this = now - last;
             last = now;
             replies += 1;
-            if killer.is_finished() && recovered.is_none() && this > gap.max(Duration::from_millis(20)) {
+            if killer.is_finished()
+                && recovered.is_none()
+                && this > gap.max(Duration::from_millis(20))
+            {
                 recovered = Some(now);
             }
             gap = gap.max(this);
@@ -183,8 +184,7 @@ fn ft_trial(prefix: &str) -> anyhow::Result<FtTrial> {
     let rows = redis_benchmark(&pair.topo, pair.service())?;
     let elapsed = t0.elapsed();
     let after = pair.scrape(Side::Primary)?;
-    let bytes =
-        after.require("duet_log_bytes_total")? - before.require("duet_log_bytes_total")?;
+    let bytes = after.require("duet_log_bytes_total")? - before.require("duet_log_bytes_total")?;
     let log_mbit_s = bytes * 8.0 / 1e6 / elapsed.as_secs_f64();
     let gap = failover_gap(&mut pair).with_context(|| pair.logs())?;
     ensure!(
@@ -268,7 +268,10 @@ fn main() -> anyhow::Result<()> {
             let ratio = q.trim_end_matches("_ms");
             fields.push(format!("\"solo_{test}_{q}\":{}", json_number(solo)));
             fields.push(format!("\"ft_{test}_{q}\":{}", json_number(ft)));
-            fields.push(format!("\"{test}_{ratio}_ratio\":{}", json_number(ft / solo)));
+            fields.push(format!(
+                "\"{test}_{ratio}_ratio\":{}",
+                json_number(ft / solo)
+            ));
         }
     }
     fields.push(format!("\"log_mbit_s\":{}", json_number(m("log_mbit_s"))));
