@@ -28,6 +28,166 @@ pub const SERVICE_PORT: u16 = 6380;
 /// The VM id both sides claim for.
 pub const VM_ID: &str = "kv-netns";
 
+/// netkv's port, on the guest's own address.
+pub const NETKV_PORT: u16 = 6379;
+/// The port of `--metrics` on a host's service address.
+pub const METRICS_PORT: u16 = 9100;
+
+/// What a pair (or a solo VM) runs, which decides how clients reach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guest {
+    /// `kv` on COM1, served at the VIP, which the backup's go-live hook
+    /// moves to B.
+    Kv,
+    /// `netkv` on a virtio-net NIC bridged onto the service network: the
+    /// guest keeps [`netns::GUEST_IP`] wherever it runs.
+    NetKv,
+}
+
+impl Guest {
+    /// The image name.
+    pub fn image(self) -> &'static str {
+        match self {
+            Guest::Kv => "kv",
+            Guest::NetKv => "netkv",
+        }
+    }
+
+    /// Where clients reach it.
+    pub fn service_addr(self) -> SocketAddr {
+        match self {
+            Guest::Kv => SocketAddr::from((netns::VIP, SERVICE_PORT)),
+            Guest::NetKv => SocketAddr::from((netns::GUEST_IP, NETKV_PORT)),
+        }
+    }
+}
+
+/// The NIC flags of a netkv VM on a host of the topology (`run`, `record`,
+/// `primary`, `backup`); `duet replay` takes the last two.
+pub fn netkv_args() -> [String; 4] {
+    [
+        "--tap".into(),
+        netns::TAP_IF.into(),
+        "--guest-ip".into(),
+        guest_cidr(),
+    ]
+}
+
+/// The guest's address with its prefix, as `--guest-ip` takes it.
+pub fn guest_cidr() -> String {
+    format!("{}/{}", netns::GUEST_IP, netns::SERVICE_PREFIX_LEN)
+}
+
+/// Where `host`'s VMM serves `--metrics`.
+pub fn metrics_addr(host: Host) -> SocketAddr {
+    SocketAddr::from((host.service_ip(), METRICS_PORT))
+}
+
+/// A TCP connection to `addr` made in the client namespace, with writes
+/// bounded.
+pub fn connect_from_client(topo: &Topology, addr: SocketAddr) -> std::io::Result<Conn> {
+    let stream = topo
+        .in_namespace(Host::Client, || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+        })
+        .map_err(std::io::Error::other)??;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    Conn::from_stream(stream)
+}
+
+/// Connects from the client namespace until a PING at `addr` is answered
+/// with PONG, within `limit`; panics with `logs()` if it never is.
+pub fn wait_for_pong(
+    topo: &Topology,
+    addr: SocketAddr,
+    limit: Duration,
+    logs: impl Fn() -> String,
+) -> Conn {
+    let end = Instant::now() + limit;
+    loop {
+        if let Ok(mut c) = connect_from_client(topo, addr) {
+            match c.call(&["PING"], Duration::from_secs(2)) {
+                Ok(Reply::Simple(s)) if s == "PONG" => return c,
+                Ok(other) => panic!("PING got {other:?}"),
+                Err(_) => {}
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "the service at {addr} did not answer PING within {limit:?}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How a [`Solo`] netkv VM runs on host A.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SoloMode {
+    /// `duet run`.
+    Run,
+    /// `duet record --log PATH`.
+    Record(PathBuf),
+}
+
+/// One netkv VM without a backup, on host A's `tap0`, in a topology of its
+/// own. Field order is drop order: the VM, the namespaces, the directory.
+pub struct Solo {
+    pub vm: Proc,
+    pub topo: Topology,
+    pub dir: tempfile::TempDir,
+}
+
+impl Solo {
+    /// Builds the namespaces and starts netkv on host A as `mode` says.
+    pub fn start(prefix: &str, mode: SoloMode) -> Solo {
+        Solo::start_in(
+            Topology::up(prefix).unwrap_or_else(|e| panic!("netns up: {e}")),
+            mode,
+        )
+    }
+
+    /// Starts netkv on host A of a topology already built (one whose links
+    /// the caller changed first, say).
+    pub fn start_in(topo: Topology, mode: SoloMode) -> Solo {
+        let dir = crate::common::tempdir(topo.prefix());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
+        match &mode {
+            SoloMode::Run => cmd.arg("run"),
+            SoloMode::Record(log) => cmd.arg("record").arg("--log").arg(log),
+        };
+        cmd.args(["--image", "netkv", "--serial", "none"])
+            .args(netkv_args())
+            .env("DUET_LOG", "info");
+        let vm = spawn(
+            "solo VM",
+            topo.exec(Host::A, &cmd),
+            &dir.path().join("vm.log"),
+        );
+        Solo { vm, topo, dir }
+    }
+
+    /// Where clients reach the guest.
+    pub fn service(&self) -> SocketAddr {
+        Guest::NetKv.service_addr()
+    }
+
+    /// A connection to the guest from the client namespace.
+    pub fn connect(&self) -> std::io::Result<Conn> {
+        connect_from_client(&self.topo, self.service())
+    }
+
+    /// Connects until a PING is answered with PONG, within `limit`.
+    pub fn wait_for_service(&self, limit: Duration) -> Conn {
+        wait_for_pong(&self.topo, self.service(), limit, || self.logs())
+    }
+
+    /// The VM's output, for failure messages.
+    pub fn logs(&self) -> String {
+        format!("----- {} -----\n{}\n", self.vm.name(), self.vm.log_text())
+    }
+}
+
 /// Fails the test unless we are root, or says loudly that it did not run
 /// when DUET_ALLOW_NO_NETNS=1.
 pub fn netns_available(test: &str) -> bool {
@@ -65,6 +225,7 @@ pub struct Pair {
     pub dir: tempfile::TempDir,
     tas_bin: PathBuf,
     arbiter_starts: u32,
+    guest: Guest,
 }
 
 impl Pair {
@@ -72,46 +233,75 @@ impl Pair {
         SocketAddr::from((Host::Arbiter.service_ip(), TAS_PORT))
     }
 
+    /// The `kv` pair's service address (the VIP); see [`Pair::service`].
     pub fn service_addr() -> SocketAddr {
-        SocketAddr::from((netns::VIP, SERVICE_PORT))
+        Guest::Kv.service_addr()
     }
 
     /// Builds the namespaces and starts the arbiter, the backup (B) and
-    /// the primary (A), with a 300 ms failure timeout on both sides.
+    /// the primary (A) of `kv` on COM1, with a 300 ms failure timeout on
+    /// both sides.
     pub fn start(prefix: &str) -> Pair {
+        Pair::start_with(prefix, Guest::Kv)
+    }
+
+    /// [`Pair::start`] for `netkv`: the guest's NIC on each host's `tap0`,
+    /// served at [`netns::GUEST_IP`], with both sides' `--metrics` on
+    /// their service addresses (see [`Pair::metrics_addr`]).
+    pub fn start_netkv(prefix: &str) -> Pair {
+        Pair::start_with(prefix, Guest::NetKv)
+    }
+
+    /// Builds the namespaces and starts the arbiter, the backup and the
+    /// primary of `guest`.
+    pub fn start_with(prefix: &str, guest: Guest) -> Pair {
         let tas_bin = tas_server_bin();
         let topo = Topology::up(prefix).unwrap_or_else(|e| panic!("netns up: {e}"));
         let dir = crate::common::tempdir(prefix);
         let duet = env!("CARGO_BIN_EXE_duet");
         let channel = SocketAddr::from((Host::B.log_ip().unwrap(), CHANNEL_PORT));
         let pair_args = |role: &str| -> Vec<String> {
-            [
+            let mut args: Vec<String> = [
                 role,
                 "--image",
-                "kv",
+                guest.image(),
                 "--vm-id",
                 VM_ID,
                 "--tas",
                 &Self::tas_addr().to_string(),
-                "--serial",
-                &format!("tcp:{}", Self::service_addr()),
                 "--timeout-ms",
                 "300",
                 "--heartbeat-ms",
                 "50",
             ]
             .map(str::to_string)
-            .to_vec()
+            .to_vec();
+            match guest {
+                Guest::Kv => {
+                    args.extend(["--serial".into(), format!("tcp:{}", Self::service_addr())]);
+                }
+                Guest::NetKv => {
+                    let host = if role == "primary" { Host::A } else { Host::B };
+                    args.extend(netkv_args().iter().map(|a| a.to_string()));
+                    args.extend(["--serial".into(), "none".into()]);
+                    args.extend(["--metrics".into(), metrics_addr(host).to_string()]);
+                }
+            }
+            args
         };
         let mut backup_cmd = Command::new(duet);
         backup_cmd
             .args(pair_args("backup"))
             .args(["--listen", &channel.to_string()])
-            .args([
+            .env("DUET_LOG", "info");
+        if guest == Guest::Kv {
+            // netkv needs no hook: the guest keeps its address and MAC, and
+            // the backup announces them with a gratuitous ARP.
+            backup_cmd.args([
                 "--go-live-exec",
                 &format!("{duet} netns move-vip --prefix {prefix} --to b"),
-            ])
-            .env("DUET_LOG", "info");
+            ]);
+        }
         let mut primary_cmd = Command::new(duet);
         primary_cmd
             .args(pair_args("primary"))
@@ -145,7 +335,34 @@ impl Pair {
             dir,
             tas_bin,
             arbiter_starts: 1,
+            guest,
         }
+    }
+
+    /// Where clients reach the guest: the VIP for `kv`, the guest's own
+    /// address for `netkv`.
+    pub fn service(&self) -> SocketAddr {
+        self.guest.service_addr()
+    }
+
+    /// The `--metrics` address of `side` (netkv pairs only), reachable
+    /// from the client namespace.
+    pub fn metrics_addr(&self, side: Side) -> SocketAddr {
+        assert_eq!(self.guest, Guest::NetKv, "only netkv pairs serve metrics");
+        metrics_addr(match side {
+            Side::Primary => Host::A,
+            Side::Backup => Host::B,
+        })
+    }
+
+    /// Scrapes `side`'s metrics from the client namespace.
+    pub fn scrape(&self, side: Side) -> anyhow::Result<crate::common::Metrics> {
+        let addr = self.metrics_addr(side);
+        self.topo
+            .in_namespace(Host::Client, || {
+                crate::common::metrics::scrape(addr, Duration::from_secs(2))
+            })
+            .map_err(anyhow::Error::from)?
     }
 
     /// Starts (or restarts) the arbiter on the same address and state file.
@@ -170,37 +387,14 @@ impl Pair {
             .unwrap_or_else(|e| panic!("arbiter status: {e}"))
     }
 
-    /// A connection to the service address from the client namespace.
+    /// A connection to the service from the client namespace.
     pub fn connect(&self) -> std::io::Result<Conn> {
-        let stream = self
-            .topo
-            .in_namespace(Host::Client, || {
-                TcpStream::connect_timeout(&Self::service_addr(), Duration::from_millis(500))
-            })
-            .unwrap()?;
-        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-        Conn::from_stream(stream)
+        connect_from_client(&self.topo, self.service())
     }
 
     /// Connects until a PING is answered with PONG, within `limit`.
     pub fn wait_for_service(&mut self, limit: Duration) -> Conn {
-        let end = Instant::now() + limit;
-        loop {
-            if let Ok(mut c) = self.connect() {
-                match c.call(&["PING"], Duration::from_secs(2)) {
-                    Ok(Reply::Simple(s)) if s == "PONG" => return c,
-                    Ok(other) => panic!("PING got {other:?}"),
-                    Err(_) => {}
-                }
-            }
-            assert!(
-                Instant::now() < end,
-                "the service at {} did not answer PING within {limit:?}\n{}",
-                Self::service_addr(),
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_pong(&self.topo, self.service(), limit, || self.logs())
     }
 
     /// Waits up to `limit` for one side to exit, checks that it lost the

@@ -295,6 +295,27 @@ impl Topology {
         ip(&["-n", &self.switch_ns(), "link", "set", &port, "up"]).map(|_| ())
     }
 
+    /// Sets the MTU of the whole service network (every service veth end,
+    /// both TAPs, and the bridges, ports first so that no bridge refuses
+    /// it), so that frames larger than a standard Ethernet frame reach a
+    /// guest's NIC: the bridges drop what exceeds an egress port's MTU,
+    /// long before a device model could see it.
+    pub fn set_service_mtu(&self, mtu: u32) -> Result<(), Error> {
+        let mtu = mtu.to_string();
+        let sw = self.switch_ns();
+        for host in Host::ALL {
+            let port = host.switch_port();
+            ip(&["-n", &sw, "link", "set", &port, "mtu", &mtu])?;
+            let ns = self.ns(host);
+            ip(&["-n", &ns, "link", "set", SERVICE_IF, "mtu", &mtu])?;
+            if service_dev(host) == HOST_BRIDGE {
+                ip(&["-n", &ns, "link", "set", TAP_IF, "mtu", &mtu])?;
+                ip(&["-n", &ns, "link", "set", HOST_BRIDGE, "mtu", &mtu])?;
+            }
+        }
+        ip(&["-n", &sw, "link", "set", BRIDGE, "mtu", &mtu]).map(|_| ())
+    }
+
     /// Moves the service address to `to` (A or B): adds it there, removes
     /// it from the other, and flushes the client's neighbour entry so that
     /// the next packet re-resolves it. Idempotent, so that a repeated
