@@ -31,6 +31,13 @@ const PROGRESS_EVERY: u64 = 16;
 const PROGRESS_PERIOD: Duration = Duration::from_millis(1);
 /// How often the backup logs its one-line status.
 const SUMMARY_EVERY: Duration = Duration::from_secs(5);
+/// Network frames the backup produced while replaying records that arrived
+/// this long before the primary's last record are re-sent when it goes
+/// live (see [`BackupTimeline`]): the primary releases a held output a
+/// millisecond or two after the backup's ack, so anything older has left.
+const RESEND_MARGIN: Duration = Duration::from_millis(30);
+/// At most this many frames are kept for that.
+const RESEND_MAX: usize = 1024;
 
 /// Records received but not yet replayed, and how far they reach.
 pub struct StreamSource {
@@ -46,6 +53,8 @@ pub struct StreamSource {
     promoted: bool,
     last_report: Instant,
     last_summary: Instant,
+    /// When the last record (of any kind) arrived.
+    last_record_at: Option<Instant>,
 }
 
 impl StreamSource {
@@ -61,6 +70,7 @@ impl StreamSource {
             promoted: false,
             last_report: Instant::now(),
             last_summary: Instant::now(),
+            last_record_at: None,
         }
     }
 
@@ -82,6 +92,7 @@ impl StreamSource {
     }
 
     fn take(&mut self, rec: Record) {
+        self.last_record_at = Some(Instant::now());
         if rec.event == Event::Horizon {
             self.known_exit = self.known_exit.max(rec.pos.exit);
         } else {
@@ -201,15 +212,60 @@ pub struct BackupTimeline<O: Write> {
     /// The operator stopped the backup: the run ends short of the
     /// primary's end, which is not a divergence.
     stopped: bool,
+    /// Network frames replay produced lately (dropped, as a backup's
+    /// outputs are), with when.
+    recent_frames: VecDeque<(Instant, Vec<u8>)>,
 }
 
 impl<O: Write> BackupTimeline<O> {
+    /// Going live: sends again the network frames that replay produced
+    /// from the primary's last [`RESEND_MARGIN`] of records. The primary may
+    /// have died holding them under the Output Rule; the guest, whose state
+    /// says they were sent, would otherwise resend them only when its TCP
+    /// retransmission timer fires (a second, with smoltcp). Every one of
+    /// them is backed by the log this backup has, so the Output Rule allows
+    /// them; one that the primary did release is a duplicate frame, which
+    /// TCP absorbs (VMware FT relies on the same). Serial output is never
+    /// sent twice: a byte stream has no duplicates to absorb.
+    fn resend_recent_frames(&mut self, world: &mut World) -> Result<(), Error> {
+        let Some(last) = self.replay.source().last_record_at else {
+            return Ok(());
+        };
+        let cutoff = last.checked_sub(RESEND_MARGIN).unwrap_or(last);
+        let mut sent = 0;
+        for (at, frame) in self.recent_frames.drain(..) {
+            if at >= cutoff {
+                world.output(Output::Net(frame))?;
+                sent += 1;
+            }
+        }
+        if sent > 0 {
+            tracing::warn!("backup: re-sent {sent} recent frames the primary may have held");
+        }
+        Ok(())
+    }
+
+    /// Remembers a frame replay produced, for [`Self::resend_recent_frames`].
+    fn remember(&mut self, frame: &[u8]) {
+        let now = Instant::now();
+        while self.recent_frames.len() >= RESEND_MAX
+            || self
+                .recent_frames
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(1))
+        {
+            self.recent_frames.pop_front();
+        }
+        self.recent_frames.push_back((now, frame.to_vec()));
+    }
+
     pub fn new(replay: Replay<StreamSource, O>, takeover: Takeover) -> Self {
         BackupTimeline {
             replay,
             live: None,
             takeover,
             stopped: false,
+            recent_frames: VecDeque::new(),
         }
     }
 
@@ -249,6 +305,7 @@ impl<O: Write> BackupTimeline<O> {
         let mut world = (self.takeover.open_world)()?;
         world.continue_clock_from(self.replay.last_clock_ns());
         world.after_failover();
+        self.resend_recent_frames(&mut world)?;
         self.replay.source_mut().promote();
         self.live = Some(Live::new(world));
         self.takeover.metrics.set_role(metrics::Role::Primary);
@@ -337,10 +394,19 @@ impl<O: Write> Timeline for BackupTimeline<O> {
     }
 
     fn output(&mut self, at: &Position, output: Output) -> Result<(), Error> {
-        match self.live_now() {
-            Some(l) => l.output(at, output),
-            None => self.replay.output(at, output),
+        if let Some(l) = self.live_now() {
+            return l.output(at, output);
         }
+        if let Output::Net(frame) = &output {
+            match self.live.as_mut() {
+                // Promoted, replaying what was received: these frames come
+                // from the primary's very last records, which it is the
+                // likeliest to have died holding (see resend_recent_frames).
+                Some(l) => return l.output(at, output),
+                None => self.remember(frame),
+            }
+        }
+        self.replay.output(at, output)
     }
 
     fn before_run(&mut self, next_exit: u64) -> Result<(), Error> {
