@@ -551,10 +551,12 @@ fn open_world(opts: &RunOptions) -> anyhow::Result<World> {
     let bell = Doorbell::new();
     let port = serial_backend::start(&opts.serial, &bell)?;
     let world = World::new(bell.clone(), port, transcript);
-    Ok(match &opts.net {
+    let mut world = match &opts.net {
         Some(n) => world.with_net(tap_backend::start(&n.tap, n.config, &bell)?),
         None => world,
-    })
+    };
+    world.announce();
+    Ok(world)
 }
 
 /// Prints a crash report and maps the outcome to an exit code.

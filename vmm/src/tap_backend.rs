@@ -130,11 +130,14 @@ impl NetPort {
         &self.counters
     }
 
-    /// This host now carries the guest: announce its MAC with a gratuitous
-    /// ARP, so that switches learn the new port at once instead of when
-    /// the guest next transmits. Without an IPv4 address there is nothing
-    /// to announce in ARP; the guest's next frame teaches the switch.
-    pub fn after_failover(&mut self) {
+    /// This host now carries the guest (it boots here, or a backup went
+    /// live here): announce its MAC with a gratuitous ARP, so that switches
+    /// learn the port at once instead of when the guest next transmits (a
+    /// guest that only answers would otherwise stay unreachable behind a
+    /// stale switch entry). Without an IPv4 address there is nothing to
+    /// announce in ARP; the guest's next frame teaches the switch. The
+    /// frames are the VMM's, not the guest's: nothing is logged.
+    pub fn announce(&mut self) {
         let Some(ip) = self.config.ip else {
             return;
         };
@@ -344,7 +347,7 @@ mod tests {
     #[test]
     fn failover_announces_the_mac() {
         let (mut port, _tx, out) = NetPort::detached(config());
-        port.after_failover();
+        port.announce();
         let req = out.try_recv().unwrap();
         assert_eq!(req.len(), 60);
         assert_eq!(&req[..6], &[0xff; 6]);
@@ -360,7 +363,7 @@ mod tests {
             ip: None,
             ..config()
         });
-        port.after_failover();
+        port.announce();
         assert!(out.try_recv().is_err());
     }
 

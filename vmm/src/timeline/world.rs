@@ -150,8 +150,15 @@ impl World {
     /// the NIC announces the guest's MAC from this host).
     pub fn after_failover(&mut self) {
         self.serial.after_failover();
+        self.announce();
+    }
+
+    /// The guest runs on this host from now on: the NIC (if any) tells the
+    /// network where its MAC is. Called when a live world opens for a guest
+    /// that boots here, and by [`World::after_failover`].
+    pub fn announce(&mut self) {
         if let Some(net) = self.net.as_mut() {
-            net.after_failover();
+            net.announce();
         }
     }
 
