@@ -3,7 +3,9 @@
 //! workload), reporting the failover time from the SIGKILL to the first
 //! reply from the new primary as p50, p99 and max; then an idle soak of a
 //! pair with the default heartbeat timeout, counting false failovers.
-//! Prints one JSON object.
+//! Prints one JSON object; `failover_times_ms` lists the successful trials'
+//! times in trial order (for `duet bench`'s chart), and a figure that
+//! cannot be computed (no successful trial) is `null`.
 //!
 //! `DUET_FAILOVER_TRIALS` (default 10) and `DUET_SOAK_SECS` (default 30;
 //! the target is stated for 600) set the sizes.
@@ -26,6 +28,16 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// A JSON number with one decimal, or `null` (Rust prints NaN as `NaN`,
+/// which is not JSON).
+fn json_ms(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.1}")
+    } else {
+        "null".to_string()
+    }
 }
 
 fn main() {
@@ -68,6 +80,7 @@ fn main() {
             }
         }
     }
+    let in_order: Vec<String> = times.iter().map(|t| json_ms(*t)).collect();
     times.sort_by(|a, b| a.total_cmp(b));
 
     // Idle soak: a paired kv with default timeouts and nothing to do.
@@ -114,10 +127,11 @@ fn main() {
     let clean = p.status.success() && b.status.success() && final_state(&p) == final_state(&b);
 
     println!(
-        "{{\"trials\":{trials},\"failed_trials\":{failed},\"failover_ms_p50\":{:.1},\"failover_ms_p99\":{:.1},\"failover_ms_max\":{:.1},\"soak_secs\":{soak},\"soak_false_failovers\":{false_failovers},\"soak_pair_ended_identical\":{clean},\"soak_lag_p99_ms\":{:.3},\"soak_log_mbit_s\":{:.4}}}",
-        times.first().map_or(f64::NAN, |_| percentile(&times, 0.5)),
-        times.first().map_or(f64::NAN, |_| percentile(&times, 0.99)),
-        times.last().copied().unwrap_or(f64::NAN),
+        "{{\"trials\":{trials},\"failed_trials\":{failed},\"failover_ms_p50\":{},\"failover_ms_p99\":{},\"failover_ms_max\":{},\"failover_times_ms\":[{}],\"soak_secs\":{soak},\"soak_false_failovers\":{false_failovers},\"soak_pair_ended_identical\":{clean},\"soak_lag_p99_ms\":{:.3},\"soak_log_mbit_s\":{:.4}}}",
+        json_ms(times.first().map_or(f64::NAN, |_| percentile(&times, 0.5))),
+        json_ms(times.first().map_or(f64::NAN, |_| percentile(&times, 0.99))),
+        json_ms(times.last().copied().unwrap_or(f64::NAN)),
+        in_order.join(","),
         m.quantile("duet_lag_seconds", 0.99).unwrap_or(0.0) * 1e3,
         m.get("duet_log_mbit_per_second").unwrap_or(0.0),
     );

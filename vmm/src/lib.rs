@@ -2,6 +2,7 @@
 //! nondeterministic input passes through one door, the [`timeline`], so that
 //! a run can be recorded and replayed bit for bit.
 
+pub mod bench_report;
 pub mod boot;
 pub mod chart;
 pub mod cli;

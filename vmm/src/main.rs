@@ -42,6 +42,10 @@ enum Command {
     /// matching digest, the arbiter. A side that cannot be reached is shown
     /// as unreachable (exit 2 without --watch).
     Status(StatusArgs),
+    /// Run the benchmark suite (cargo bench, from the source checkout this
+    /// duet was built from) and write a Markdown report with tables and
+    /// charts, beside the VMware FT paper's figures, into DIR.
+    Bench(BenchArgs),
     /// List the embedded guest images.
     Images,
     /// Build, break and tear down the two-host network namespaces that the
@@ -60,6 +64,18 @@ struct StatusArgs {
     /// How often --watch redraws, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     interval_ms: u64,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Where report.md, the charts and each benchmark's JSON and log go.
+    dir: PathBuf,
+    /// Run only these benchmarks (solo, record, ft, failover, net).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Small sizes (3 failover trials, a 5 s soak, 1 net trial).
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Args)]
@@ -399,6 +415,11 @@ fn main() -> ExitCode {
             a.watch,
             std::time::Duration::from_millis(a.interval_ms.max(100)),
         ),
+        Command::Bench(a) => vmm::bench_report::run(&vmm::bench_report::Options {
+            dir: a.dir,
+            only: a.only,
+            quick: a.quick,
+        }),
         Command::Images => {
             for name in vmm::images::NAMES {
                 println!("{name}");
