@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The image crates (binaries) of the guest workspace.
-const IMAGES: &[&str] = &["hello", "ticker", "kv", "compute", "bench", "netkv"];
+const IMAGES: &[&str] = &[
+    "hello", "ticker", "kv", "compute", "bench", "netkv", "rdtsc",
+];
 
 /// The guest workspace's target triple (set in its .cargo/config.toml).
 const GUEST_TRIPLE: &str = "x86_64-unknown-linux-gnu";

@@ -10,9 +10,12 @@
 //! | `compute` | CPU-bound run for overhead measurements |
 //! | `bench` | exit, MMIO and interrupt-injection costs, timed by the guest |
 //! | `netkv` | the `kv` server on TCP port 6379 over virtio-net (smoltcp) |
+//! | `rdtsc` | not replayable on purpose: the TSC picks its exits (divergence tests) |
 
 /// Names accepted by [`by_name`].
-pub const NAMES: &[&str] = &["hello", "ticker", "kv", "compute", "bench", "netkv"];
+pub const NAMES: &[&str] = &[
+    "hello", "ticker", "kv", "compute", "bench", "netkv", "rdtsc",
+];
 
 /// The ELF of the image called `name`.
 pub fn by_name(name: &str) -> Option<&'static [u8]> {
@@ -23,6 +26,7 @@ pub fn by_name(name: &str) -> Option<&'static [u8]> {
         "compute" => include_bytes!(concat!(env!("OUT_DIR"), "/images/compute.elf")),
         "bench" => include_bytes!(concat!(env!("OUT_DIR"), "/images/bench.elf")),
         "netkv" => include_bytes!(concat!(env!("OUT_DIR"), "/images/netkv.elf")),
+        "rdtsc" => include_bytes!(concat!(env!("OUT_DIR"), "/images/rdtsc.elf")),
         _ => return None,
     };
     Some(elf)

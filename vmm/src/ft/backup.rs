@@ -192,6 +192,12 @@ impl RecordSource for StreamSource {
     fn last_seq(&self) -> Option<u64> {
         self.last_seq
     }
+
+    fn covers(&self, exit: u64) -> bool {
+        // After promotion `known_exit` is u64::MAX, but what is buffered is
+        // all there is: running out then means the live world takes over.
+        !self.promoted && self.known_exit >= exit
+    }
 }
 
 /// What a backup needs to take over when it loses its primary.

@@ -36,6 +36,13 @@ pub trait RecordSource {
     }
     /// The sequence number of the last record consumed.
     fn last_seq(&self) -> Option<u64>;
+    /// True if every event at or before `exit` is known: when such a
+    /// source has no record at `exit`, the recording had no event there,
+    /// so a guest asking for one diverged (the log did not end). A file
+    /// never says so: there, running out of records is a cut-short log.
+    fn covers(&self, _exit: u64) -> bool {
+        false
+    }
 }
 
 /// A log read completely into memory before replay starts, so that a
@@ -160,7 +167,15 @@ impl<S: RecordSource, O: Write> Replay<S, O> {
         want: impl Fn(&Event) -> bool,
     ) -> Result<Event, Error> {
         let last_seq = self.source.last_seq();
+        let covered = self.source.covers(at.exit);
         let Some(rec) = self.source.peek()? else {
+            if covered {
+                return Err(self.divergence(
+                    at,
+                    format!("no event at {at} (the recording's log covers it)"),
+                    format!("{what} at {at}"),
+                ));
+            }
             return Err(Error::LogEnded { at: *at, last_seq });
         };
         if rec.pos != *at || !want(&rec.event) {
@@ -237,8 +252,10 @@ impl<S: RecordSource, O: Write> Timeline for Replay<S, O> {
         }
         if demand.idle && out.len() == first {
             let last_seq = self.source.last_seq();
+            let covered = self.source.covers(at.exit);
             let expected = match self.source.peek()? {
                 Some(r) => describe(r),
+                None if covered => format!("no event at {at} (the recording's log covers it)"),
                 None => return Err(Error::LogEnded { at: *at, last_seq }),
             };
             return Err(self.divergence(at, expected, format!("the guest idle at {at}")));
@@ -538,6 +555,40 @@ mod tests {
         ]);
         assert!(r.stop_here(&at(7)).unwrap());
         r.finish(&at(7), Ending::Stopped, &digest(0)).unwrap();
+    }
+
+    /// A stream that has told us everything through `covered` and holds
+    /// no record: the recording had no event at those exits.
+    struct Quiet {
+        covered: u64,
+    }
+
+    impl RecordSource for Quiet {
+        fn peek(&mut self) -> Result<Option<&Record>, Error> {
+            Ok(None)
+        }
+        fn advance(&mut self) {}
+        fn last_seq(&self) -> Option<u64> {
+            Some(41)
+        }
+        fn covers(&self, exit: u64) -> bool {
+            exit <= self.covered
+        }
+    }
+
+    #[test]
+    fn a_question_where_a_covering_stream_has_nothing_is_a_divergence() {
+        let mut r = Replay::new(Quiet { covered: 10 }, Vec::new());
+        // Within what the stream covers: the guest diverged (record 42 is
+        // the one it would have needed).
+        diverged(r.clock_ns(&at(9)), 42);
+        let idle = Demand {
+            idle: true,
+            ..Demand::default()
+        };
+        diverged(r.inputs(&at(10), &idle, &mut Vec::new()), 42);
+        // Beyond it, the log really ended.
+        assert!(matches!(r.clock_ns(&at(11)), Err(Error::LogEnded { .. })));
     }
 
     #[test]
