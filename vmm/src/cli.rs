@@ -232,18 +232,23 @@ pub struct PairOptions {
 }
 
 impl PairOptions {
-    /// How the log channel is protected; says once, as a warning, when it
-    /// is not, since anyone who can reach the port could then feed a
-    /// backup a log or read the primary's.
-    fn security(&self, role: channel::Role) -> channel::Security {
+    /// How the log channel is protected.
+    fn security(&self) -> channel::Security {
         match &self.tls {
             Some(id) => channel::Security::Tls(id.clone()),
-            None => {
-                tracing::warn!(
-                    "{role}: the log channel is unauthenticated and unencrypted (no --tls-ca, --tls-cert, --tls-key; see `duet certs`)"
-                );
-                channel::Security::Plaintext
-            }
+            None => channel::Security::Plaintext,
+        }
+    }
+
+    /// Says once, as a warning, that a paired channel is plaintext: anyone
+    /// who can reach it could feed a backup a log or read the primary's.
+    /// Said once paired, not at start, so that a side that fails before
+    /// pairing still reports only its one-line error.
+    fn warn_if_plaintext(&self, role: channel::Role) {
+        if self.tls.is_none() {
+            tracing::warn!(
+                "{role}: the log channel is unauthenticated and unencrypted (no --tls-ca, --tls-cert, --tls-key; see `duet certs`)"
+            );
         }
     }
 
@@ -319,8 +324,9 @@ pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
         hello,
         opts.pair.channel_config(),
         Duration::from_millis(opts.connect_timeout_ms),
-        &opts.pair.security(channel::Role::Primary),
+        &opts.pair.security(),
     )?;
+    opts.pair.warn_if_plaintext(channel::Role::Primary);
     tracing::info!(
         "primary: paired with the backup at {}, epoch {epoch}",
         opts.backup
@@ -435,16 +441,16 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
     )
     .with_context(|| format!("cannot boot {:?}", opts.image))?;
     tracing::info!("backup: waiting for a primary on {}", opts.listen);
-    let security = opts.pair.security(channel::Role::Backup);
     let link = BackupLink::accept_with(
         opts.listen,
         hello,
         opts.pair.channel_config(),
-        &security,
+        &opts.pair.security(),
         |e| {
             eprintln!("duet: refused a primary: {}", error_chain(e));
         },
     )?;
+    opts.pair.warn_if_plaintext(channel::Role::Backup);
     let epoch = link.peer().epoch;
     metrics.set_epoch(epoch);
     tracing::info!("backup: paired with a primary, epoch {epoch}");
