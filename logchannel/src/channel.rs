@@ -41,6 +41,13 @@
 //! Any failure (a bad checksum, a sequence gap, a silent peer, a closed
 //! socket without Bye) is reported, never skipped: the link records it as a
 //! [`LinkFailure`] in [`LinkState::failure`] and stops.
+//!
+//! With [`Security::Tls`] the same messages flow inside a mutual TLS 1.3
+//! session that is set up first (see [`crate::tls`]): the certificates say
+//! who may pair, the Hellos (epoch included) still say whether they may
+//! pair now. A backup tells a peer that does not speak what it expects
+//! from a failed handshake by the first bytes, and every connection's
+//! whole handshake is bounded by [`HANDSHAKE_TIMEOUT`].
 
 use std::fmt;
 use std::io;
@@ -1024,16 +1031,15 @@ fn tls_failure(e: io::Error, peer: Role) -> Error {
 /// certificate surfaces as one, after the client's side of the handshake
 /// is done) is a TLS failure, not a broken link.
 fn tls_alert(e: Error, peer: Role) -> Error {
-    match e {
-        Error::Failed(LinkFailure::Io(io)) if rustls_error(&io).is_some() => {
-            let r = rustls_error(&io).expect("checked");
-            Error::TlsHandshake {
+    if let Error::Failed(LinkFailure::Io(io)) = &e {
+        if let Some(r) = rustls_error(io) {
+            return Error::TlsHandshake {
                 peer,
                 reason: tls::explain(r, &peer.to_string()),
-            }
+            };
         }
-        other => other,
     }
+    e
 }
 
 /// Splits a stream into the link's boxed halves.
