@@ -41,6 +41,13 @@
 //! Any failure (a bad checksum, a sequence gap, a silent peer, a closed
 //! socket without Bye) is reported, never skipped: the link records it as a
 //! [`LinkFailure`] in [`LinkState::failure`] and stops.
+//!
+//! With [`Security::Tls`] the same messages flow inside a mutual TLS 1.3
+//! session that is set up first (see [`crate::tls`]): the certificates say
+//! who may pair, the Hellos (epoch included) still say whether they may
+//! pair now. A backup tells a peer that does not speak what it expects
+//! from a failed handshake by the first bytes, and every connection's
+//! whole handshake is bounded by [`HANDSHAKE_TIMEOUT`].
 
 use std::fmt;
 use std::io;
@@ -51,8 +58,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -60,6 +66,40 @@ use crate::log::{
     self, decode_frame, decode_record_frame, encode_frame, frame_len, Record, FRAME_PREFIX,
     MAX_FRAME,
 };
+use crate::tls::{self, TlsIdentity};
+
+/// The reading half of a link's stream: a TCP socket's, or a TLS session's
+/// over one. Boxed so that the link's code is the same for both.
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+/// The writing half; see [`Reader`].
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// How long one connection's handshake (TLS, then the Hellos) may take
+/// before it is given up: a peer that connects and says nothing must not
+/// hold a backup, nor a primary, forever.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a link protects its bytes.
+#[derive(Debug, Clone, Default)]
+pub enum Security {
+    /// Plain TCP: no authentication, no encryption (what the channel was
+    /// before TLS; the tests that corrupt the stream in flight rely on it).
+    #[default]
+    Plaintext,
+    /// Mutual TLS 1.3 with these credentials. The primary verifies that the
+    /// backup's certificate names `V.vm.duet` ([`tls::vm_name`] of the
+    /// Hello's VM id); the backup requires a client certificate from the
+    /// same CA that names it too. TLS comes first; the Hellos (and so the
+    /// epoch check) are exchanged inside it.
+    Tls(TlsIdentity),
+}
+
+impl Security {
+    /// True for [`Security::Tls`].
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Security::Tls(_))
+    }
+}
 
 /// Version of the channel protocol (independent of the log format's).
 /// 2: record batches are raw record frames with a count, not a
@@ -121,6 +161,43 @@ pub enum Error {
     /// [`PrimaryLink::set_stop_flag`]); the link itself is fine.
     #[error("stopped while waiting on the log channel")]
     Interrupted,
+    /// This side requires TLS and the peer sent something else (a plain
+    /// Duet Hello, most likely).
+    #[error(
+        "the {peer} did not speak TLS (this side requires mutual TLS: is the {peer} running without --tls-ca, --tls-cert and --tls-key?)"
+    )]
+    PeerNotTls {
+        /// The side that spoke plaintext.
+        peer: Role,
+    },
+    /// The peer opened with a TLS handshake and this side has no
+    /// credentials.
+    #[error(
+        "the {peer} speaks TLS but this side has no TLS credentials (give it --tls-ca, --tls-cert and --tls-key)"
+    )]
+    PeerSpeaksTls {
+        /// The side that spoke TLS.
+        peer: Role,
+    },
+    /// The TLS handshake failed (a certificate refused by either side, an
+    /// alert), in the words of [`tls::explain`].
+    #[error("TLS handshake with the {peer} failed: {reason}")]
+    TlsHandshake {
+        /// The other side.
+        peer: Role,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The credentials could not make a TLS configuration (or the VM id a
+    /// TLS name).
+    #[error("TLS setup")]
+    TlsSetup(#[from] tls::Error),
+    /// The handshake did not finish within [`HANDSHAKE_TIMEOUT`].
+    #[error("the {peer} did not complete the handshake within {} s", HANDSHAKE_TIMEOUT.as_secs())]
+    HandshakeTimeout {
+        /// The silent side.
+        peer: Role,
+    },
 }
 
 /// How long a blocking call waits between looks at the caller's stop flag.
@@ -588,7 +665,7 @@ fn finish_batch(buf: &mut [u8], count: u32) {
 }
 
 async fn write_message(
-    w: &mut OwnedWriteHalf,
+    w: &mut (impl AsyncWrite + Unpin),
     m: &Message,
     buf: &mut Vec<u8>,
     peer: Role,
@@ -597,10 +674,16 @@ async fn write_message(
     write_bytes(w, buf, peer).await
 }
 
-async fn write_bytes(w: &mut OwnedWriteHalf, bytes: &[u8], peer: Role) -> Result<(), LinkFailure> {
-    w.write_all(bytes)
-        .await
-        .map_err(|e| LinkFailure::io(e, peer))
+/// Writes `bytes` and flushes them: a TLS session buffers what it is
+/// given, and a message must leave when written (a no-op on a socket).
+async fn write_bytes(
+    w: &mut (impl AsyncWrite + Unpin),
+    bytes: &[u8],
+    peer: Role,
+) -> Result<(), LinkFailure> {
+    let io = |e| LinkFailure::io(e, peer);
+    w.write_all(bytes).await.map_err(io)?;
+    w.flush().await.map_err(io)
 }
 
 /// One message as read from the peer.
@@ -826,8 +909,8 @@ pub fn decode_message(buf: &[u8], next_seq: u64) -> Result<(WireMessage, usize),
 
 /// Exchanges Hellos; the backup side decides and answers Welcome/Refuse.
 async fn handshake(
-    rd: &mut OwnedReadHalf,
-    wr: &mut OwnedWriteHalf,
+    rd: &mut Reader,
+    wr: &mut Writer,
     ours: &Hello,
     offset: &mut u64,
 ) -> Result<Hello, Error> {
@@ -881,6 +964,186 @@ async fn handshake(
     }
 }
 
+/// The bytes a TLS connection opens with: a handshake record (22) of
+/// version 3.x. `None`: too few bytes yet to tell.
+///
+/// A Duet control message opens with its length, little-endian: for these
+/// three bytes to start one it would have to be 66,326 bytes long or
+/// longer, which no Hello (nor any control message) is.
+fn opens_like_tls(first: &[u8]) -> Option<bool> {
+    const RECORD: [u8; 2] = [0x16, 0x03];
+    let known = first.len().min(2);
+    if first[..known] != RECORD[..known] {
+        return Some(false);
+    }
+    first.get(2).map(|minor| (0x01..=0x04).contains(minor))
+}
+
+/// Waits for the peer's first bytes (a peer always speaks first to a
+/// backup) and tells whether they open a TLS handshake, without consuming
+/// them.
+async fn peer_opens_with_tls(stream: &TcpStream, peer: Role) -> Result<bool, Error> {
+    let mut first = [0u8; 3];
+    loop {
+        let n = stream
+            .peek(&mut first)
+            .await
+            .map_err(|e| Error::Failed(LinkFailure::io(e, peer)))?;
+        if n == 0 {
+            return Err(Error::Failed(LinkFailure::PeerClosed { peer }));
+        }
+        if let Some(tls) = opens_like_tls(&first[..n]) {
+            return Ok(tls);
+        }
+        // One or two bytes so far: the rest is on its way.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The TLS error inside an I/O error from tokio-rustls, if there is one.
+fn rustls_error(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// A failed TLS handshake with `peer` as an [`Error`].
+fn tls_failure(e: io::Error, peer: Role) -> Error {
+    use io::ErrorKind::*;
+    match rustls_error(&e) {
+        // Bytes that are not TLS records at all.
+        Some(rustls::Error::InvalidMessage(_)) => Error::PeerNotTls { peer },
+        Some(r) => Error::TlsHandshake {
+            peer,
+            reason: tls::explain(r, &peer.to_string()),
+        },
+        None => Error::TlsHandshake {
+            peer,
+            reason: match e.kind() {
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
+                    format!("the {peer} closed the connection")
+                }
+                _ => e.to_string(),
+            },
+        },
+    }
+}
+
+/// Over TLS, a read that failed on a TLS alert (the backup refusing our
+/// certificate surfaces as one, after the client's side of the handshake
+/// is done) is a TLS failure, not a broken link.
+fn tls_alert(e: Error, peer: Role) -> Error {
+    if let Error::Failed(LinkFailure::Io(io)) = &e {
+        if let Some(r) = rustls_error(io) {
+            return Error::TlsHandshake {
+                peer,
+                reason: tls::explain(r, &peer.to_string()),
+            };
+        }
+    }
+    e
+}
+
+/// Splits a stream into the link's boxed halves.
+fn halves<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(s: S) -> (Reader, Writer) {
+    let (r, w) = tokio::io::split(s);
+    (Box::new(r), Box::new(w))
+}
+
+/// A connected socket, made a link: TLS if `security` says so (the
+/// backup's side first checks that the peer speaks what it expects), then
+/// the Hellos. Returns the halves, the bytes read so far, and the peer's
+/// Hello.
+async fn establish(
+    stream: TcpStream,
+    hello: &Hello,
+    security: &Security,
+) -> Result<(Reader, Writer, u64, Hello), Error> {
+    let peer = hello.role.peer();
+    stream.set_nodelay(true)?;
+    let backup = hello.role == Role::Backup;
+    if backup {
+        let tls = peer_opens_with_tls(&stream, peer).await?;
+        match (security, tls) {
+            (Security::Plaintext, true) => {
+                // Plain bytes to a TLS client: it reports "not TLS".
+                let mut stream = stream;
+                let refuse = Message::Refuse {
+                    reason: "this backup has no TLS credentials".into(),
+                };
+                let _ = write_message(&mut stream, &refuse, &mut Vec::new(), peer).await;
+                let _ = stream.shutdown().await;
+                return Err(Error::PeerSpeaksTls { peer });
+            }
+            (Security::Tls(_), false) => {
+                // A plaintext primary reads this as a refusal, with why.
+                let mut stream = stream;
+                let refuse = Message::Refuse {
+                    reason: "this backup requires mutual TLS and the primary spoke plaintext (give the primary --tls-ca, --tls-cert and --tls-key)".into(),
+                };
+                let _ = write_message(&mut stream, &refuse, &mut Vec::new(), peer).await;
+                let _ = stream.shutdown().await;
+                return Err(Error::PeerNotTls { peer });
+            }
+            _ => {}
+        }
+    }
+    let (mut rd, mut wr) = match security {
+        Security::Plaintext => {
+            let (r, w) = stream.into_split();
+            (Box::new(r) as Reader, Box::new(w) as Writer)
+        }
+        Security::Tls(id) => {
+            let name = tls::vm_name(&hello.vm_id);
+            if backup {
+                let acceptor = tokio_rustls::TlsAcceptor::from(id.server_config(&[&name])?);
+                halves(
+                    acceptor
+                        .accept(stream)
+                        .await
+                        .map_err(|e| tls_failure(e, peer))?,
+                )
+            } else {
+                let connector = tokio_rustls::TlsConnector::from(id.client_config()?);
+                halves(
+                    connector
+                        .connect(tls::server_name(&name)?, stream)
+                        .await
+                        .map_err(|e| tls_failure(e, peer))?,
+                )
+            }
+        }
+    };
+    let mut offset = 0;
+    let theirs = handshake(&mut rd, &mut wr, hello, &mut offset)
+        .await
+        .map_err(|e| match security {
+            Security::Tls(_) => tls_alert(e, peer),
+            Security::Plaintext => e,
+        })?;
+    Ok((rd, wr, offset, theirs))
+}
+
+/// [`establish`] within [`HANDSHAKE_TIMEOUT`].
+async fn establish_bounded(
+    stream: TcpStream,
+    hello: &Hello,
+    security: &Security,
+) -> Result<(Reader, Writer, u64, Hello), Error> {
+    establish_within(stream, hello, security, HANDSHAKE_TIMEOUT).await
+}
+
+/// [`establish`] within `limit`.
+async fn establish_within(
+    stream: TcpStream,
+    hello: &Hello,
+    security: &Security,
+    limit: Duration,
+) -> Result<(Reader, Writer, u64, Hello), Error> {
+    let peer = hello.role.peer();
+    tokio::time::timeout(limit, establish(stream, hello, security))
+        .await
+        .unwrap_or(Err(Error::HandshakeTimeout { peer }))
+}
+
 /// An error and its sources on one line ("a: b: c"), for places that keep
 /// an error as text.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -916,12 +1179,27 @@ pub struct PrimaryLink {
 impl PrimaryLink {
     /// Connects to the backup (retrying until `connect_timeout`), and
     /// completes the handshake before returning, so that the guest does not
-    /// start until the backup is there to receive record 0.
+    /// start until the backup is there to receive record 0. Plaintext; see
+    /// [`PrimaryLink::connect_with`].
     pub fn connect(
         addr: SocketAddr,
         hello: Hello,
         config: ChannelConfig,
         connect_timeout: Duration,
+    ) -> Result<PrimaryLink, Error> {
+        Self::connect_with(addr, hello, config, connect_timeout, &Security::Plaintext)
+    }
+
+    /// Like [`PrimaryLink::connect`], protected as `security` says. Only
+    /// reaching the backup is retried; a handshake that fails (TLS or
+    /// Hello) is an error at once, and one that stalls ends after
+    /// [`HANDSHAKE_TIMEOUT`].
+    pub fn connect_with(
+        addr: SocketAddr,
+        hello: Hello,
+        config: ChannelConfig,
+        connect_timeout: Duration,
+        security: &Security,
     ) -> Result<PrimaryLink, Error> {
         let rt = runtime()?;
         let stream = rt.block_on(async {
@@ -936,10 +1214,7 @@ impl PrimaryLink {
                 }
             }
         })?;
-        stream.set_nodelay(true)?;
-        let (mut rd, mut wr) = stream.into_split();
-        let mut offset = 0;
-        rt.block_on(handshake(&mut rd, &mut wr, &hello, &mut offset))?;
+        let (rd, wr, offset, _backup) = rt.block_on(establish_bounded(stream, &hello, security))?;
         let state = Arc::new(LinkState::default());
         let (tx, rx) = mpsc::channel(64);
         let st = state.clone();
@@ -1029,8 +1304,8 @@ impl PrimaryLink {
 }
 
 async fn primary_io(
-    mut rd: OwnedReadHalf,
-    mut wr: OwnedWriteHalf,
+    mut rd: Reader,
+    mut wr: Writer,
     mut batches: mpsc::Receiver<Frames>,
     state: Arc<LinkState>,
     config: ChannelConfig,
@@ -1157,9 +1432,23 @@ impl BackupLink {
         config: ChannelConfig,
         on_refused: impl FnMut(&Error),
     ) -> Result<BackupLink, Error> {
+        Self::accept_with(addr, hello, config, &Security::Plaintext, on_refused)
+    }
+
+    /// Like [`BackupLink::accept`], protected as `security` says. A
+    /// primary that fails TLS (no credentials, another CA's, another VM's)
+    /// is refused and reported like a mismatched Hello, and the backup
+    /// keeps waiting.
+    pub fn accept_with(
+        addr: SocketAddr,
+        hello: Hello,
+        config: ChannelConfig,
+        security: &Security,
+        on_refused: impl FnMut(&Error),
+    ) -> Result<BackupLink, Error> {
         let listener =
             std::net::TcpListener::bind(addr).map_err(|source| Error::Listen { addr, source })?;
-        Self::accept_on(listener, hello, config, on_refused)
+        Self::accept_on_with(listener, hello, config, security, on_refused)
     }
 
     /// Like [`BackupLink::accept`], on a listener the caller bound (to port
@@ -1168,6 +1457,17 @@ impl BackupLink {
         listener: std::net::TcpListener,
         hello: Hello,
         config: ChannelConfig,
+        on_refused: impl FnMut(&Error),
+    ) -> Result<BackupLink, Error> {
+        Self::accept_on_with(listener, hello, config, &Security::Plaintext, on_refused)
+    }
+
+    /// [`BackupLink::accept_on`] protected as `security` says.
+    pub fn accept_on_with(
+        listener: std::net::TcpListener,
+        hello: Hello,
+        config: ChannelConfig,
+        security: &Security,
         mut on_refused: impl FnMut(&Error),
     ) -> Result<BackupLink, Error> {
         let rt = runtime()?;
@@ -1179,11 +1479,10 @@ impl BackupLink {
         let (rd, wr, offset, peer) = rt.block_on(async {
             loop {
                 let (stream, _peer) = listener.accept().await?;
-                stream.set_nodelay(true)?;
-                let (mut rd, mut wr) = stream.into_split();
-                let mut offset = 0;
-                match handshake(&mut rd, &mut wr, &hello, &mut offset).await {
-                    Ok(peer) => return Ok::<_, Error>((rd, wr, offset, peer)),
+                // One primary at a time: a would-be primary that stalls
+                // holds the others back for HANDSHAKE_TIMEOUT at most.
+                match establish_bounded(stream, &hello, security).await {
+                    Ok(link) => return Ok::<_, Error>(link),
                     Err(e) => on_refused(&e),
                 }
             }
@@ -1279,8 +1578,8 @@ impl BackupLink {
 }
 
 async fn backup_io(
-    mut rd: OwnedReadHalf,
-    mut wr: OwnedWriteHalf,
+    mut rd: Reader,
+    mut wr: Writer,
     records: mpsc::Sender<Record>,
     (out_tx, mut out_rx): (mpsc::Sender<Message>, mpsc::Receiver<Message>),
     state: Arc<LinkState>,
@@ -2139,5 +2438,312 @@ mod tests {
             link.send(vec![0; MAX_SEND + 1], 1, 0),
             Err(Error::TooLarge { .. })
         ));
+    }
+
+    /// One deployment's credentials for VM ids `vm1` and `vm2`, and
+    /// another deployment's for `vm1`.
+    struct Creds {
+        _dirs: (tempfile::TempDir, tempfile::TempDir),
+        ours: std::path::PathBuf,
+        theirs: std::path::PathBuf,
+    }
+
+    fn creds() -> Creds {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        tls::issue(a.path(), &["vm1".into(), "vm2".into()], &[]).unwrap();
+        tls::issue(b.path(), &["vm1".into()], &[]).unwrap();
+        Creds {
+            ours: a.path().to_path_buf(),
+            theirs: b.path().to_path_buf(),
+            _dirs: (a, b),
+        }
+    }
+
+    /// Credentials: the CA from `ca_dir`, the cert and key `stem` from
+    /// `cert_dir`.
+    fn tls_with(ca_dir: &std::path::Path, cert_dir: &std::path::Path, stem: &str) -> Security {
+        Security::Tls(
+            tls::TlsFiles {
+                ca: ca_dir.join("ca.pem"),
+                cert: cert_dir.join(format!("{stem}.pem")),
+                key: cert_dir.join(format!("{stem}-key.pem")),
+            }
+            .load()
+            .unwrap(),
+        )
+    }
+
+    /// A backup with `backup_sec` that reports its refusals, and one
+    /// primary with `primary_sec`: the primary's result and the backup's
+    /// first refusal (if it refused within 5 s).
+    fn tls_attempt(
+        backup_sec: Security,
+        primary_sec: Security,
+    ) -> (Result<PrimaryLink, Error>, Option<String>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let backup = std::thread::spawn(move || {
+            let tx2 = tx.clone();
+            let link = BackupLink::accept_on_with(
+                listener,
+                hello(Role::Backup),
+                ChannelConfig::default(),
+                &backup_sec,
+                move |e| {
+                    let _ = tx2.send(Err(error_chain(e)));
+                },
+            );
+            if let Ok(mut link) = link {
+                let mut n = 0;
+                while let Ok(Some(_)) = link.recv() {
+                    n += 1;
+                }
+                let _ = tx.send(Ok(n));
+            }
+        });
+        let primary = PrimaryLink::connect_with(
+            addr,
+            hello(Role::Primary),
+            ChannelConfig::default(),
+            Duration::from_secs(5),
+            &primary_sec,
+        );
+        let refusal = match &primary {
+            Ok(_) => None,
+            Err(_) => match rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(Err(why)) => Some(why),
+                other => panic!("the backup did not refuse: {other:?}"),
+            },
+        };
+        if primary.is_err() {
+            // The backup thread waits for the next primary; leave it.
+            drop(backup);
+        }
+        (primary, refusal)
+    }
+
+    #[test]
+    fn a_tls_pair_streams_records() {
+        let c = creds();
+        let (primary, _) = tls_attempt(
+            tls_with(&c.ours, &c.ours, "vm1"),
+            tls_with(&c.ours, &c.ours, "vm1"),
+        );
+        let link = primary.unwrap();
+        link.send(frames(0, 10), 10, 0).unwrap();
+        link.send(frames(10, 5), 5, 0).unwrap();
+        let state = link.state();
+        link.close(Duration::from_secs(5)).unwrap();
+        assert_eq!(state.snapshot().acked, 15);
+    }
+
+    #[test]
+    fn another_vms_certificate_is_refused() {
+        let c = creds();
+        let (primary, refusal) = tls_attempt(
+            tls_with(&c.ours, &c.ours, "vm1"),
+            tls_with(&c.ours, &c.ours, "vm2"),
+        );
+        // vm1's primary with vm2's certificate: the backup's name check
+        // refuses it.
+        let err = primary.err().unwrap();
+        assert!(
+            matches!(err, Error::TlsHandshake { peer: Role::Backup, ref reason } if reason.contains("rejected our certificate")),
+            "{err}"
+        );
+        let refusal = refusal.unwrap();
+        assert!(
+            refusal.contains("TLS handshake with the primary failed")
+                && refusal.contains("another name")
+                && refusal.contains("vm1.vm.duet"),
+            "{refusal}"
+        );
+
+        let c = creds();
+        let backup = tls_with(&c.ours, &c.ours, "vm1");
+        let mut h = hello(Role::Primary);
+        h.vm_id = "vm2".into();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let _ = BackupLink::accept_on_with(
+                listener,
+                hello(Role::Backup),
+                ChannelConfig::default(),
+                &backup,
+                move |e| drop(tx.send(error_chain(e))),
+            );
+        });
+        // vm2's pair dialling vm1's backup: the primary verifies the name
+        // vm2.vm.duet, which vm1's certificate lacks, so it refuses first.
+        let err = PrimaryLink::connect_with(
+            addr,
+            h,
+            ChannelConfig::default(),
+            Duration::from_secs(5),
+            &tls_with(&c.ours, &c.ours, "vm2"),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            err.to_string()
+                .contains("TLS handshake with the backup failed"),
+            "{err}"
+        );
+        let why = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(
+            why.contains("TLS handshake with the primary failed"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn the_backup_checks_the_client_name() {
+        let c = creds();
+        let id = match tls_with(&c.ours, &c.ours, "vm1") {
+            Security::Tls(id) => id,
+            Security::Plaintext => unreachable!(),
+        };
+        let vm2 = match tls_with(&c.ours, &c.ours, "vm2") {
+            Security::Tls(id) => id,
+            Security::Plaintext => unreachable!(),
+        };
+        // vm2's client, told to expect vm1's backup name (so that only the
+        // server's check can refuse), against vm1's server.
+        let server = id.server_config(&[&tls::vm_name("vm1")]).unwrap();
+        let client = vm2.client_config().unwrap();
+        let rt = runtime().unwrap();
+        let (server_err, client_err) = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let accept = async {
+                let (s, _) = listener.accept().await.unwrap();
+                tokio_rustls::TlsAcceptor::from(server)
+                    .accept(s)
+                    .await
+                    .err()
+            };
+            let connect = async {
+                let s = TcpStream::connect(addr).await.unwrap();
+                let name = tls::server_name("vm1.vm.duet").unwrap();
+                let mut t = tokio_rustls::TlsConnector::from(client)
+                    .connect(name, s)
+                    .await
+                    .unwrap();
+                let mut b = [0u8; 1];
+                t.read(&mut b).await.err()
+            };
+            tokio::join!(accept, connect)
+        });
+        let server_err = tls_failure(server_err.unwrap(), Role::Primary).to_string();
+        assert!(
+            server_err.contains("another name") && server_err.contains("vm1.vm.duet"),
+            "{server_err}"
+        );
+        let client_err = tls_failure(client_err.unwrap(), Role::Backup).to_string();
+        assert!(
+            client_err.contains("rejected our certificate"),
+            "{client_err}"
+        );
+    }
+
+    #[test]
+    fn another_cas_certificate_is_refused_by_either_side() {
+        let c = creds();
+        // The primary trusts our CA but presents the other deployment's.
+        let (primary, refusal) = tls_attempt(
+            tls_with(&c.ours, &c.ours, "vm1"),
+            tls_with(&c.ours, &c.theirs, "vm1"),
+        );
+        let err = primary.err().unwrap();
+        assert!(
+            err.to_string().contains("rejected our certificate"),
+            "{err}"
+        );
+        let refusal = refusal.unwrap();
+        assert!(
+            refusal.contains("not signed by this side's CA"),
+            "{refusal}"
+        );
+        // The backup presents the other deployment's.
+        let (primary, refusal) = tls_attempt(
+            tls_with(&c.ours, &c.theirs, "vm1"),
+            tls_with(&c.ours, &c.ours, "vm1"),
+        );
+        let err = primary.err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("the backup's certificate is not signed by this side's CA"),
+            "{err}"
+        );
+        assert!(refusal.unwrap().contains("rejected our certificate"));
+    }
+
+    #[test]
+    fn tls_and_plaintext_refuse_each_other_clearly() {
+        let c = creds();
+        let (primary, refusal) =
+            tls_attempt(tls_with(&c.ours, &c.ours, "vm1"), Security::Plaintext);
+        let err = primary.err().unwrap();
+        assert!(
+            matches!(err, Error::Refused(ref r) if r.contains("requires mutual TLS")),
+            "{err}"
+        );
+        assert!(refusal.unwrap().contains("the primary did not speak TLS"));
+
+        let (primary, refusal) =
+            tls_attempt(Security::Plaintext, tls_with(&c.ours, &c.ours, "vm1"));
+        let err = primary.err().unwrap();
+        assert!(
+            matches!(err, Error::PeerNotTls { peer: Role::Backup }),
+            "{err}"
+        );
+        assert!(refusal
+            .unwrap()
+            .contains("the primary speaks TLS but this side has no TLS credentials"));
+    }
+
+    #[test]
+    fn a_tls_opening_is_told_from_a_hello() {
+        assert_eq!(opens_like_tls(&[0x16, 0x03, 0x01]), Some(true));
+        assert_eq!(opens_like_tls(&[0x16, 0x03, 0x03]), Some(true));
+        assert_eq!(opens_like_tls(&[0x16]), None);
+        assert_eq!(opens_like_tls(&[0x16, 0x03]), None);
+        assert_eq!(opens_like_tls(&[0x16, 0x04]), Some(false));
+        assert_eq!(opens_like_tls(&[0x16, 0x03, 0x00]), Some(false));
+        let hello = control(&Message::Hello(hello(Role::Primary)));
+        assert_eq!(opens_like_tls(&hello[..3]), Some(false));
+    }
+
+    #[test]
+    fn a_silent_connection_does_not_hold_the_handshake_forever() {
+        // Bounded by HANDSHAKE_TIMEOUT; checked here with a shorter limit.
+        let rt = runtime().unwrap();
+        let err = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let _silent = TcpStream::connect(addr).await.unwrap();
+            let (s, _) = listener.accept().await.unwrap();
+            establish_within(
+                s,
+                &hello(Role::Backup),
+                &Security::Plaintext,
+                Duration::from_millis(200),
+            )
+            .await
+            .err()
+            .unwrap()
+        });
+        assert!(
+            matches!(
+                err,
+                Error::HandshakeTimeout {
+                    peer: Role::Primary
+                }
+            ),
+            "{err}"
+        );
     }
 }

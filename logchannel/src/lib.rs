@@ -5,9 +5,12 @@
 //! - [`channel`]: the transport that streams them over TCP (handshake,
 //!   batching, acknowledgements for the Output Rule, heartbeats, flow
 //!   control).
+//! - [`tls`]: mutual TLS credentials and the name conventions that the
+//!   channel and the arbiter share, and the issuing of certificates.
 
 pub mod channel;
 pub mod log;
+pub mod tls;
 
 pub use log::{
     decode_frame, decode_header_frame, decode_record_frame, encode_frame, frame_len, image_hash,

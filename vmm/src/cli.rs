@@ -226,9 +226,32 @@ pub struct PairOptions {
     pub metrics: Option<SocketAddr>,
     /// The event log (JSON lines), if given.
     pub events: Option<PathBuf>,
+    /// Mutual TLS credentials (`--tls-ca`, `--tls-cert`, `--tls-key`),
+    /// loaded and checked; None: the log channel is plaintext.
+    pub tls: Option<logchannel::tls::TlsIdentity>,
 }
 
 impl PairOptions {
+    /// How the log channel is protected.
+    fn security(&self) -> channel::Security {
+        match &self.tls {
+            Some(id) => channel::Security::Tls(id.clone()),
+            None => channel::Security::Plaintext,
+        }
+    }
+
+    /// Says once, as a warning, that a paired channel is plaintext: anyone
+    /// who can reach it could feed a backup a log or read the primary's.
+    /// Said once paired, not at start, so that a side that fails before
+    /// pairing still reports only its one-line error.
+    fn warn_if_plaintext(&self, role: channel::Role) {
+        if self.tls.is_none() {
+            tracing::warn!(
+                "{role}: the log channel is unauthenticated and unencrypted (no --tls-ca, --tls-cert, --tls-key; see `duet certs`)"
+            );
+        }
+    }
+
     fn channel_config(&self) -> ChannelConfig {
         ChannelConfig {
             heartbeat: Duration::from_millis(self.heartbeat_ms.max(1)),
@@ -296,12 +319,14 @@ pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
     };
     let metrics = opts.pair.metrics(Role::Primary, epoch)?;
     let hello = opts.pair.hello(channel::Role::Primary, &config, epoch);
-    let link = PrimaryLink::connect(
+    let link = PrimaryLink::connect_with(
         opts.backup,
         hello,
         opts.pair.channel_config(),
         Duration::from_millis(opts.connect_timeout_ms),
+        &opts.pair.security(),
     )?;
+    opts.pair.warn_if_plaintext(channel::Role::Primary);
     tracing::info!(
         "primary: paired with the backup at {}, epoch {epoch}",
         opts.backup
@@ -416,9 +441,16 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
     )
     .with_context(|| format!("cannot boot {:?}", opts.image))?;
     tracing::info!("backup: waiting for a primary on {}", opts.listen);
-    let link = BackupLink::accept(opts.listen, hello, opts.pair.channel_config(), |e| {
-        eprintln!("duet: refused a primary: {}", error_chain(e));
-    })?;
+    let link = BackupLink::accept_with(
+        opts.listen,
+        hello,
+        opts.pair.channel_config(),
+        &opts.pair.security(),
+        |e| {
+            eprintln!("duet: refused a primary: {}", error_chain(e));
+        },
+    )?;
+    opts.pair.warn_if_plaintext(channel::Role::Backup);
     let epoch = link.peer().epoch;
     metrics.set_epoch(epoch);
     tracing::info!("backup: paired with a primary, epoch {epoch}");
@@ -452,6 +484,22 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
     let outcome = ft_outcome(outcome, &metrics)?;
     print_final_state(&vcpu.stats());
     Ok(outcome)
+}
+
+/// `duet certs`: issues a deployment's credentials into `out` and lists
+/// what it wrote.
+pub fn certs(out: &Path, vm_ids: &[String], arbiter_hosts: &[String]) -> anyhow::Result<u8> {
+    let issued = logchannel::tls::issue(out, vm_ids, arbiter_hosts)?;
+    if issued.new_ca {
+        println!("a new CA in {}", out.display());
+    } else {
+        println!("signed by the CA already in {}", out.display());
+    }
+    for f in &issued.files {
+        println!("  {}", f.display());
+    }
+    println!("keep ca-key.pem offline; give each host ca.pem and its own certificate and key");
+    Ok(0)
 }
 
 /// Runs an operator's hook command with `sh -c`.

@@ -438,6 +438,15 @@ fn run_in(
     )?;
     wait_for_port(net, a.tas, Duration::from_secs(10), &mut arbiter)?;
 
+    // Secure by default: the pair's log channel is mutual TLS, with
+    // credentials issued here the way `duet certs` issues them.
+    let certs = dir.join("tls");
+    logchannel::tls::issue(&certs, &["demo".into()], &[])
+        .context("cannot issue the demo's TLS credentials")?;
+    println!(
+        "the log channel is mutual TLS (a CA and the pair's certificate issued into {})",
+        certs.display()
+    );
     let guest_ip = format!("{}/{}", netns::GUEST_IP, netns::SERVICE_PREFIX_LEN);
     let pair = |role: &str| -> Vec<String> {
         let mut args: Vec<String> = [role, "--vm-id", "demo", "--tas"]
@@ -445,6 +454,14 @@ fn run_in(
             .map(|s| s.to_string())
             .collect();
         args.push(a.tas.to_string());
+        for (flag, file) in [
+            ("--tls-ca", "ca.pem"),
+            ("--tls-cert", "demo.pem"),
+            ("--tls-key", "demo-key.pem"),
+        ] {
+            args.push(flag.into());
+            args.push(certs.join(file).display().to_string());
+        }
         args.push("--events".into());
         args.push(dir.join(format!("{role}.events")).display().to_string());
         if network {

@@ -46,6 +46,9 @@ enum Command {
     /// duet was built from) and write a Markdown report with tables and
     /// charts, beside the VMware FT paper's figures, into DIR.
     Bench(BenchArgs),
+    /// Issue a deployment's TLS credentials: a CA, a certificate per VM
+    /// (for both sides of its pair), the arbiter's and an operator's.
+    Certs(CertsArgs),
     /// List the embedded guest images.
     Images,
     /// Build, break and tear down the two-host network namespaces that the
@@ -76,6 +79,21 @@ struct BenchArgs {
     /// Small sizes (3 failover trials, a 5 s soak, 1 net trial).
     #[arg(long)]
     quick: bool,
+}
+
+#[derive(Args)]
+struct CertsArgs {
+    /// Where the PEM files go (created if missing). A CA already there
+    /// (ca.pem and ca-key.pem) signs the new certificates.
+    #[arg(long)]
+    out: PathBuf,
+    /// The VM ids to issue pair certificates for (SAN V.vm.duet each).
+    #[arg(long, value_delimiter = ',', required = true)]
+    vm_id: Vec<String>,
+    /// More names for the arbiter's certificate besides arbiter.duet: its
+    /// host name or IP address, so that clients may verify that instead.
+    #[arg(long, value_delimiter = ',')]
+    arbiter_host: Vec<String>,
 }
 
 #[derive(Args)]
@@ -232,11 +250,31 @@ struct PairArgs {
     /// lost, claim sent, granted or lost, live, alone, diverged, stopped).
     #[arg(long)]
     events: Option<PathBuf>,
+    /// The deployment's CA certificate (PEM). With --tls-cert and
+    /// --tls-key, the log channel is mutual TLS; without all three it is
+    /// plaintext and unauthenticated. See `duet certs`.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// This side's certificate (PEM), naming VM_ID.vm.duet.
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
 }
 
 impl PairArgs {
-    fn options(self) -> cli::PairOptions {
-        cli::PairOptions {
+    fn options(self) -> anyhow::Result<cli::PairOptions> {
+        let tls = match (self.tls_ca, self.tls_cert, self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(
+                logchannel::tls::TlsFiles { ca, cert, key }
+                    .load()
+                    .map_err(|e| anyhow::anyhow!("cannot load the TLS credentials: {e}"))?,
+            ),
+            // clap's requires_all makes a partial set a usage error.
+            _ => None,
+        };
+        Ok(cli::PairOptions {
             vm_id: self.vm_id,
             epoch: self.epoch,
             tas: self.tas,
@@ -245,7 +283,8 @@ impl PairArgs {
             timeout_ms: self.timeout_ms,
             metrics: self.metrics,
             events: self.events,
-        }
+            tls,
+        })
     }
 }
 
@@ -380,7 +419,7 @@ fn main() -> ExitCode {
             cli::primary(&cli::PrimaryOptions {
                 run,
                 backup: a.backup,
-                pair: a.pair.options(),
+                pair: a.pair.options()?,
                 digest_interval_ms: a.digest_interval_ms,
                 connect_timeout_ms: a.connect_timeout_ms,
             })
@@ -390,7 +429,7 @@ fn main() -> ExitCode {
                 image: a.image,
                 mem_size: a.mem,
                 listen: a.listen,
-                pair: a.pair.options(),
+                pair: a.pair.options()?,
                 transcript: a.transcript,
                 kvm_path: a.kvm,
                 serial: a.serial,
@@ -420,6 +459,7 @@ fn main() -> ExitCode {
             only: a.only,
             quick: a.quick,
         }),
+        Command::Certs(a) => cli::certs(&a.out, &a.vm_id, &a.arbiter_host),
         Command::Images => {
             for name in vmm::images::NAMES {
                 println!("{name}");
