@@ -232,6 +232,17 @@ struct PairArgs {
     /// lost, claim sent, granted or lost, live, alone, diverged, stopped).
     #[arg(long)]
     events: Option<PathBuf>,
+    /// The deployment's CA certificate (PEM). With --tls-cert and --tls-key
+    /// (all three or none): talk to the arbiter in mutual TLS; the arbiter
+    /// must prove it is arbiter.duet from this CA.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This pair's certificate (PEM), naming VM_ID.vm.duet.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
 }
 
 impl PairArgs {
@@ -245,6 +256,9 @@ impl PairArgs {
             timeout_ms: self.timeout_ms,
             metrics: self.metrics,
             events: self.events,
+            tls_ca: self.tls_ca,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
         }
     }
 }
