@@ -244,10 +244,10 @@ impl Client {
     /// An I/O failure as the client reports it: a TLS one if rustls is
     /// behind it (not retryable), else plain I/O.
     fn io_error(&self, e: io::Error) -> ClientError {
-        match tls::rustls_error(&e) {
-            Some(t) => ClientError::Tls {
+        match tls::tls_failure(&e) {
+            Some(reason) => ClientError::Tls {
                 addr: self.addr,
-                reason: tls::explain(t),
+                reason,
             },
             None => ClientError::Io(e),
         }

@@ -246,34 +246,41 @@ pub fn dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
 /// cannot fix, while an I/O failure around it may be a network that comes
 /// back; callers use this to tell the two apart.
 pub fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        if let Some(tls) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls);
-        }
-        next = e.source();
+    chain(error).find_map(|e| {
+        e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        })
+    })
+}
+
+fn chain<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| e.source())
+}
+
+/// What to tell about a TLS failure somewhere in `error`'s causes, if there
+/// is one: [`explain`] of its rustls error or, when a layer in between
+/// kept only the text (hyper and tonic, for an alert received after the
+/// handshake), that text with the same hint. rustls reports every broken or
+/// refused TLS exchange as `InvalidData`; a network failure never is.
+pub fn tls_failure(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if let Some(tls) = rustls_error(error) {
+        return Some(explain(tls));
     }
-    None
+    chain(error).find_map(|e| {
+        let io = e.downcast_ref::<std::io::Error>()?;
+        (io.kind() == std::io::ErrorKind::InvalidData).then(|| with_hint(io.to_string(), None))
+    })
 }
 
 /// What a client should be told about a TLS failure with the arbiter: the
 /// rustls reason and, where it is clear, what to fix.
 pub fn explain(error: &rustls::Error) -> String {
-    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    use rustls::{CertificateError as C, Error as E};
     let hint = match error {
-        E::AlertReceived(A::CertificateRequired) => {
-            Some("the arbiter requires a client certificate (--tls-cert, --tls-key)")
-        }
-        E::AlertReceived(A::UnknownCA | A::BadCertificate | A::DecryptError) => {
-            Some("the arbiter does not accept our certificate: is it from the arbiter's CA?")
-        }
         E::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
             Some("the arbiter's certificate is not from our CA (--tls-ca)")
         }
@@ -285,8 +292,23 @@ pub fn explain(error: &rustls::Error) -> String {
         ),
         _ => None,
     };
+    with_hint(error.to_string(), hint)
+}
+
+/// `reason` with `hint`, or with the hint for the alert it names.
+fn with_hint(reason: String, hint: Option<&str>) -> String {
+    let alert = |name: &str| reason.contains(&format!("alert: {name}"));
+    let hint = hint.or_else(|| {
+        if alert("CertificateRequired") {
+            Some("the arbiter requires a client certificate (--tls-cert, --tls-key)")
+        } else if alert("UnknownCA") || alert("BadCertificate") || alert("DecryptError") {
+            Some("the arbiter does not accept our certificate: is it from the arbiter's CA?")
+        } else {
+            None
+        }
+    });
     match hint {
-        Some(hint) => format!("{error} ({hint})"),
-        None => error.to_string(),
+        Some(hint) => format!("{reason} ({hint})"),
+        None => reason,
     }
 }

@@ -177,16 +177,26 @@ impl EtcdError {
     }
 }
 
+/// The TLS failure behind a client error, if any. etcd-client's error
+/// gives no `source()`, so its transport variants are opened here.
+pub fn tls_failure(error: &etcd_client::Error) -> Option<String> {
+    use etcd_client::Error as E;
+    use tas_server::tls::tls_failure as of;
+    match error {
+        E::GRpcStatus(s) => of(s),
+        E::TransportError(t) => of(t),
+        E::IoError(io) => of(io),
+        _ => None,
+    }
+}
+
 /// Sorts a client error into "try again" and "refused".
 fn classify(endpoints: &str, source: etcd_client::Error) -> EtcdError {
     use etcd_client::Error as E;
     use tonic::Code;
     let endpoints = endpoints.to_owned();
-    if let Some(tls) = tas_server::tls::rustls_error(&source) {
-        return EtcdError::Tls {
-            endpoints,
-            reason: tas_server::tls::explain(tls),
-        };
+    if let Some(reason) = tls_failure(&source) {
+        return EtcdError::Tls { endpoints, reason };
     }
     let unavailable = match &source {
         E::TransportError(_) | E::IoError(_) | E::EndpointError(_) | E::Internal(_) => true,
