@@ -375,3 +375,117 @@ fn etcd_grants_a_vm_only_to_its_certificate() {
         e.is_unreachable()
     );
 }
+
+/// A `kv` pair of VM kv1 with `--tas` at a TLS tas-server; the backup
+/// presents `backup_creds`. Returns the pair, the service address and the
+/// directory of their logs.
+fn tls_pair(test: &str, tas: &Tas, pki: &Pki, backup_creds: &TlsFiles) -> (Proc, Proc, SocketAddr) {
+    let (chan, service) = (free_addr(), free_addr());
+    let dir = pki.dir.path();
+    let backup = Proc::logged(
+        "backup",
+        backup_cmd("kv", "kv1", chan)
+            .args(["--tas", &tas.addr.to_string()])
+            .args(certs::args(backup_creds))
+            .args(["--serial", &format!("tcp:{service}")])
+            .env("DUET_LOG", "info"),
+        &dir.join(format!("{test}-backup.log")),
+    )
+    .unwrap();
+    let primary = Proc::logged(
+        "primary",
+        primary_cmd("kv", "kv1", chan)
+            .args(["--tas", &tas.addr.to_string()])
+            .args(certs::args(&pki.kv1))
+            .args(["--serial", &format!("tcp:{service}")])
+            .env("DUET_LOG", "info"),
+        &dir.join(format!("{test}-primary.log")),
+    )
+    .unwrap();
+    wait_for_port(service, Duration::from_secs(30));
+    (primary, backup, service)
+}
+
+fn set_ok(c: &mut Conn, key: &str, value: &str) {
+    match c.call(&["SET", key, value], Duration::from_secs(10)) {
+        Ok(r) if r.is_ok() => {}
+        other => panic!("SET {key} got {other:?}"),
+    }
+}
+
+#[test]
+fn a_tls_pair_fails_over_and_a_wrongly_certified_backup_halts() {
+    if !kvm_available("a_tls_pair_fails_over_and_a_wrongly_certified_backup_halts") {
+        return;
+    }
+    let pki = pki("auth-kvm");
+    let mut tas = Tas::start(pki.dir.path(), "tas", Some(&pki.arbiter));
+
+    // The rightful backup wins and goes live with every acknowledged write.
+    let (mut primary, mut backup, service) = tls_pair("good", &tas, &pki, &pki.kv1);
+    let mut c = connect(service, Duration::from_secs(10));
+    for i in 0..10 {
+        set_ok(&mut c, &format!("k{i}"), &format!("v{i}"));
+    }
+    primary.signal(libc::SIGKILL).unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut c = loop {
+        if let Ok(mut c) = Conn::connect(service, Duration::from_millis(500)) {
+            if matches!(c.call(&["PING"], Duration::from_secs(5)), Ok(Reply::Simple(ref s)) if s == "PONG")
+            {
+                break c;
+            }
+        }
+        assert!(
+            Instant::now() < end && backup.status().is_none(),
+            "the backup did not go live: {:?}\n{}",
+            backup.status(),
+            backup.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for i in 0..10 {
+        assert_eq!(
+            c.call(&["GET", &format!("k{i}")], Duration::from_secs(10))
+                .unwrap(),
+            Reply::bulk(&format!("v{i}"))
+        );
+    }
+    assert!(
+        backup.log_text().contains("granted kv1/epoch"),
+        "{}",
+        backup.log_text()
+    );
+    let status = tas.client(Some(&pki.kv1)).status().unwrap();
+    let holders: Vec<&String> = status.vms.iter().flat_map(|v| v.holders.values()).collect();
+    assert!(
+        holders.len() == 1 && holders[0].starts_with("backup@"),
+        "{status:?}"
+    );
+    drop(c);
+    backup.kill();
+
+    // A backup holding kv2's certificate for kv1: refused at the claim,
+    // it halts with the reason and never serves.
+    let (mut primary, mut backup, service) = tls_pair("wrong", &tas, &pki, &pki.kv2);
+    let mut c = connect(service, Duration::from_secs(10));
+    set_ok(&mut c, "a", "1");
+    drop(c);
+    primary.signal(libc::SIGKILL).unwrap();
+    let status = backup.wait_timeout(Duration::from_secs(20));
+    let log = backup.log_text();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the backup must halt with an error: {status:?}\n{log}"
+    );
+    assert!(
+        log.contains("not authorized for VM kv1: your certificate names kv2.vm.duet"),
+        "{log}"
+    );
+    assert!(!log.contains("going live"), "{log}");
+    assert!(
+        std::net::TcpStream::connect_timeout(&service, Duration::from_millis(300)).is_err(),
+        "nothing may serve {service}"
+    );
+    tas.logged("refused: not authorized for VM kv1");
+}
