@@ -18,8 +18,10 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use tas_server::tls::TlsFiles;
 
 use crate::chart::{self, Mark, Timeline};
+use crate::kit::certs;
 use crate::kit::metrics::{self, Metrics};
 use crate::kit::ports;
 use crate::kit::process::Proc;
@@ -405,6 +407,25 @@ struct Plan {
     rate: u64,
 }
 
+/// The demo's arbiter credentials: the arbiter's, the pair's (VM `demo`)
+/// and an operator's (for the final status), all from a CA made for this
+/// run in its directory, so that the demo's arbiter is authenticated as a
+/// deployment's should be.
+struct DemoTls {
+    arbiter: TlsFiles,
+    pair: TlsFiles,
+    operator: TlsFiles,
+}
+
+fn arbiter_credentials(dir: &Path) -> anyhow::Result<DemoTls> {
+    let ca = certs::Authority::new(dir, "demo").context("cannot make the demo's CA")?;
+    Ok(DemoTls {
+        arbiter: ca.issue(certs::ARBITER_NAME, true)?,
+        pair: ca.issue(&certs::vm_name("demo"), false)?,
+        operator: ca.issue(certs::OPERATOR_NAME, false)?,
+    })
+}
+
 fn run_in(
     opts: &DemoOptions,
     plan: &Plan,
@@ -428,12 +449,14 @@ fn run_in(
         );
     }
 
+    let tls = arbiter_credentials(dir)?;
     let mut arbiter = Proc::logged(
         "arbiter",
         net.command(Host::Arbiter, tas_bin)
             .args(["--listen", &a.tas.to_string()])
             .arg("--state")
-            .arg(dir.join("tas.state")),
+            .arg(dir.join("tas.state"))
+            .args(certs::args(&tls.arbiter)),
         &dir.join("tas-server.log"),
     )?;
     wait_for_port(net, a.tas, Duration::from_secs(10), &mut arbiter)?;
@@ -445,6 +468,11 @@ fn run_in(
             .map(|s| s.to_string())
             .collect();
         args.push(a.tas.to_string());
+        args.extend(
+            certs::args(&tls.pair)
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned()),
+        );
         args.push("--events".into());
         args.push(dir.join(format!("{role}.events")).display().to_string());
         if network {
@@ -616,15 +644,13 @@ fn run_in(
         .unwrap_or_default()
         .matches("going live")
         .count();
+    let operator = tas_server::client::Client::new(tas, Duration::from_secs(1))
+        .with_tls(tls.operator.client_config()?);
     let status = match net {
-        Net::Loopback => tas_server::client::Client::new(tas, Duration::from_secs(1))
-            .status()
-            .map_err(|e| e.to_string()),
+        Net::Loopback => operator.status().map_err(|e| e.to_string()),
         Net::Netns(t) => t
             .in_namespace(Host::Client, || {
-                tas_server::client::Client::new(tas, Duration::from_secs(1))
-                    .status()
-                    .map_err(|e| e.to_string())
+                operator.status().map_err(|e| e.to_string())
             })
             .map_err(|e| e.to_string())
             .and_then(|r| r),

@@ -87,10 +87,23 @@ impl Authority {
         };
         std::fs::write(&files.cert, cert.pem())
             .with_context(|| format!("cannot write {}", files.cert.display()))?;
-        std::fs::write(&files.key, key.serialize_pem())
+        write_private(&files.key, key.serialize_pem().as_bytes())
             .with_context(|| format!("cannot write {}", files.key.display()))?;
         Ok(files)
     }
+}
+
+/// Writes a private key readable by its owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(bytes)
 }
 
 /// The `--tls-ca`, `--tls-cert`, `--tls-key` arguments for `files`.
