@@ -355,12 +355,19 @@ fn etcd_grants_a_vm_only_to_its_certificate() {
             c.get("/duet/vms/kv1/epoch", None).await
         })
         .expect_err("no client certificate");
-    let reason = vmm::ft::arbiter::etcd::tls_failure(&e)
-        .unwrap_or_else(|| panic!("not seen as a TLS failure: {e:?}"));
-    assert!(
-        reason.contains("does not accept our certificate"),
-        "{reason}"
-    );
+    // etcd refuses in TLS 1.3 after the client's side of the handshake is
+    // done; the alert then reaches the request, or hyper only reports the
+    // connection closed (a race inside etcd-client's transport).
+    match vmm::ft::arbiter::etcd::tls_failure(&e) {
+        Some(reason) => assert!(
+            reason.contains("does not accept our certificate"),
+            "{reason}"
+        ),
+        None => assert!(
+            matches!(&e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Cancelled),
+            "neither a TLS failure nor a closed connection: {e:?}"
+        ),
+    }
     // A client of another CA refuses the members.
     refused(
         connect(&pki.stranger).test_and_set("kv1", 1, "x"),
