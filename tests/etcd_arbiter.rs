@@ -326,6 +326,7 @@ fn with_quorum_lost_claims_fail_in_bounded_time_then_succeed() {
         vm_id: "q".into(),
         epoch: 1,
         claimant: "backup".into(),
+        tls: None,
     };
     let (done_tx, done) = std::sync::mpsc::channel();
     let claimer = std::thread::spawn(move || {

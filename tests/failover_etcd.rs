@@ -119,11 +119,24 @@ fn check_acked(conn: &mut Conn, acked: &[(String, String)], logs: impl Fn() -> S
     }
 }
 
-/// The holder etcd recorded for the VM's current epoch.
+/// The holder etcd recorded for the VM's current epoch. Retried for a
+/// while: right after members return, a read may find no leader yet.
 fn holder(cluster: &Cluster, vm: &str) -> (u64, Option<String>) {
-    let mut arb = cluster.arbiter();
-    let (current, _) = arb.decision(vm, 0).expect("read the epoch");
-    arb.decision(vm, current).expect("read the claim")
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut arb = cluster.arbiter();
+        let read = arb
+            .decision(vm, 0)
+            .and_then(|(current, _)| arb.decision(vm, current));
+        match read {
+            Ok(d) => return d,
+            Err(e) if Instant::now() < end => {
+                eprintln!("reading the holder: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("cannot read the holder of {vm}: {e}"),
+        }
+    }
 }
 
 #[test]

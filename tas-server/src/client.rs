@@ -9,10 +9,21 @@
 //! request was never sent; [`ClientError::Io`] means it may or may not have
 //! been decided. Retrying `test_and_set` is safe after either, because the
 //! holder asking again is granted again.
+//!
+//! With [`Client::with_tls`] every connection is mutual TLS: the arbiter
+//! must prove it is `arbiter.duet` from the deployment's CA, and we present
+//! our certificate. A TLS failure ([`ClientError::Tls`]: a certificate from
+//! another CA, a server without TLS, no client certificate, a refused one)
+//! is not retryable: a wrong credential stays wrong, and the pair must hear
+//! about it rather than wait on it.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, StreamOwned};
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -20,6 +31,7 @@ use serde_json::Value;
 
 pub use crate::protocol::{Claim, ClaimOutcome, Status, VmStatus};
 use crate::protocol::{Request, MAX_LINE};
+use crate::tls::{self, ClientConfig, ARBITER_NAME};
 
 /// Why a call did not produce an answer.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +57,15 @@ pub enum ClientError {
     /// The arbiter answered with an error; its one-line message.
     #[error("arbiter refused: {0}")]
     Server(String),
+    /// The TLS handshake or a TLS record failed: a credential problem on
+    /// one side or the other, never a network one.
+    #[error("TLS with the arbiter at {addr} failed: {reason}")]
+    Tls {
+        /// The arbiter's address.
+        addr: SocketAddr,
+        /// What rustls said, with a hint at what to fix.
+        reason: String,
+    },
 }
 
 /// How a reply broke the protocol.
@@ -88,6 +109,8 @@ impl ClientError {
 pub struct Client {
     addr: SocketAddr,
     timeout: Duration,
+    /// Mutual TLS, if given.
+    tls: Option<Arc<ClientConfig>>,
 }
 
 #[derive(Deserialize)]
@@ -110,7 +133,16 @@ impl Client {
         Client {
             addr,
             timeout: timeout.max(Duration::from_millis(1)),
+            tls: None,
         }
+    }
+
+    /// The same client, speaking mutual TLS with `config` (from
+    /// [`crate::tls::TlsFiles::client_config`]) and verifying that the
+    /// arbiter is [`ARBITER_NAME`].
+    pub fn with_tls(mut self, config: Arc<ClientConfig>) -> Client {
+        self.tls = Some(config);
+        self
     }
 
     /// The arbiter's address.
@@ -142,28 +174,62 @@ impl Client {
         Ok(reply.epoch)
     }
 
-    /// Everything the arbiter has decided.
+    /// Everything the arbiter has decided that this client may see (with
+    /// TLS, the VMs its certificate names; all of them for an operator).
     pub fn status(&self) -> Result<Status, ClientError> {
         self.call(&Request::Status)
     }
 
     /// One exchange on a fresh connection.
     fn call<T: DeserializeOwned>(&self, request: &Request) -> Result<T, ClientError> {
-        let mut stream =
-            TcpStream::connect_timeout(&self.addr, self.timeout).map_err(|source| {
-                ClientError::Unreachable {
-                    addr: self.addr,
-                    source,
-                }
+        let tcp = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(|source| {
+            ClientError::Unreachable {
+                addr: self.addr,
+                source,
+            }
+        })?;
+        tcp.set_read_timeout(Some(self.timeout))?;
+        tcp.set_write_timeout(Some(self.timeout))?;
+        tcp.set_nodelay(true)?;
+        let Some(config) = &self.tls else {
+            return self.exchange(tcp, request);
+        };
+        let name = ServerName::try_from(ARBITER_NAME).map_err(|e| ClientError::Tls {
+            addr: self.addr,
+            reason: e.to_string(),
+        })?;
+        let conn =
+            ClientConnection::new(Arc::clone(config), name).map_err(|e| ClientError::Tls {
+                addr: self.addr,
+                reason: tls::explain(&e),
             })?;
-        stream.set_read_timeout(Some(self.timeout))?;
-        stream.set_write_timeout(Some(self.timeout))?;
-        stream.set_nodelay(true)?;
-        stream.write_all(&request.to_line())?;
+        let mut stream = StreamOwned::new(conn, tcp);
+        // The handshake on its own, so that its failure shows as such.
+        while stream.conn.is_handshaking() {
+            stream
+                .conn
+                .complete_io(&mut stream.sock)
+                .map_err(|e| self.io_error(e))?;
+        }
+        self.exchange(stream, request)
+    }
+
+    /// Sends `request` on `stream` and reads one reply line.
+    fn exchange<T: DeserializeOwned, S: Read + Write>(
+        &self,
+        mut stream: S,
+        request: &Request,
+    ) -> Result<T, ClientError> {
+        stream
+            .write_all(&request.to_line())
+            .and_then(|()| stream.flush())
+            .map_err(|e| self.io_error(e))?;
         let cap = u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1;
         let mut reader = BufReader::new(stream.take(cap));
         let mut line = Vec::new();
-        reader.read_until(b'\n', &mut line)?;
+        reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| self.io_error(e))?;
         if line.pop() != Some(b'\n') {
             return Err(if line.is_empty() {
                 ReplyError::NoReply
@@ -173,6 +239,18 @@ impl Client {
             .into());
         }
         parse_reply(&line)
+    }
+
+    /// An I/O failure as the client reports it: a TLS one if rustls is
+    /// behind it (not retryable), else plain I/O.
+    fn io_error(&self, e: io::Error) -> ClientError {
+        match tls::tls_failure(&e) {
+            Some(reason) => ClientError::Tls {
+                addr: self.addr,
+                reason,
+            },
+            None => ClientError::Io(e),
+        }
     }
 }
 

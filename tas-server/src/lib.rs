@@ -13,13 +13,17 @@
 //! - [`arbiter`]: ledger and store together, one request at a time.
 //! - [`server`]: the tokio TCP front end (`tas-server` binary).
 //! - [`client`]: the blocking client the VMM uses.
+//! - [`tls`]: mutual TLS credentials and the names in a certificate;
+//!   [`auth`]: which VMs a certified peer may claim and see.
 
 pub mod arbiter;
+pub mod auth;
 pub mod client;
 pub mod ledger;
 pub mod protocol;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 #[cfg(test)]
 mod testutil;

@@ -1,4 +1,5 @@
-//! `tas-server --listen ADDR --state FILE`: the arbiter process.
+//! `tas-server --listen ADDR --state FILE [--tls-ca FILE --tls-cert FILE
+//! --tls-key FILE]`: the arbiter process.
 //!
 //! Kept thin: load the state file, bind, announce the address on stdout
 //! (`tas-server: listening on ADDR`, which tests and scripts wait for), then
@@ -11,6 +12,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tas_server::arbiter::{error_chain, Arbiter, OpenError};
+use tas_server::tls::TlsFiles;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -25,6 +27,18 @@ struct Args {
     /// State file holding every decision (created if missing).
     #[arg(long, value_name = "FILE")]
     state: PathBuf,
+    /// CA certificate (PEM) that every client's certificate must chain to.
+    /// With --tls-cert and --tls-key: serve in mutual TLS, and grant a VM's
+    /// claims only to certificates naming V.vm.duet. Without all three the
+    /// arbiter is plaintext and open to anyone who reaches it.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// The arbiter's certificate chain (PEM), naming arbiter.duet.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The arbiter's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
 }
 
 /// Why the server could not start.
@@ -32,6 +46,8 @@ struct Args {
 enum StartError {
     #[error("cannot load state file")]
     State(#[from] OpenError),
+    #[error("cannot set up TLS")]
+    Tls(#[from] tas_server::tls::TlsError),
     #[error("cannot start the runtime")]
     Runtime(#[source] std::io::Error),
     #[error("cannot listen on {addr}")]
@@ -59,6 +75,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), StartError> {
+    let tls = TlsFiles::from_flags(args.tls_ca, args.tls_cert, args.tls_key)?
+        .map(|files| files.server_config())
+        .transpose()?;
     let arbiter = Arbiter::open(&args.state)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -76,8 +95,14 @@ fn run(args: Args) -> Result<(), StartError> {
         println!("tas-server: listening on {local}");
         // Nobody reading stdout must not stop the server.
         let _ = std::io::stdout().flush();
-        tracing::info!(%local, state = %args.state.display(), "listening");
-        tas_server::server::serve(listener, arbiter).await;
+        tracing::info!(%local, state = %args.state.display(), tls = tls.is_some(), "listening");
+        if tls.is_none() {
+            tracing::warn!(
+                "no TLS (--tls-ca, --tls-cert, --tls-key): anyone who reaches {local} can claim \
+                 any VM's pair and list every VM"
+            );
+        }
+        tas_server::server::serve(listener, arbiter, tls).await;
         Ok(())
     })
 }

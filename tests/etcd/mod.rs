@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tas_server::tls::TlsFiles;
 use vmm::ft::arbiter::etcd::EtcdArbiter;
+use vmm::ft::arbiter::ArbiterTls;
 use vmm::kit::process::Proc;
 
 /// Raft timing for loopback: elections in about half a second instead of
@@ -37,6 +39,9 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     initial_cluster: String,
     token: String,
+    /// With TLS: the members' certificate (naming arbiter.duet) and the
+    /// harness's own client credentials (CN root, etcd's superuser).
+    tls: Option<(TlsFiles, ArbiterTls)>,
 }
 
 /// Fails the test unless `etcd` is on PATH.
@@ -60,6 +65,19 @@ fn take_port() -> u16 {
 impl Cluster {
     /// Starts `n` members and waits until each answers a linearizable read.
     pub fn start(test: &str, n: usize) -> Cluster {
+        Self::start_with(test, n, None)
+    }
+
+    /// Like [`Cluster::start`], clients served only in TLS with a client
+    /// certificate from `server`'s CA (`--client-cert-auth`); the harness
+    /// itself connects with `root`, whose CN must be `root`. Peers talk
+    /// plaintext among themselves (loopback only).
+    pub fn start_tls(test: &str, n: usize, server: TlsFiles, root: TlsFiles) -> Cluster {
+        let root = ArbiterTls::load(root).expect("the harness's TLS credentials");
+        Self::start_with(test, n, Some((server, root)))
+    }
+
+    fn start_with(test: &str, n: usize, tls: Option<(TlsFiles, ArbiterTls)>) -> Cluster {
         require_etcd(test);
         let dir = tempfile::Builder::new()
             .prefix(&format!("duet-etcd-{test}-"))
@@ -85,6 +103,7 @@ impl Cluster {
             dir,
             members,
             initial_cluster,
+            tls,
         };
         for i in 0..n {
             cluster.spawn(i);
@@ -97,7 +116,8 @@ impl Cluster {
         let m = &mut self.members[i];
         assert!(m.proc.is_none(), "member {} is running", m.name);
         m.runs += 1;
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let mut cmd = Command::new("etcd");
         cmd.args(["--name", &m.name])
@@ -114,6 +134,15 @@ impl Cluster {
             .args(["--heartbeat-interval", HEARTBEAT_MS])
             .args(["--election-timeout", ELECTION_MS])
             .args(["--logger", "zap", "--log-level", "warn"]);
+        if let Some((server, _)) = &self.tls {
+            cmd.arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&server.ca)
+                .arg("--cert-file")
+                .arg(&server.cert)
+                .arg("--key-file")
+                .arg(&server.key);
+        }
         let log = self.dir.path().join(format!("{}.{}.log", m.name, m.runs));
         m.proc = Some(
             Proc::logged(&format!("etcd {}", m.name), &mut cmd, &log)
@@ -136,12 +165,63 @@ impl Cluster {
 
     /// A client of the whole cluster.
     pub fn arbiter(&self) -> EtcdArbiter {
-        EtcdArbiter::connect(&self.endpoints()).expect("an etcd client")
+        EtcdArbiter::connect_with(&self.endpoints(), self.root()).expect("an etcd client")
     }
 
     /// A client of member `i` alone.
     pub fn arbiter_of(&self, i: usize) -> EtcdArbiter {
-        EtcdArbiter::connect(&self.endpoints()[i..=i]).expect("an etcd client")
+        EtcdArbiter::connect_with(&self.endpoints()[i..=i], self.root()).expect("an etcd client")
+    }
+
+    /// The harness's own credentials, with TLS.
+    fn root(&self) -> Option<&ArbiterTls> {
+        self.tls.as_ref().map(|(_, root)| root)
+    }
+
+    /// Turns on etcd's auth, with the user names taken from the client
+    /// certificates' CN: `root` may do anything; `V.vm.duet` may read and
+    /// write the keys of VM `V` (and no other) for each of `vms`;
+    /// `operator.duet` may read every VM's keys. Needs [`Cluster::start_tls`].
+    pub fn enable_rbac(&self, vms: &[&str]) {
+        use etcd_client::{Permission, UserAddOptions};
+        use vmm::ft::arbiter::etcd::{vm_prefix, PREFIX};
+        let root = self
+            .root()
+            .expect("RBAC by certificate needs a TLS cluster");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let options = etcd_client::ConnectOptions::new()
+            .with_timeout(Duration::from_secs(5))
+            .with_tls(root.etcd_options());
+        let result: Result<(), etcd_client::Error> = runtime.block_on(async {
+            let mut c = etcd_client::Client::connect(self.endpoints(), Some(options)).await?;
+            let user = |name: &str| (name.to_owned(), UserAddOptions::new().with_no_pwd());
+            let mut grant = Vec::new();
+            for vm in vms {
+                let role = format!("vm-{vm}");
+                c.role_add(role.as_str()).await?;
+                c.role_grant_permission(
+                    role.as_str(),
+                    Permission::read_write(vm_prefix(vm)).with_prefix(),
+                )
+                .await?;
+                grant.push((user(&vmm::kit::certs::vm_name(vm)), role));
+            }
+            c.role_add("operator").await?;
+            c.role_grant_permission("operator", Permission::read(PREFIX).with_prefix())
+                .await?;
+            grant.push((user(vmm::kit::certs::OPERATOR_NAME), "operator".to_owned()));
+            grant.push((user("root"), "root".to_owned()));
+            for ((name, opts), role) in grant {
+                c.user_add(name.as_str(), "", Some(opts)).await?;
+                c.user_grant_role(name.as_str(), role).await?;
+            }
+            c.auth_enable().await?;
+            Ok(())
+        });
+        result.unwrap_or_else(|e| panic!("cannot set up etcd's RBAC: {e}\n{}", self.logs()));
     }
 
     /// SIGKILL member `i` (it keeps its data).

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use logchannel::channel::{self, error_chain, BackupLink, ChannelConfig, Hello, PrimaryLink};
 use logchannel::{Header, LogReader, LogWriter};
 
-use crate::ft::arbiter::{Arbiter, ArbiterAddr};
+use crate::ft::arbiter::{Arbiter, ArbiterAddr, ArbiterTls};
 use crate::ft::backup::{BackupTimeline, StreamSource, Takeover};
 use crate::ft::metrics::{self, Metrics, Role};
 use crate::ft::primary::ChannelSink;
@@ -21,6 +21,7 @@ use crate::machine::{self, MachineConfig};
 use crate::net_config::NetConfig;
 use crate::serial_backend::{self, SerialSpec};
 use crate::tap_backend;
+use tas_server::tls::TlsFiles;
 
 use crate::doorbell::Doorbell;
 use crate::ft::events::{Event, EventLog};
@@ -229,6 +230,11 @@ pub struct PairOptions {
     /// Mutual TLS credentials (`--tls-ca`, `--tls-cert`, `--tls-key`),
     /// loaded and checked; None: the log channel is plaintext.
     pub tls: Option<logchannel::tls::TlsIdentity>,
+    /// The deployment's CA, this side's certificate and key (PEM), all or
+    /// none: mutual TLS to the arbiter.
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl PairOptions {
@@ -271,12 +277,34 @@ impl PairOptions {
         }
     }
 
-    fn arbiter(&self, epoch: u64, default_node: String) -> Option<Arbiter> {
+    /// The arbiter's TLS credentials, read and checked now, so that a bad
+    /// file fails the start rather than the failover.
+    fn arbiter_tls(&self) -> anyhow::Result<Option<ArbiterTls>> {
+        let files = TlsFiles::from_flags(
+            self.tls_ca.clone(),
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+        )?;
+        let (Some(files), Some(_)) = (files, &self.tas) else {
+            return Ok(None);
+        };
+        Ok(Some(
+            ArbiterTls::load(files).context("cannot load the arbiter's TLS credentials")?,
+        ))
+    }
+
+    fn arbiter(
+        &self,
+        epoch: u64,
+        default_node: String,
+        tls: &Option<ArbiterTls>,
+    ) -> Option<Arbiter> {
         self.tas.clone().map(|addr| Arbiter {
             addr,
             vm_id: self.vm_id.clone(),
             epoch,
             claimant: self.node.clone().unwrap_or(default_node),
+            tls: tls.clone(),
         })
     }
 
@@ -310,7 +338,8 @@ pub struct PrimaryOptions {
 pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
     let config = machine_config(&opts.run)?;
     let node = format!("primary@{}", std::process::id());
-    let epoch = match (opts.pair.epoch, opts.pair.arbiter(0, node.clone())) {
+    let tls = opts.pair.arbiter_tls()?;
+    let epoch = match (opts.pair.epoch, opts.pair.arbiter(0, node.clone(), &tls)) {
         (Some(e), _) => e,
         (None, Some(a)) => a
             .new_epoch()
@@ -341,7 +370,7 @@ pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
         link,
         metrics.clone(),
         outlet,
-        opts.pair.arbiter(epoch, node),
+        opts.pair.arbiter(epoch, node, &tls),
     )?;
     let timeline = Record::new(world, sink, every);
     let mut vcpu = machine::build(&config, Box::new(timeline))
@@ -420,6 +449,7 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
         kvm_path: opts.kvm_path.clone(),
         net: opts.net.as_ref().map(|n| n.config),
     };
+    let tls = opts.pair.arbiter_tls()?;
     let metrics = opts
         .pair
         .metrics(Role::Backup, opts.pair.epoch.unwrap_or(0))?;
@@ -459,7 +489,7 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
     let (serial, exec) = (opts.serial.clone(), opts.go_live_exec.clone());
     let net = opts.net.clone();
     let takeover = Takeover {
-        arbiter: opts.pair.arbiter(epoch, node),
+        arbiter: opts.pair.arbiter(epoch, node, &tls),
         metrics: metrics.clone(),
         open_world: Box::new(move || {
             if let Some(cmd) = &exec {

@@ -18,8 +18,10 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use tas_server::tls::TlsFiles;
 
 use crate::chart::{self, Mark, Timeline};
+use crate::kit::certs;
 use crate::kit::metrics::{self, Metrics};
 use crate::kit::ports;
 use crate::kit::process::Proc;
@@ -405,6 +407,33 @@ struct Plan {
     rate: u64,
 }
 
+/// The demo's arbiter credentials: the arbiter's, the pair's (VM `demo`)
+/// and an operator's (for the final status), all from a CA made for this
+/// run in its directory, so that the demo's arbiter is authenticated as a
+/// deployment's should be.
+struct DemoTls {
+    arbiter: TlsFiles,
+    pair: TlsFiles,
+    operator: TlsFiles,
+}
+
+/// Issues them the way `duet certs` does, into `dir`: one CA for the log
+/// channel and the arbiter alike.
+fn demo_credentials(dir: &Path) -> anyhow::Result<DemoTls> {
+    logchannel::tls::issue(dir, &["demo".into()], &[])
+        .context("cannot issue the demo's TLS credentials")?;
+    let files = |name: &str| TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+    };
+    Ok(DemoTls {
+        arbiter: files("arbiter"),
+        pair: files("demo"),
+        operator: files("operator"),
+    })
+}
+
 fn run_in(
     opts: &DemoOptions,
     plan: &Plan,
@@ -428,25 +457,25 @@ fn run_in(
         );
     }
 
+    // Secure by default: the arbiter and the pair's log channel are mutual
+    // TLS, with credentials issued here the way `duet certs` issues them.
+    let certs_dir = dir.join("tls");
+    let tls = demo_credentials(&certs_dir)?;
+    println!(
+        "the arbiter and the log channel are mutual TLS (a CA and certificates issued into {})",
+        certs_dir.display()
+    );
     let mut arbiter = Proc::logged(
         "arbiter",
         net.command(Host::Arbiter, tas_bin)
             .args(["--listen", &a.tas.to_string()])
             .arg("--state")
-            .arg(dir.join("tas.state")),
+            .arg(dir.join("tas.state"))
+            .args(certs::args(&tls.arbiter)),
         &dir.join("tas-server.log"),
     )?;
     wait_for_port(net, a.tas, Duration::from_secs(10), &mut arbiter)?;
 
-    // Secure by default: the pair's log channel is mutual TLS, with
-    // credentials issued here the way `duet certs` issues them.
-    let certs = dir.join("tls");
-    logchannel::tls::issue(&certs, &["demo".into()], &[])
-        .context("cannot issue the demo's TLS credentials")?;
-    println!(
-        "the log channel is mutual TLS (a CA and the pair's certificate issued into {})",
-        certs.display()
-    );
     let guest_ip = format!("{}/{}", netns::GUEST_IP, netns::SERVICE_PREFIX_LEN);
     let pair = |role: &str| -> Vec<String> {
         let mut args: Vec<String> = [role, "--vm-id", "demo", "--tas"]
@@ -454,14 +483,11 @@ fn run_in(
             .map(|s| s.to_string())
             .collect();
         args.push(a.tas.to_string());
-        for (flag, file) in [
-            ("--tls-ca", "ca.pem"),
-            ("--tls-cert", "demo.pem"),
-            ("--tls-key", "demo-key.pem"),
-        ] {
-            args.push(flag.into());
-            args.push(certs.join(file).display().to_string());
-        }
+        args.extend(
+            certs::args(&tls.pair)
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned()),
+        );
         args.push("--events".into());
         args.push(dir.join(format!("{role}.events")).display().to_string());
         if network {
@@ -633,15 +659,13 @@ fn run_in(
         .unwrap_or_default()
         .matches("going live")
         .count();
+    let operator = tas_server::client::Client::new(tas, Duration::from_secs(1))
+        .with_tls(tls.operator.client_config()?);
     let status = match net {
-        Net::Loopback => tas_server::client::Client::new(tas, Duration::from_secs(1))
-            .status()
-            .map_err(|e| e.to_string()),
+        Net::Loopback => operator.status().map_err(|e| e.to_string()),
         Net::Netns(t) => t
             .in_namespace(Host::Client, || {
-                tas_server::client::Client::new(tas, Duration::from_secs(1))
-                    .status()
-                    .map_err(|e| e.to_string())
+                operator.status().map_err(|e| e.to_string())
             })
             .map_err(|e| e.to_string())
             .and_then(|r| r),

@@ -251,8 +251,9 @@ struct PairArgs {
     #[arg(long)]
     events: Option<PathBuf>,
     /// The deployment's CA certificate (PEM). With --tls-cert and
-    /// --tls-key, the log channel is mutual TLS; without all three it is
-    /// plaintext and unauthenticated. See `duet certs`.
+    /// --tls-key, the log channel and the arbiter connection are mutual
+    /// TLS; without all three they are plaintext and unauthenticated. See
+    /// `duet certs`.
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
     tls_ca: Option<PathBuf>,
     /// This side's certificate (PEM), naming VM_ID.vm.duet.
@@ -265,11 +266,15 @@ struct PairArgs {
 
 impl PairArgs {
     fn options(self) -> anyhow::Result<cli::PairOptions> {
-        let tls = match (self.tls_ca, self.tls_cert, self.tls_key) {
+        let tls = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
             (Some(ca), Some(cert), Some(key)) => Some(
-                logchannel::tls::TlsFiles { ca, cert, key }
-                    .load()
-                    .map_err(|e| anyhow::anyhow!("cannot load the TLS credentials: {e}"))?,
+                logchannel::tls::TlsFiles {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }
+                .load()
+                .map_err(|e| anyhow::anyhow!("cannot load the TLS credentials: {e}"))?,
             ),
             // clap's requires_all makes a partial set a usage error.
             _ => None,
@@ -284,6 +289,9 @@ impl PairArgs {
             metrics: self.metrics,
             events: self.events,
             tls,
+            tls_ca: self.tls_ca,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
         })
     }
 }

@@ -85,6 +85,20 @@
 //! as unavailable, which the claim loop retries without anyone going live,
 //! exactly as for an unreachable tas-server.
 //!
+//! # Mutual TLS and permissions
+//!
+//! With [`super::ArbiterTls`] the client speaks TLS to every member,
+//! verifies that the member's certificate names `arbiter.duet` from the
+//! deployment's CA, and presents the pair's certificate. An etcd started
+//! with `--client-cert-auth` and with auth enabled takes the user name from
+//! that certificate's common name (`V.vm.duet`), so the cluster's RBAC
+//! decides what the pair may touch: give the user `V.vm.duet` a role with
+//! readwrite on the key prefix [`vm_prefix`]`(V)` (`/duet/vms/V/`, the
+//! trailing slash matters: `/duet/vms/kv1` would also cover `kv10`), and
+//! nothing else. Another VM's certificate is then refused (permission
+//! denied), which is not retried. A TLS failure (a member's certificate
+//! from another CA, our certificate refused) is not retried either.
+//!
 //! # Why a runtime of its own
 //!
 //! etcd-client is async on tokio; the VMM's failover path is plain threads.
@@ -144,6 +158,8 @@ pub enum EtcdError {
     Contended { key: String },
     #[error("etcd answered a transaction without the reads it asked for")]
     ShortReply,
+    #[error("TLS with etcd at {endpoints} failed: {reason}")]
+    Tls { endpoints: String, reason: String },
 }
 
 impl EtcdError {
@@ -161,11 +177,27 @@ impl EtcdError {
     }
 }
 
+/// The TLS failure behind a client error, if any. etcd-client's error
+/// gives no `source()`, so its transport variants are opened here.
+pub fn tls_failure(error: &etcd_client::Error) -> Option<String> {
+    use etcd_client::Error as E;
+    use tas_server::tls::tls_failure as of;
+    match error {
+        E::GRpcStatus(s) => of(s),
+        E::TransportError(t) => of(t),
+        E::IoError(io) => of(io),
+        _ => None,
+    }
+}
+
 /// Sorts a client error into "try again" and "refused".
 fn classify(endpoints: &str, source: etcd_client::Error) -> EtcdError {
     use etcd_client::Error as E;
     use tonic::Code;
     let endpoints = endpoints.to_owned();
+    if let Some(reason) = tls_failure(&source) {
+        return EtcdError::Tls { endpoints, reason };
+    }
     let unavailable = match &source {
         E::TransportError(_) | E::IoError(_) | E::EndpointError(_) | E::Internal(_) => true,
         // etcd reports "no leader", "request timed out", "leader changed"
@@ -189,6 +221,12 @@ fn classify(endpoints: &str, source: etcd_client::Error) -> EtcdError {
     } else {
         EtcdError::Refused { endpoints, source }
     }
+}
+
+/// The prefix of every key of a VM, slash included: what a role for the
+/// VM's pair must be granted (see the module doc).
+pub fn vm_prefix(vm_id: &str) -> String {
+    format!("{}/", vm_dir(vm_id))
 }
 
 /// The key of a VM's directory, its id escaped (see the module doc).
@@ -282,6 +320,14 @@ impl EtcdArbiter {
     /// is sent yet, so this succeeds with every member down; the first
     /// request tells.
     pub fn connect(endpoints: &[String]) -> Result<EtcdArbiter, EtcdError> {
+        Self::connect_with(endpoints, None)
+    }
+
+    /// Like [`EtcdArbiter::connect`], in mutual TLS with `tls`.
+    pub fn connect_with(
+        endpoints: &[String],
+        tls: Option<&super::ArbiterTls>,
+    ) -> Result<EtcdArbiter, EtcdError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -293,6 +339,10 @@ impl EtcdArbiter {
             .with_keep_alive(KEEP_ALIVE.0, KEEP_ALIVE.1)
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
+        let options = match tls {
+            Some(tls) => options.with_tls(tls.etcd_options()),
+            None => options,
+        };
         // The balanced channel spawns its worker on the current runtime, so
         // it is built inside it.
         let client = runtime

@@ -19,14 +19,31 @@
 //! The claim loop below is the same for both; a [`Backend`] only answers
 //! one attempt, and says whether a failure means "not reached" (retry, as
 //! nobody may go live) or something retrying cannot fix.
+//!
+//! # Mutual TLS
+//!
+//! With `--tls-ca --tls-cert --tls-key` ([`ArbiterTls`]) both backends
+//! speak mutual TLS: the same `--tas` value (`HOST:PORT`, `tas://`,
+//! `etcd://`), TLS because the flags say so. The arbiter must prove it is
+//! `arbiter.duet` from the given CA; we present the pair's certificate
+//! (`V.vm.duet`), which is what lets the arbiter grant us VM `V` and nobody
+//! else. A TLS failure or an authorization refusal is not "unreachable":
+//! the claim loop does not retry it, and the side halts with the reason
+//! instead of going live or waiting silently. The files are read when the
+//! side starts, so a missing or broken one fails the start, not the
+//! failover.
 
 pub mod etcd;
 pub mod tas;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tas_server::tls::{ClientConfig, TlsError, TlsFiles};
 
 pub use tas_server::client::ClaimOutcome;
 
@@ -126,13 +143,72 @@ impl ArbiterAddr {
     /// A backend for one claim loop or one `new_epoch`. Connecting is lazy
     /// for both backends: an unreachable arbiter shows at the first request,
     /// where the claim loop can retry it.
-    pub fn connect(&self) -> Result<Box<dyn Backend>, BackendError> {
+    /// With `tls`, in mutual TLS.
+    pub fn connect(&self, tls: Option<&ArbiterTls>) -> Result<Box<dyn Backend>, BackendError> {
         Ok(match self {
-            ArbiterAddr::Tas(addr) => Box::new(tas::TasArbiter::new(*addr)),
-            ArbiterAddr::Etcd(endpoints) => {
-                Box::new(etcd::EtcdArbiter::connect(endpoints).map_err(BackendError::Etcd)?)
-            }
+            ArbiterAddr::Tas(addr) => Box::new(tas::TasArbiter::new(
+                *addr,
+                tls.map(|t| Arc::clone(&t.client)),
+            )),
+            ArbiterAddr::Etcd(endpoints) => Box::new(
+                etcd::EtcdArbiter::connect_with(endpoints, tls).map_err(BackendError::Etcd)?,
+            ),
         })
+    }
+}
+
+/// Why the arbiter's TLS credentials could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsLoadError {
+    #[error(transparent)]
+    Config(#[from] TlsError),
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// This side's credentials for the arbiter, loaded and checked once.
+#[derive(Clone)]
+pub struct ArbiterTls {
+    /// Where they came from.
+    pub files: TlsFiles,
+    /// For tas-server.
+    client: Arc<ClientConfig>,
+    /// For etcd, whose client (tonic) takes PEM.
+    pem: [Vec<u8>; 3],
+}
+
+impl fmt::Debug for ArbiterTls {
+    // Never prints the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ArbiterTls({:?})", self.files)
+    }
+}
+
+impl ArbiterTls {
+    /// Reads and checks `files` (the CA, the certificate and its key).
+    pub fn load(files: TlsFiles) -> Result<ArbiterTls, TlsLoadError> {
+        let client = files.client_config()?;
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| TlsLoadError::Read {
+                path: path.clone(),
+                source,
+            })
+        };
+        let pem = [read(&files.ca)?, read(&files.cert)?, read(&files.key)?];
+        Ok(ArbiterTls { files, client, pem })
+    }
+
+    /// etcd-client's TLS options: trust the CA, verify `arbiter.duet`,
+    /// present our certificate.
+    pub fn etcd_options(&self) -> etcd_client::TlsOptions {
+        let [ca, cert, key] = &self.pem;
+        etcd_client::TlsOptions::new()
+            .domain_name(tas_server::tls::ARBITER_NAME)
+            .ca_certificate(etcd_client::Certificate::from_pem(ca))
+            .identity(etcd_client::Identity::from_pem(cert, key))
     }
 }
 
@@ -180,12 +256,17 @@ pub struct Arbiter {
     pub vm_id: String,
     pub epoch: u64,
     pub claimant: String,
+    /// Mutual TLS to the arbiter, if configured.
+    pub tls: Option<ArbiterTls>,
 }
 
 impl Arbiter {
     /// A fresh epoch for a new pair.
     pub fn new_epoch(&self) -> Result<u64, Error> {
-        let mut backend = self.addr.connect().map_err(Error::Arbiter)?;
+        let mut backend = self
+            .addr
+            .connect(self.tls.as_ref())
+            .map_err(Error::Arbiter)?;
         backend.new_epoch(&self.vm_id).map_err(Error::Arbiter)
     }
 
@@ -207,7 +288,10 @@ impl Arbiter {
         });
         let started = Instant::now();
         let mut last_report = Instant::now();
-        let mut backend = self.addr.connect().map_err(Error::Arbiter)?;
+        let mut backend = self
+            .addr
+            .connect(self.tls.as_ref())
+            .map_err(Error::Arbiter)?;
         loop {
             match backend.test_and_set(&self.vm_id, self.epoch, &self.claimant) {
                 Ok(outcome) => {

@@ -2,9 +2,11 @@
 //! blocking client, which already speaks the reference semantics.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tas_server::client::Client;
+use tas_server::tls::ClientConfig;
 
 use super::{Backend, BackendError, ClaimOutcome};
 
@@ -21,9 +23,14 @@ pub struct TasArbiter {
 }
 
 impl TasArbiter {
-    pub fn new(addr: SocketAddr) -> TasArbiter {
+    /// With `tls`, every request is mutual TLS.
+    pub fn new(addr: SocketAddr, tls: Option<Arc<ClientConfig>>) -> TasArbiter {
+        let client = Client::new(addr, REQUEST_TIMEOUT);
         TasArbiter {
-            client: Client::new(addr, REQUEST_TIMEOUT),
+            client: match tls {
+                Some(config) => client.with_tls(config),
+                None => client,
+            },
         }
     }
 }
