@@ -12,6 +12,8 @@
 //!   message, since `ok` and `error` are checked before the rest;
 //! - parsing allocates at most a bound per input byte.
 
+// The allocation meter and helpers shared with the log channel's targets.
+#[path = "../../../logchannel/fuzz/fuzz_targets/common/mod.rs"]
 mod common;
 
 use libfuzzer_sys::fuzz_target;

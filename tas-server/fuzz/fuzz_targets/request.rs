@@ -11,6 +11,8 @@
 //!   parser reads it back as that error message;
 //! - parsing allocates at most a bound per input byte.
 
+// The allocation meter and helpers shared with the log channel's targets.
+#[path = "../../../logchannel/fuzz/fuzz_targets/common/mod.rs"]
 mod common;
 
 use libfuzzer_sys::fuzz_target;
