@@ -366,11 +366,7 @@ fn bad_frames_and_a_flood_leave_the_guest_serving_and_the_log_whole() {
         "record after SIGTERM: {status:?}\n{out}"
     );
     assert!(!out.contains("panicked"), "{out}");
-    let recorded = out
-        .lines()
-        .find(|l| l.starts_with("duet: final state "))
-        .unwrap_or_else(|| panic!("no final state line: {out}"))
-        .to_string();
+    let recorded = final_state_in(&out);
     drop(solo);
 
     // What reached the guest is in the log: some of the flood (the TAP's

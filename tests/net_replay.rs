@@ -33,7 +33,6 @@ use vmm::netns::Host;
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// Exit status of `duet replay` on divergence.
-const EXIT_DIVERGENCE: i32 = 4;
 /// The default MAC of `--mac`.
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
@@ -47,29 +46,6 @@ fn replay(log: &Path) -> Output {
         None,
         LIMIT,
     )
-}
-
-/// The record number in `duet: replay diverged: divergence at record N ...`.
-fn diverged_at(o: &Output) -> u64 {
-    let err = stderr(o);
-    assert_eq!(
-        o.status.code(),
-        Some(EXIT_DIVERGENCE),
-        "expected a divergence, got {:?}; stderr: {err}",
-        o.status
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    let prefix = "duet: replay diverged: divergence at record ";
-    let line = err
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no divergence line in stderr: {err}"));
-    line[prefix.len()..]
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|_| panic!("no record number in {line:?}"))
 }
 
 /// The offset of the last TCP payload byte in an Ethernet frame carrying
@@ -120,11 +96,7 @@ fn a_recording_under_redis_benchmark_replays_and_its_frames_matter() {
         status.is_some_and(|s| s.success()),
         "record after SIGTERM: {status:?}\n{out}"
     );
-    let recorded = out
-        .lines()
-        .find(|l| l.starts_with("duet: final state "))
-        .unwrap_or_else(|| panic!("no final state line: {out}"))
-        .to_string();
+    let recorded = final_state_in(&out);
     drop(solo);
 
     // The received frames are in the log.

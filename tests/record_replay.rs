@@ -18,9 +18,6 @@ use logchannel::{Event, Record};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// Exit status of `duet replay` on divergence.
-const EXIT_DIVERGENCE: i32 = 4;
-
 fn assert_ok(o: &Output, what: &str) {
     assert_eq!(
         o.status.code(),
@@ -39,28 +36,6 @@ fn replay(image: &str, log: &std::path::Path, output: Option<&std::path::Path>) 
         cmd.arg("--output").arg(p);
     }
     run_bounded(&mut cmd, None, LIMIT)
-}
-
-/// The record number in `duet: replay diverged: divergence at record N ...`.
-fn diverged_at(o: &Output) -> u64 {
-    let err = stderr(o);
-    assert_eq!(
-        o.status.code(),
-        Some(EXIT_DIVERGENCE),
-        "expected a divergence, got {:?}; stderr: {err}",
-        o.status
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("duet: replay diverged: divergence at record "))
-        .unwrap_or_else(|| panic!("no divergence line in stderr: {err}"));
-    line["duet: replay diverged: divergence at record ".len()..]
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|_| panic!("no record number in {line:?}"))
 }
 
 /// Records `ticker` with no input (its default 2000 ticks) into `log`.

@@ -138,11 +138,42 @@ pub fn scrape(addr: SocketAddr) -> Metrics {
 /// The `duet: final state exits=.. regs=.. mem=..` line of a record or
 /// replay run; panics if there is none.
 pub fn final_state(o: &Output) -> String {
-    let err = stderr(o);
-    err.lines()
+    final_state_in(&stderr(o))
+}
+
+/// The `duet: final state ...` line in `text` (a stderr or a log file).
+pub fn final_state_in(text: &str) -> String {
+    text.lines()
         .find(|l| l.starts_with("duet: final state "))
-        .unwrap_or_else(|| panic!("no final state line in stderr: {err}"))
+        .unwrap_or_else(|| panic!("no final state line in: {text}"))
         .to_string()
+}
+
+/// duet's exit status when replay or a backup diverges.
+pub const EXIT_DIVERGENCE: i32 = 4;
+
+/// The record number in `duet: replay diverged: divergence at record N ...`;
+/// panics unless `o` is such a divergence (exit 4, no panic).
+pub fn diverged_at(o: &Output) -> u64 {
+    let err = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(EXIT_DIVERGENCE),
+        "expected a divergence, got {:?}; stderr: {err}",
+        o.status
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let prefix = "duet: replay diverged: divergence at record ";
+    let line = err
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no divergence line in stderr: {err}"));
+    line[prefix.len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("no record number in {line:?}"))
 }
 
 /// Reads a whole log with the logchannel crate; panics on a bad log.
