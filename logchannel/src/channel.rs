@@ -70,9 +70,9 @@ use crate::tls::{self, TlsIdentity};
 
 /// The reading half of a link's stream: a TCP socket's, or a TLS session's
 /// over one. Boxed so that the link's code is the same for both.
-type Reader = Box<dyn AsyncRead + Unpin + Send>;
+pub(crate) type Reader = Box<dyn AsyncRead + Unpin + Send>;
 /// The writing half; see [`Reader`].
-type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+pub(crate) type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// How long one connection's handshake (TLS, then the Hellos) may take
 /// before it is given up: a peer that connects and says nothing must not
@@ -103,8 +103,10 @@ impl Security {
 
 /// Version of the channel protocol (independent of the log format's).
 /// 2: record batches are raw record frames with a count, not a
-/// checksummed `Records` message.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// checksummed `Records` message. 3: a Hello says whether it joins a
+/// running VM, and the state-transfer messages of a join exist
+/// ([`crate::join`]); a link may start at any sequence number.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Once a batch on the wire holds this many bytes of record frames, the
 /// primary stops merging queued batches into it.
 const MAX_BATCH: usize = 1 << 20;
@@ -413,6 +415,9 @@ pub struct Hello {
     pub image_hash: [u8; 32],
     pub machine: String,
     pub epoch: u64,
+    /// The backup joins a VM that is already running (it receives the
+    /// VM's state before the log), rather than booting with its primary.
+    pub join: bool,
 }
 
 impl Hello {
@@ -452,6 +457,20 @@ impl Hello {
                 theirs.machine, self.machine
             ));
         }
+        if theirs.join != self.join {
+            let what = |j: bool| {
+                if j {
+                    "joins a running VM"
+                } else {
+                    "pairs from boot"
+                }
+            };
+            return Some(format!(
+                "the peer {} but this side {}",
+                what(theirs.join),
+                what(self.join)
+            ));
+        }
         // Epoch 0 on a backup means "adopt the primary's" (the primary got
         // it from the arbiter's new_epoch).
         if theirs.epoch != self.epoch && theirs.epoch != 0 && self.epoch != 0 {
@@ -466,7 +485,7 @@ impl Hello {
 
 /// Messages on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-enum Message {
+pub(crate) enum Message {
     Hello(Hello),
     Welcome,
     Refuse {
@@ -485,6 +504,28 @@ enum Message {
         replayed_exit: u64,
     },
     Bye,
+    /// The rest are a join's ([`crate::join`]), survivor to joiner, before
+    /// any record: the join is accepted and the pair will have this epoch.
+    JoinOffer {
+        epoch: u64,
+    },
+    /// Guest pages `first..`, 4 KiB each, back to back.
+    Pages {
+        first: u64,
+        data: Vec<u8>,
+    },
+    /// Guest pages `first..first + count` are all zero.
+    Zeros {
+        first: u64,
+        count: u64,
+    },
+    /// A pre-copy round ended after sending `pages` pages.
+    Round {
+        round: u32,
+        pages: u64,
+    },
+    /// The last dirty pages were sent: this is the state to resume from.
+    Handover(crate::join::Handover),
 }
 
 /// Timing and buffer limits of a link.
@@ -664,7 +705,7 @@ fn finish_batch(buf: &mut [u8], count: u32) {
     buf[4..FRAME_PREFIX].copy_from_slice(&count.to_le_bytes());
 }
 
-async fn write_message(
+pub(crate) async fn write_message(
     w: &mut (impl AsyncWrite + Unpin),
     m: &Message,
     buf: &mut Vec<u8>,
@@ -814,7 +855,7 @@ async fn read_message(
 }
 
 /// Reads one control message; a batch here is [`LinkFailure::Unexpected`].
-async fn read_control(
+pub(crate) async fn read_control(
     r: &mut (impl AsyncRead + Unpin),
     offset: &mut u64,
     from: Role,
@@ -1052,7 +1093,7 @@ fn halves<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(s: S) -> (Reader, 
 /// backup's side first checks that the peer speaks what it expects), then
 /// the Hellos. Returns the halves, the bytes read so far, and the peer's
 /// Hello.
-async fn establish(
+pub(crate) async fn establish(
     stream: TcpStream,
     hello: &Hello,
     security: &Security,
@@ -1123,7 +1164,7 @@ async fn establish(
 }
 
 /// [`establish`] within [`HANDSHAKE_TIMEOUT`].
-async fn establish_bounded(
+pub(crate) async fn establish_bounded(
     stream: TcpStream,
     hello: &Hello,
     security: &Security,
@@ -1157,7 +1198,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Error> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
@@ -1215,7 +1256,24 @@ impl PrimaryLink {
             }
         })?;
         let (rd, wr, offset, _backup) = rt.block_on(establish_bounded(stream, &hello, security))?;
+        Self::start(rt, (rd, wr, offset), config, 0)
+    }
+
+    /// Runs the link over an established stream (halves and bytes read so
+    /// far), whose first record will carry `first_seq`: 0 for a pair that
+    /// boots together, the next record's number for a backup that joined
+    /// a running VM.
+    pub(crate) fn start(
+        rt: tokio::runtime::Runtime,
+        (rd, wr, offset): (Reader, Writer, u64),
+        config: ChannelConfig,
+        first_seq: u64,
+    ) -> Result<PrimaryLink, Error> {
         let state = Arc::new(LinkState::default());
+        state.update(|c| {
+            c.records = first_seq;
+            c.acked = first_seq;
+        });
         let (tx, rx) = mpsc::channel(64);
         let st = state.clone();
         let thread = std::thread::Builder::new()
@@ -1303,7 +1361,7 @@ impl PrimaryLink {
     }
 }
 
-async fn primary_io(
+pub(crate) async fn primary_io(
     mut rd: Reader,
     mut wr: Writer,
     mut batches: mpsc::Receiver<Frames>,
@@ -1487,7 +1545,23 @@ impl BackupLink {
                 }
             }
         })?;
+        Self::start(rt, (rd, wr, offset), peer, config, 0)
+    }
+
+    /// Runs the link over an established stream (see
+    /// [`PrimaryLink::start`]); the first record must carry `first_seq`.
+    pub(crate) fn start(
+        rt: tokio::runtime::Runtime,
+        (rd, wr, offset): (Reader, Writer, u64),
+        peer: Hello,
+        config: ChannelConfig,
+        first_seq: u64,
+    ) -> Result<BackupLink, Error> {
         let state = Arc::new(LinkState::default());
+        state.update(|c| {
+            c.records = first_seq;
+            c.acked = first_seq;
+        });
         let (tx, rx) = mpsc::channel(config.backup_queue);
         let (out_tx, out_rx) = mpsc::channel::<Message>(64);
         let st = state.clone();
@@ -1495,7 +1569,15 @@ impl BackupLink {
         let thread = std::thread::Builder::new()
             .name("logchannel-backup".into())
             .spawn(move || {
-                rt.block_on(backup_io(rd, wr, tx, (out_tx, out_rx), st, config, offset))
+                rt.block_on(backup_io(
+                    rd,
+                    wr,
+                    tx,
+                    (out_tx, out_rx),
+                    st,
+                    config,
+                    (offset, first_seq),
+                ))
             })?;
         Ok(BackupLink {
             records: rx,
@@ -1577,19 +1659,19 @@ impl BackupLink {
     }
 }
 
-async fn backup_io(
+pub(crate) async fn backup_io(
     mut rd: Reader,
     mut wr: Writer,
     records: mpsc::Sender<Record>,
     (out_tx, mut out_rx): (mpsc::Sender<Message>, mpsc::Receiver<Message>),
     state: Arc<LinkState>,
     config: ChannelConfig,
-    mut offset: u64,
+    (mut offset, first_seq): (u64, u64),
 ) {
     const PEER: Role = Role::Primary;
     let reader_state = state.clone();
     let reader = async move {
-        let mut next_seq = 0u64;
+        let mut next_seq = first_seq;
         let mut last_heard = Instant::now();
         loop {
             let msg = match tokio::time::timeout(
@@ -1699,6 +1781,7 @@ mod tests {
             image_hash: [7; 32],
             machine: "m".into(),
             epoch: 1,
+            join: false,
         }
     }
 
@@ -2112,6 +2195,34 @@ mod tests {
         let mut handshake = vec![0];
         handshake.extend(control(&Message::Hello(hello(Role::Primary))));
         handshake.extend(control(&Message::Welcome));
+        // A join's transfer, as the survivor sends it after the Hellos.
+        let mut join = vec![0];
+        let mut joiner = hello(Role::Primary);
+        joiner.join = true;
+        join.extend(control(&Message::Hello(joiner)));
+        join.extend(control(&Message::Welcome));
+        for m in [
+            Message::JoinOffer { epoch: 2 },
+            Message::Pages {
+                first: 1,
+                data: vec![0x5a; 64],
+            },
+            Message::Zeros { first: 2, count: 9 },
+            Message::Round {
+                round: 0,
+                pages: 11,
+            },
+            Message::Handover(crate::join::Handover {
+                exit: 7,
+                first_seq: 3,
+                clock_ns: 99,
+                regs_crc: 1,
+                mem_crc: 2,
+                machine: vec![1, 2, 3],
+            }),
+        ] {
+            join.extend(control(&m));
+        }
         let after = [
             Message::Ack {
                 received: Some(1),
@@ -2146,6 +2257,7 @@ mod tests {
             ("channel", "seed-handshake", handshake),
             ("channel", "seed-batch", batch),
             ("channel", "seed-batch-fix-crcs", fix),
+            ("channel", "seed-join", join),
         ]
     }
 

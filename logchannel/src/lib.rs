@@ -9,6 +9,7 @@
 //!   channel and the arbiter share, and the issuing of certificates.
 
 pub mod channel;
+pub mod join;
 pub mod log;
 pub mod tls;
 

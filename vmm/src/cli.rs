@@ -274,6 +274,7 @@ impl PairOptions {
             image_hash: logchannel::image_hash(&config.image),
             machine: machine::describe(config),
             epoch,
+            join: false,
         }
     }
 

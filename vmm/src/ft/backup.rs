@@ -466,6 +466,7 @@ mod tests {
             image_hash: [3; 32],
             machine: "m".into(),
             epoch: 1,
+            join: false,
         }
     }
 
