@@ -14,6 +14,7 @@ use logchannel::{Header, LogReader, LogWriter};
 
 use crate::ft::arbiter::{Arbiter, ArbiterAddr, ArbiterTls};
 use crate::ft::backup::{BackupTimeline, StreamSource, Takeover};
+use crate::ft::join::{JoinPlan, JoinService};
 use crate::ft::metrics::{self, Metrics, Role};
 use crate::ft::primary::ChannelSink;
 use crate::images;
@@ -266,6 +267,25 @@ impl PairOptions {
         }
     }
 
+    /// How a survivor lets new backups join at `listen`.
+    fn join_plan(
+        &self,
+        listen: SocketAddr,
+        config: &MachineConfig,
+        arbiter: Option<Arbiter>,
+    ) -> JoinPlan {
+        JoinPlan {
+            listen,
+            hello: Hello {
+                join: true,
+                ..self.hello(channel::Role::Primary, config, 0)
+            },
+            security: self.security(),
+            config: self.channel_config(),
+            arbiter,
+        }
+    }
+
     fn hello(&self, role: channel::Role, config: &MachineConfig, epoch: u64) -> Hello {
         Hello {
             protocol: channel::PROTOCOL_VERSION,
@@ -332,6 +352,8 @@ pub struct PrimaryOptions {
     pub digest_interval_ms: u64,
     /// How long to keep trying to reach the backup at start.
     pub connect_timeout_ms: u64,
+    /// Where new backups may join once this primary runs alone.
+    pub join_listen: Option<SocketAddr>,
 }
 
 /// `duet primary`: runs the guest live and streams its log to the backup;
@@ -367,12 +389,18 @@ pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
     stop::install()?;
     let every =
         (opts.digest_interval_ms > 0).then(|| Duration::from_millis(opts.digest_interval_ms));
-    let sink = ChannelSink::new(
-        link,
-        metrics.clone(),
-        outlet,
-        opts.pair.arbiter(epoch, node, &tls),
-    )?;
+    let arbiter = opts.pair.arbiter(epoch, node, &tls);
+    let mut sink = ChannelSink::new(link, metrics.clone(), outlet, arbiter.clone())?;
+    if let Some(listen) = opts.join_listen {
+        let plan = opts.pair.join_plan(listen, &config, arbiter);
+        sink = sink.with_join(JoinService::start(
+            plan,
+            world.bell(),
+            metrics.clone(),
+            epoch,
+            true,
+        )?);
+    }
     let timeline = Record::new(world, sink, every);
     let mut vcpu = machine::build(&config, Box::new(timeline))
         .with_context(|| format!("cannot boot {:?}", opts.run.image))?;
@@ -427,6 +455,8 @@ pub struct BackupOptions {
     pub image: String,
     pub mem_size: u64,
     pub listen: SocketAddr,
+    /// Join the VM running there instead of waiting for a primary.
+    pub join: Option<SocketAddr>,
     pub pair: PairOptions,
     /// The backup's own (dropped) serial output is written here, if given.
     pub transcript: Option<PathBuf>,
@@ -471,26 +501,71 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
         Box::new(Replay::new(LoadedLog::new(Vec::new()), std::io::sink())),
     )
     .with_context(|| format!("cannot boot {:?}", opts.image))?;
-    tracing::info!("backup: waiting for a primary on {}", opts.listen);
-    let link = BackupLink::accept_with(
-        opts.listen,
-        hello,
-        opts.pair.channel_config(),
-        &opts.pair.security(),
-        |e| {
-            eprintln!("duet: refused a primary: {}", error_chain(e));
-        },
-    )?;
+    let (link, resume, epoch) = match opts.join {
+        None => {
+            tracing::info!("backup: waiting for a primary on {}", opts.listen);
+            let link = BackupLink::accept_with(
+                opts.listen,
+                hello,
+                opts.pair.channel_config(),
+                &opts.pair.security(),
+                |e| {
+                    eprintln!("duet: refused a primary: {}", error_chain(e));
+                },
+            )?;
+            let epoch = link.peer().epoch;
+            (link, None, epoch)
+        }
+        Some(addr) => {
+            let hello = Hello { join: true, ..hello };
+            let joined = match ft::joiner::join(
+                &mut vcpu,
+                addr,
+                &hello,
+                &opts.pair.security(),
+                Duration::from_secs(10),
+                opts.pair.channel_config(),
+            ) {
+                Ok(j) => j,
+                Err(e @ ft::joiner::Error::DigestMismatch { .. }) => {
+                    eprintln!("duet: {e}");
+                    return Ok(EXIT_DIVERGENCE);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let h = &joined.handover;
+            metrics.join_done(Duration::ZERO, joined.took, joined.bytes);
+            metrics.event(Event::Joined {
+                epoch: joined.epoch,
+                exit: h.exit,
+                bytes: joined.bytes,
+                total_ms: joined.took.as_millis() as u64,
+            });
+            tracing::warn!(
+                "backup: joined the VM at {addr} after exit {}, epoch {}: state digest {} equals the survivor's ({} bytes in {} ms)",
+                h.exit,
+                joined.epoch,
+                joined.digest,
+                joined.bytes,
+                joined.took.as_millis()
+            );
+            let resume = Some((h.first_seq, h.exit, h.clock_ns));
+            (joined.link, resume, joined.epoch)
+        }
+    };
     opts.pair.warn_if_plaintext(channel::Role::Backup);
-    let epoch = link.peer().epoch;
+    stop::install()?;
     metrics.set_epoch(epoch);
     tracing::info!("backup: paired with a primary, epoch {epoch}");
     metrics.event(Event::Paired { epoch });
     let node = format!("backup@{}", std::process::id());
     let (serial, exec) = (opts.serial.clone(), opts.go_live_exec.clone());
     let net = opts.net.clone();
+    let arbiter = opts.pair.arbiter(epoch, node, &tls);
     let takeover = Takeover {
-        arbiter: opts.pair.arbiter(epoch, node, &tls),
+        join: Some(opts.pair.join_plan(opts.listen, &config, arbiter.clone())),
+        digest_every: Some(Duration::from_millis(500)),
+        arbiter,
         metrics: metrics.clone(),
         open_world: Box::new(move || {
             if let Some(cmd) = &exec {
@@ -507,8 +582,14 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
             })
         }),
     };
-    stop::install()?;
-    let replay = Replay::new(StreamSource::new(link, metrics.clone()), output);
+    let source = StreamSource::new(link, metrics.clone());
+    let mut replay = match resume {
+        Some((first_seq, exit, _)) => Replay::new(source.resume_at(first_seq, exit), output),
+        None => Replay::new(source, output),
+    };
+    if let Some((_, _, clock_ns)) = resume {
+        replay.resume_clock(clock_ns);
+    }
     vcpu.set_timeline(Box::new(BackupTimeline::new(replay, takeover)));
     let outcome = vcpu.run();
     tracing::info!("backup: {}", metrics.summary());

@@ -311,6 +311,11 @@ struct PrimaryArgs {
     /// How long to keep trying to reach the backup at start.
     #[arg(long, default_value_t = 10_000)]
     connect_timeout_ms: u64,
+    /// Let a new backup join this running VM here once it has lost its
+    /// backup (re-protection: `duet backup --join ADDR`); a joiner is
+    /// refused while the pair is whole.
+    #[arg(long)]
+    join_listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -321,9 +326,15 @@ struct BackupArgs {
     /// Guest memory; must equal the primary's.
     #[arg(long, default_value = "64M", value_parser = parse_mem_size, allow_hyphen_values = true)]
     mem: u64,
-    /// Where to listen for the primary's log channel.
+    /// Where to listen for the primary's log channel; once this backup
+    /// goes live, new backups join the VM here.
     #[arg(long)]
     listen: SocketAddr,
+    /// Join the VM running at this address (a primary's --join-listen, or
+    /// a live backup's --listen) instead of waiting for a primary that
+    /// boots with us: its memory and state are copied here while it runs.
+    #[arg(long)]
+    join: Option<SocketAddr>,
     #[command(flatten)]
     pair: PairArgs,
     /// Write the backup's own serial output (dropped otherwise) to this file.
@@ -430,6 +441,7 @@ fn main() -> ExitCode {
                 pair: a.pair.options()?,
                 digest_interval_ms: a.digest_interval_ms,
                 connect_timeout_ms: a.connect_timeout_ms,
+                join_listen: a.join_listen,
             })
         }),
         Command::Backup(a) => a.net.options().and_then(|net| {
@@ -437,6 +449,7 @@ fn main() -> ExitCode {
                 image: a.image,
                 mem_size: a.mem,
                 listen: a.listen,
+                join: a.join,
                 pair: a.pair.options()?,
                 transcript: a.transcript,
                 kvm_path: a.kvm,

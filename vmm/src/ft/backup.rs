@@ -19,7 +19,9 @@ use super::events::Event as StateEvent;
 use super::metrics::{self, Metrics};
 use super::{LinkFailure, Peer};
 use crate::stop;
-use crate::timeline::live::Live;
+use super::join::{JoinPlan, JoinService};
+use super::primary::ChannelSink;
+use crate::timeline::record::Record;
 use crate::timeline::replay::{Horizon, RecordSource, Replay};
 use crate::timeline::world::World;
 use crate::timeline::{Demand, Ending, Error, Input, Output, Position, StateDigest, Timeline};
@@ -76,6 +78,16 @@ impl StreamSource {
             last_summary: Instant::now(),
             last_record_at: None,
         }
+    }
+
+    /// For a backup that joined a running VM: the log starts at record
+    /// `first_seq`, and everything through exit `exit` is in the state it
+    /// restored.
+    pub fn resume_at(mut self, first_seq: u64, exit: u64) -> Self {
+        self.last_seq = first_seq.checked_sub(1);
+        self.known_exit = exit;
+        self.link.state().set_replayed_exit(exit);
+        self
     }
 
     /// After winning the arbiter: replay what is buffered, then nothing.
@@ -208,7 +220,15 @@ pub struct Takeover {
     /// Opens the world (the serial service address) at go-live; never
     /// before, since a backup touches no outside device while it replays.
     pub open_world: Box<dyn FnMut() -> Result<World, super::Error>>,
+    /// Once live, let a new backup join here (re-protection).
+    pub join: Option<JoinPlan>,
+    /// Periodic digests once a joined backup receives our log.
+    pub digest_every: Option<Duration>,
 }
+
+/// The timeline of a backup that went live: a recording one with no
+/// backup yet, so that a new backup can join it.
+type LiveTimeline = Record<ChannelSink>;
 
 /// The backup's timeline: replay from the stream until the primary is lost
 /// and the arbiter grants us the pair; then replay what was received and go
@@ -217,7 +237,7 @@ pub struct Takeover {
 /// vCPU loop does not know it happened.
 pub struct BackupTimeline<O: Write> {
     replay: Replay<StreamSource, O>,
-    live: Option<Live>,
+    live: Option<LiveTimeline>,
     takeover: Takeover,
     /// The operator stopped the backup: the run ends short of the
     /// primary's end, which is not a divergence.
@@ -280,7 +300,7 @@ impl<O: Write> BackupTimeline<O> {
     }
 
     /// The live timeline, once promoted and the received log is used up.
-    fn live_now(&mut self) -> Option<&mut Live> {
+    fn live_now(&mut self) -> Option<&mut LiveTimeline> {
         if self.replay.source().exhausted() {
             self.live.as_mut()
         } else {
@@ -316,8 +336,29 @@ impl<O: Write> BackupTimeline<O> {
         world.continue_clock_from(self.replay.last_clock_ns());
         world.after_failover();
         self.resend_recent_frames(&mut world)?;
+        // The log numbering goes on after the last record received, which
+        // replay consumes before the live world answers.
+        let source = self.replay.source();
+        let next_seq = source
+            .buffered
+            .back()
+            .map(|r| r.seq)
+            .or(source.last_seq)
+            .map_or(0, |s| s + 1);
+        let (outlet, bell) = (world.outlet()?, world.bell());
+        let metrics = self.takeover.metrics.clone();
+        let mut sink = ChannelSink::alone(
+            metrics.clone(),
+            outlet,
+            self.takeover.arbiter.clone(),
+            next_seq,
+        )?;
+        if let Some(plan) = self.takeover.join.take() {
+            let epoch = metrics.epoch();
+            sink = sink.with_join(JoinService::start(plan, bell, metrics, epoch, false)?);
+        }
         self.replay.source_mut().promote();
-        self.live = Some(Live::new(world));
+        self.live = Some(Record::new(world, sink, self.takeover.digest_every));
         self.takeover.metrics.set_role(metrics::Role::Primary);
         self.takeover
             .metrics
@@ -420,6 +461,9 @@ impl<O: Write> Timeline for BackupTimeline<O> {
     }
 
     fn before_run(&mut self, next_exit: u64) -> Result<(), Error> {
+        if let Some(l) = self.live_now() {
+            return l.before_run(next_exit);
+        }
         if self.live.is_some() {
             return Ok(());
         }
@@ -438,6 +482,17 @@ impl<O: Write> Timeline for BackupTimeline<O> {
             return Ok(true);
         }
         self.replay.stop_here(at)
+    }
+
+    fn wants_machine(&self) -> bool {
+        self.replay.source().exhausted() && self.live.as_ref().is_some_and(|l| l.wants_machine())
+    }
+
+    fn attend_machine(&mut self, machine: &mut dyn crate::vcpu::MachineAccess) -> Result<(), Error> {
+        match self.live_now() {
+            Some(l) => l.attend_machine(machine),
+            None => Ok(()),
+        }
     }
 
     fn finish(&mut self, at: &Position, ending: Ending, digest: &StateDigest) -> Result<(), Error> {

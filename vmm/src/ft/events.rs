@@ -41,6 +41,25 @@ pub enum Event {
     Diverged { detail: String },
     /// The process ended its run.
     Stopped { how: String },
+    /// A new backup began joining this running VM (survivor).
+    JoinStarted { epoch: u64 },
+    /// The join handed over: the pair is protected again (survivor).
+    Protected {
+        epoch: u64,
+        exit: u64,
+        blackout_us: u64,
+        total_ms: u64,
+        bytes: u64,
+    },
+    /// The join was given up; the survivor still runs alone.
+    JoinFailed { why: String },
+    /// This backup joined a running VM and resumes after `exit` (joiner).
+    Joined {
+        epoch: u64,
+        exit: u64,
+        bytes: u64,
+        total_ms: u64,
+    },
 }
 
 #[derive(Serialize)]

@@ -46,6 +46,16 @@ impl Gate {
         self.open = true;
     }
 
+    /// A backup joined: from now on outputs wait for acknowledgements
+    /// again. Whatever is held was produced while alone, so it still
+    /// leaves at once.
+    pub fn close(&mut self) {
+        self.open = false;
+        for h in &mut self.held {
+            h.needs = 0;
+        }
+    }
+
     /// The next output that may leave, given `acked` acknowledged records.
     pub fn release(&mut self, acked: u64) -> Option<Held> {
         match self.held.front() {

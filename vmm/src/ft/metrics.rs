@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use logchannel::channel::{LinkCounters, LinkState};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{prometheus_text, text, DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
@@ -119,6 +119,10 @@ pub struct Metrics {
     lag_counts: [AtomicU64; LAG_BUCKETS.len() + 1],
     link: Arc<LinkCollector>,
     digest_matched: Gauge<f64, AtomicU64>,
+    joins: Counter,
+    join_blackout: Gauge<f64, AtomicU64>,
+    join_seconds: Gauge<f64, AtomicU64>,
+    join_bytes: Gauge,
     events: std::sync::OnceLock<super::events::EventLog>,
 }
 
@@ -268,6 +272,33 @@ impl Metrics {
             "When the backup last found its state digest equal to the primary's (Unix time; 0: not yet)",
             digest_matched.clone(),
         );
+        let joins = Counter::default();
+        registry.register(
+            "duet_joins",
+            "Backups that joined this running VM (re-protection)",
+            joins.clone(),
+        );
+        let join_blackout = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "duet_join_blackout",
+            "How long the guest paused for the last join's handover",
+            Unit::Seconds,
+            join_blackout.clone(),
+        );
+        let join_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "duet_join_duration",
+            "From the last joiner's arrival to protection (or, on a joiner, to resuming)",
+            Unit::Seconds,
+            join_seconds.clone(),
+        );
+        let join_bytes = Gauge::default();
+        registry.register_with_unit(
+            "duet_join_transferred",
+            "State bytes the last join sent (or received)",
+            Unit::Bytes,
+            join_bytes.clone(),
+        );
         Arc::new(Metrics {
             registry,
             role: Mutex::new(role),
@@ -281,6 +312,10 @@ impl Metrics {
             lag_counts: std::array::from_fn(|_| AtomicU64::new(0)),
             link,
             digest_matched,
+            joins,
+            join_blackout,
+            join_seconds,
+            join_bytes,
             events: std::sync::OnceLock::new(),
         })
     }
@@ -295,6 +330,15 @@ impl Metrics {
         if let Some(log) = self.events.get() {
             log.emit(self.role().name(), event);
         }
+    }
+
+    /// A join finished: the figures of its state transfer. `blackout` is
+    /// the survivor's pause (zero on a joiner).
+    pub fn join_done(&self, blackout: Duration, total: Duration, bytes: u64) {
+        self.joins.inc();
+        self.join_blackout.set(blackout.as_secs_f64());
+        self.join_seconds.set(total.as_secs_f64());
+        self.join_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// The backup's digest matched the primary's just now.

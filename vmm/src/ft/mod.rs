@@ -9,6 +9,8 @@ pub mod arbiter;
 pub mod backup;
 pub mod events;
 pub mod gate;
+pub mod join;
+pub mod joiner;
 pub mod lag;
 pub mod metrics;
 pub mod primary;
@@ -114,4 +116,6 @@ pub enum Error {
     Channel(#[source] logchannel::channel::Error),
     #[error("cannot start the {0} thread")]
     Spawn(&'static str, #[source] std::io::Error),
+    #[error("cannot listen for joining backups")]
+    JoinListen(#[source] logchannel::channel::Error),
 }

@@ -20,13 +20,15 @@ use logchannel::{encode_frame, Event, Position, Record};
 use super::arbiter::Arbiter;
 use super::events::Event as StateEvent;
 use super::gate::{Gate, Held};
+use super::join::{self, JoinService, Request};
 use super::lag::LagTracker;
-use super::metrics::Metrics;
+use super::metrics::{ArbiterState, Metrics};
 use super::{LinkFailure, Peer};
 use crate::stop;
 use crate::timeline::record::LogSink;
 use crate::timeline::world::{Outlet, World};
 use crate::timeline::{Error, Output};
+use crate::vcpu::MachineAccess;
 
 /// How long records may sit in the batch before they go out anyway. Also
 /// bounds the execution lag a busy guest adds.
@@ -52,6 +54,9 @@ enum GateMsg {
     Hold(Held),
     /// The backup is gone and we won the arbiter: nothing waits any more.
     Open,
+    /// A backup joined: outputs wait for this link's acknowledgements
+    /// again.
+    Pair(Arc<LinkState>),
 }
 
 /// With a backup: the link and what is on its way over it.
@@ -84,53 +89,137 @@ pub struct ChannelSink {
     gate_thread: Option<JoinHandle<()>>,
     /// Who to ask when the backup is lost; without one, losing it halts.
     arbiter: Option<Arbiter>,
+    /// Lets a new backup join while we run alone (re-protection).
+    join: Option<JoinService>,
 }
 
 impl ChannelSink {
     /// Held output leaves through `outlet` once the gate releases it.
     pub fn new(
-        mut link: PrimaryLink,
+        link: PrimaryLink,
         metrics: Arc<Metrics>,
         outlet: Outlet,
         arbiter: Option<Arbiter>,
     ) -> Result<Self, super::Error> {
+        let mut sink = Self::alone(metrics, outlet, arbiter, 0)?;
+        sink.pair(link, 0)?;
+        Ok(sink)
+    }
+
+    /// A sink with no backup yet: a backup that went live, whose log
+    /// numbering goes on from `next_seq`. Nothing is held until a backup
+    /// joins.
+    pub fn alone(
+        metrics: Arc<Metrics>,
+        outlet: Outlet,
+        arbiter: Option<Arbiter>,
+        next_seq: u64,
+    ) -> Result<Self, super::Error> {
+        let (gate_tx, gate_rx) = channel();
+        let gate_thread = {
+            let metrics = metrics.clone();
+            std::thread::Builder::new()
+                .name("output-gate".into())
+                .spawn(move || run_gate(gate_rx, metrics, outlet))
+                .map_err(|e| super::Error::Spawn("output-gate", e))?
+        };
+        Ok(ChannelSink {
+            mode: Mode::Alone,
+            metrics,
+            next_seq,
+            lag: Arc::new(LagTracker::new()),
+            gate: Some(gate_tx),
+            gate_thread: Some(gate_thread),
+            arbiter,
+            join: None,
+        })
+    }
+
+    /// Lets backups join through `join` whenever this sink runs alone.
+    pub fn with_join(mut self, join: JoinService) -> Self {
+        join.desk().set_paired(matches!(self.mode, Mode::Paired(_)));
+        self.join = Some(join);
+        self
+    }
+
+    /// Takes `link` as the backup's, from exit `exit` on: the Output Rule
+    /// applies again.
+    fn pair(&mut self, mut link: PrimaryLink, exit: u64) -> Result<(), Error> {
         let state = link.state();
         link.set_stop_flag(stop::flag_handle());
-        metrics.set_link(state.clone());
-        let lag = Arc::new(LagTracker::new());
+        self.metrics.set_link(state.clone());
+        self.lag = Arc::new(LagTracker::new());
         {
-            let (lag, metrics) = (lag.clone(), metrics.clone());
+            let (lag, metrics) = (self.lag.clone(), self.metrics.clone());
             state.on_progress(Box::new(move |exit| {
                 if let Some(sample) = lag.replayed(exit, Instant::now()) {
                     metrics.record_lag(sample);
                 }
             }));
         }
-        let (gate_tx, gate_rx) = channel();
-        let gate_thread = {
-            let (state, metrics) = (state.clone(), metrics.clone());
-            std::thread::Builder::new()
-                .name("output-gate".into())
-                .spawn(move || run_gate(gate_rx, state, metrics, outlet))
-                .map_err(|e| super::Error::Spawn("output-gate", e))?
+        self.send_gate(GateMsg::Pair(state.clone()))?;
+        self.mode = Mode::Paired(Box::new(Paired {
+            link,
+            state,
+            batch: Vec::with_capacity(BATCH_BYTES),
+            batch_records: 0,
+            horizon: exit,
+            horizon_sent: exit,
+            last_flush: Instant::now(),
+        }));
+        if let Some(j) = &self.join {
+            j.desk().set_paired(true);
+        }
+        Ok(())
+    }
+
+    /// Serves what the join service asked of the vCPU thread.
+    fn serve_join(&mut self, machine: &mut dyn MachineAccess, world: &mut World) -> Result<(), Error> {
+        let Some(request) = self.join.as_ref().and_then(|j| j.desk().take()) else {
+            return Ok(());
         };
-        Ok(ChannelSink {
-            mode: Mode::Paired(Box::new(Paired {
-                link,
-                state,
-                batch: Vec::with_capacity(BATCH_BYTES),
-                batch_records: 0,
-                horizon: 0,
-                horizon_sent: 0,
-                last_flush: Instant::now(),
-            })),
-            metrics,
-            next_seq: 0,
-            lag,
-            gate: Some(gate_tx),
-            gate_thread: Some(gate_thread),
-            arbiter,
-        })
+        let chain = |e: crate::vcpu::Error| logchannel::channel::error_chain(&e);
+        match request {
+            Request::StartTracking(reply) => {
+                let r = machine
+                    .start_dirty_tracking()
+                    .map(|()| machine.memory().clone())
+                    .map_err(chain);
+                let _ = reply.send(r);
+            }
+            Request::TakeDirty(reply) => {
+                let _ = reply.send(machine.take_dirty().map_err(chain));
+            }
+            Request::StopTracking => {
+                let _ = machine.stop_dirty_tracking();
+            }
+            Request::Handover(job) => {
+                let reply = job.reply.clone();
+                if matches!(self.mode, Mode::Paired(_)) {
+                    let _ = reply.send(Err("this VM already has a backup".into()));
+                    return Ok(());
+                }
+                match join::hand_over(*job, machine, self.next_seq, world.clock_ns()) {
+                    Ok((link, report)) => {
+                        self.pair(link, report.exit)?;
+                        if let Some(a) = self.arbiter.as_mut() {
+                            a.epoch = report.epoch;
+                        }
+                        self.metrics.set_epoch(report.epoch);
+                        self.metrics.set_arbiter(ArbiterState::Paired);
+                        self.metrics.event(StateEvent::Paired {
+                            epoch: report.epoch,
+                        });
+                        let _ = reply.send(Ok(report));
+                    }
+                    Err(why) => {
+                        let _ = machine.stop_dirty_tracking();
+                        let _ = reply.send(Err(why));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The link failed: claim the pair at the arbiter; win and go on alone
@@ -149,6 +238,9 @@ impl ChannelSink {
         });
         arbiter.claim(&format!("lost the backup ({failure})"), &self.metrics)?;
         self.mode = Mode::Alone;
+        if let Some(j) = &self.join {
+            j.desk().set_paired(false);
+        }
         self.metrics.event(StateEvent::Alone);
         self.send_gate(GateMsg::Open)?;
         tracing::warn!("primary: continuing alone; output is no longer held");
@@ -286,6 +378,18 @@ impl LogSink for ChannelSink {
         }
     }
 
+    fn is_logging(&self) -> bool {
+        matches!(self.mode, Mode::Paired(_))
+    }
+
+    fn wants_machine(&self) -> bool {
+        self.join.as_ref().is_some_and(|j| j.desk().pending())
+    }
+
+    fn attend_machine(&mut self, machine: &mut dyn MachineAccess, world: &mut World) -> Result<(), Error> {
+        self.serve_join(machine, world)
+    }
+
     fn attend(&mut self) -> Result<(), Error> {
         let Mode::Paired(p) = &self.mode else {
             return Ok(());
@@ -316,18 +420,25 @@ impl LogSink for ChannelSink {
 
 /// Drives the [`Gate`]: takes held outputs from the vCPU thread, and
 /// releases them in order as the backup's acknowledgements arrive.
-fn run_gate(rx: Receiver<GateMsg>, state: Arc<LinkState>, metrics: Arc<Metrics>, outlet: Outlet) {
+fn run_gate(rx: Receiver<GateMsg>, metrics: Arc<Metrics>, outlet: Outlet) {
+    // Open until a link is paired: a sink that starts alone holds nothing.
     let mut gate = Gate::new();
+    gate.open();
+    let mut state = Arc::new(LinkState::default());
     let mut closed = false;
     let mut last_summary = Instant::now();
-    let take = |m: GateMsg, gate: &mut Gate| match m {
+    let take = |m: GateMsg, gate: &mut Gate, state: &mut Arc<LinkState>| match m {
         GateMsg::Hold(h) => gate.hold(h),
         GateMsg::Open => gate.open(),
+        GateMsg::Pair(link) => {
+            *state = link;
+            gate.close();
+        }
     };
     loop {
         loop {
             match rx.try_recv() {
-                Ok(m) => take(m, &mut gate),
+                Ok(m) => take(m, &mut gate, &mut state),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     closed = true;
@@ -340,7 +451,7 @@ fn run_gate(rx: Receiver<GateMsg>, state: Arc<LinkState>, metrics: Arc<Metrics>,
             None if gate.is_empty() && closed => return,
             None if gate.is_empty() => {
                 match rx.recv_timeout(stop::SLICE) {
-                    Ok(m) => take(m, &mut gate),
+                    Ok(m) => take(m, &mut gate, &mut state),
                     Err(RecvTimeoutError::Disconnected) => closed = true,
                     Err(RecvTimeoutError::Timeout) => {}
                 }

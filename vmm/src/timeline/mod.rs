@@ -245,4 +245,15 @@ pub trait Timeline {
     /// The run ends at `at` with the final state `digest`. Flushes logs and
     /// output.
     fn finish(&mut self, at: &Position, ending: Ending, digest: &StateDigest) -> Result<(), Error>;
+    /// True when the timeline needs the machine itself (a backup joining
+    /// this running VM wants its memory and state): the vCPU loop then
+    /// calls [`Timeline::attend_machine`] before it runs the guest again.
+    /// Read at every exit, so it must be cheap.
+    fn wants_machine(&self) -> bool {
+        false
+    }
+    /// Works on the machine between exits, with the vCPU stopped.
+    fn attend_machine(&mut self, _machine: &mut dyn crate::vcpu::MachineAccess) -> Result<(), Error> {
+        Ok(())
+    }
 }

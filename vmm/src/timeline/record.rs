@@ -14,6 +14,7 @@ use logchannel::{Event, LogWriter};
 use super::world::{host_entropy, World};
 use super::{Demand, Ending, Error, Input, Output, Position, StateDigest, Timeline};
 use crate::stop;
+use crate::vcpu::MachineAccess;
 
 /// Tag of the digest taken when the run ends.
 pub const FINAL_DIGEST_TAG: u64 = u64::MAX - 1;
@@ -46,6 +47,23 @@ pub trait LogSink {
     /// The run ended: flush, and wait until what was appended is safe.
     fn finish(&mut self) -> Result<(), Error> {
         self.flush()
+    }
+    /// False while nobody receives the log (a primary running alone):
+    /// periodic digests are then not worth taking.
+    fn is_logging(&self) -> bool {
+        true
+    }
+    /// See [`Timeline::wants_machine`].
+    fn wants_machine(&self) -> bool {
+        false
+    }
+    /// See [`Timeline::attend_machine`]; `world` gives the clock.
+    fn attend_machine(
+        &mut self,
+        _machine: &mut dyn MachineAccess,
+        _world: &mut World,
+    ) -> Result<(), Error> {
+        Ok(())
     }
 }
 
@@ -136,8 +154,10 @@ impl<S: LogSink> Timeline for Record<S> {
         }
         loop {
             let sink = &self.sink;
-            self.world.poll(demand, out, &|| sink.needs_attention())?;
-            if !self.sink.needs_attention() {
+            self.world
+                .poll(demand, out, &|| sink.needs_attention() || sink.wants_machine())?;
+            if self.sink.wants_machine() || !self.sink.needs_attention() {
+                // The vCPU loop serves a machine request between exits.
                 break;
             }
             self.sink.attend()?;
@@ -156,6 +176,9 @@ impl<S: LogSink> Timeline for Record<S> {
     }
 
     fn wants_digest(&mut self, _at: &Position, requested: bool) -> bool {
+        if !self.sink.is_logging() {
+            return false;
+        }
         let Some(every) = self.digest_every else {
             return requested;
         };
@@ -184,6 +207,14 @@ impl<S: LogSink> Timeline for Record<S> {
 
     fn before_run(&mut self, next_exit: u64) -> Result<(), Error> {
         self.sink.complete_through(next_exit - 1)
+    }
+
+    fn wants_machine(&self) -> bool {
+        self.sink.wants_machine()
+    }
+
+    fn attend_machine(&mut self, machine: &mut dyn MachineAccess) -> Result<(), Error> {
+        self.sink.attend_machine(machine, &mut self.world)
     }
 
     fn stop_here(&mut self, _at: &Position) -> Result<bool, Error> {

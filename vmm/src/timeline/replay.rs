@@ -135,6 +135,12 @@ impl<S: RecordSource, O: Write> Replay<S, O> {
 
     /// The last clock value replayed: a timeline that takes over must not
     /// let the guest's monotonic clock go backwards.
+    /// A replay that starts mid-run (a backup that joined) knows the
+    /// clock the guest last saw from the handover.
+    pub fn resume_clock(&mut self, ns: u64) {
+        self.last_clock_ns = ns;
+    }
+
     pub fn last_clock_ns(&self) -> u64 {
         self.last_clock_ns
     }

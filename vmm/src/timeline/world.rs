@@ -127,6 +127,12 @@ impl World {
         self
     }
 
+    /// The bell every backend of this world rings (so that another thread
+    /// can wake an idle guest's wait too).
+    pub fn bell(&self) -> Doorbell {
+        self.bell.clone()
+    }
+
     pub fn clock_ns(&self) -> u64 {
         self.boot.elapsed().as_nanos() as u64
     }

@@ -1,0 +1,152 @@
+//! Re-protection, the joiner's side: a fresh backup receives a running
+//! VM's memory and state from the survivor ([`super::join`]), checks that
+//! what it restored is what the survivor had, and only then starts taking
+//! the log, so that it never acknowledges a record it could not replay.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use logchannel::channel::{self, BackupLink, ChannelConfig, Hello, Security};
+use logchannel::join::{Handover, Joiner, Transfer, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::join::page_count;
+use crate::stop;
+use crate::timeline::StateDigest;
+use crate::vcpu::{self, MachineState, Vcpu};
+
+/// Why a join failed. Every one leaves the survivor serving: it gives the
+/// join up when the connection ends.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot join the VM at {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: channel::Error,
+    },
+    #[error("the state transfer from {addr} failed")]
+    Transfer {
+        addr: SocketAddr,
+        #[source]
+        source: channel::Error,
+    },
+    #[error("the survivor sent pages {first}..{end}, beyond this guest's {pages} pages")]
+    PageRange { first: u64, end: u64, pages: u64 },
+    #[error("writing guest memory failed")]
+    Memory(#[source] vm_memory::GuestMemoryError),
+    #[error("the survivor's machine state does not decode")]
+    State(#[source] postcard::Error),
+    #[error("cannot restore the survivor's machine state")]
+    Restore(#[source] vcpu::Error),
+    #[error(
+        "the restored state differs from the survivor's at exit {exit}: ours {ours}, the survivor's {theirs}"
+    )]
+    DigestMismatch {
+        exit: u64,
+        ours: StateDigest,
+        theirs: StateDigest,
+    },
+    #[error("the log channel from the survivor could not start")]
+    Link(#[source] channel::Error),
+}
+
+/// A finished join: the link carries the log from `handover.first_seq`.
+pub struct Joined {
+    pub link: BackupLink,
+    pub handover: Handover,
+    pub epoch: u64,
+    pub bytes: u64,
+    pub took: Duration,
+    /// Our digest at the handover, equal to the survivor's.
+    pub digest: StateDigest,
+}
+
+/// Joins the VM that runs at `addr`: its memory goes into `vcpu`'s guest
+/// memory, its state into `vcpu`, and the returned link carries its log.
+pub fn join(
+    vcpu: &mut Vcpu,
+    addr: SocketAddr,
+    hello: &Hello,
+    security: &Security,
+    connect_timeout: Duration,
+    config: ChannelConfig,
+) -> Result<Joined, Error> {
+    let started = Instant::now();
+    let mut joiner = Joiner::connect(addr, hello, security, connect_timeout)
+        .map_err(|source| Error::Connect { addr, source })?;
+    let epoch = joiner.epoch();
+    tracing::warn!("joining the VM at {addr} (epoch {epoch}): receiving its memory");
+    let mem = vcpu.memory().clone();
+    let pages = page_count(&mem);
+    let stop = stop::flag_handle();
+    let zero = vec![0u8; PAGE_SIZE];
+    let mut page = vec![0u8; PAGE_SIZE];
+    let handover = loop {
+        let step = joiner
+            .next(&stop)
+            .map_err(|source| Error::Transfer { addr, source })?;
+        match step {
+            Transfer::Pages { first, data } => {
+                let n = (data.len() / PAGE_SIZE) as u64;
+                check_range(first, n, pages)?;
+                mem.write_slice(&data, GuestAddress(first * PAGE_SIZE as u64))
+                    .map_err(Error::Memory)?;
+            }
+            Transfer::Zeros { first, count } => {
+                check_range(first, count, pages)?;
+                for p in first..first + count {
+                    let at = GuestAddress(p * PAGE_SIZE as u64);
+                    // Most of a fresh machine is zero already: writing
+                    // only what is not keeps untouched memory unallocated.
+                    mem.read_slice(&mut page, at).map_err(Error::Memory)?;
+                    if page.iter().any(|&b| b != 0) {
+                        mem.write_slice(&zero, at).map_err(Error::Memory)?;
+                    }
+                }
+            }
+            Transfer::Round { round, pages } => {
+                tracing::info!("join: pre-copy round {round}: {pages} pages");
+            }
+            Transfer::Handover(h) => break h,
+        }
+    };
+    let state: MachineState = postcard::from_bytes(&handover.machine).map_err(Error::State)?;
+    vcpu.restore(&state).map_err(Error::Restore)?;
+    let digest = vcpu.state_digest().map_err(Error::Restore)?;
+    let theirs = StateDigest {
+        regs_crc: handover.regs_crc,
+        mem_crc: handover.mem_crc,
+        tag: digest.tag,
+    };
+    if digest != theirs {
+        return Err(Error::DigestMismatch {
+            exit: handover.exit,
+            ours: digest,
+            theirs,
+        });
+    }
+    let bytes = joiner.received_bytes();
+    let link = joiner
+        .into_link(config, handover.first_seq)
+        .map_err(Error::Link)?;
+    Ok(Joined {
+        link,
+        handover,
+        epoch,
+        bytes,
+        took: started.elapsed(),
+        digest,
+    })
+}
+
+fn check_range(first: u64, count: u64, pages: u64) -> Result<(), Error> {
+    match first.checked_add(count) {
+        Some(end) if end <= pages => Ok(()),
+        end => Err(Error::PageRange {
+            first,
+            end: end.unwrap_or(u64::MAX),
+            pages,
+        }),
+    }
+}
