@@ -8,7 +8,9 @@
 use std::io::Cursor;
 
 use linux_loader::loader::{Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMem;
 
 /// Page-map level 4; PDPT and four page directories follow it.
 pub const PML4_ADDR: u64 = 0x1000;
@@ -77,17 +79,17 @@ pub enum Error {
 }
 
 /// Allocates zeroed guest memory of `size` bytes at guest-physical 0.
-pub fn allocate(size: u64) -> Result<GuestMemoryMmap, Error> {
+pub fn allocate(size: u64) -> Result<GuestMem, Error> {
     if !(MEM_MIN..=MEM_MAX).contains(&size) || !size.is_multiple_of(4096) {
         return Err(Error::MemorySize(size));
     }
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+    GuestMem::from_ranges(&[(GuestAddress(0), size as usize)])
         .map_err(|e| Error::Allocate(e.to_string()))
 }
 
 /// Writes page tables, GDT, TSS and a zeroed IDT page (the guest fills in
 /// its own gates: it owns the handler addresses).
-pub fn write_tables(mem: &GuestMemoryMmap) -> Result<(), Error> {
+pub fn write_tables(mem: &GuestMem) -> Result<(), Error> {
     mem.write_obj(PDPT_ADDR | 7, GuestAddress(PML4_ADDR))?;
     for gib in 0..MAPPED_GIB {
         let pd = PD_ADDR + gib * 0x1000;
@@ -129,7 +131,7 @@ fn tss_descriptor(base: u64, limit: u32) -> (u64, u64) {
 /// linux-loader checks the header and copies the segments; this adds the
 /// checks that matter to Duet: nothing may land below [`LOAD_MIN`] (the
 /// tables live there) or past the end of memory, including `.bss`.
-pub fn load_elf(mem: &GuestMemoryMmap, image: &[u8], mem_size: u64) -> Result<u64, Error> {
+pub fn load_elf(mem: &GuestMem, image: &[u8], mem_size: u64) -> Result<u64, Error> {
     check_segments(image, mem_size)?;
     let result = Elf::load(
         mem,

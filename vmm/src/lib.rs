@@ -14,6 +14,7 @@ pub mod images;
 pub mod kit;
 pub mod kvm;
 pub mod machine;
+pub mod memory;
 pub mod net_config;
 pub mod netns;
 pub mod serial_backend;

@@ -7,11 +7,12 @@
 //! interrupt is injected if the guest can take it. The order is part of the
 //! replay contract: record and replay both follow it.
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::devices::bus::{self, Action, Devices};
+use crate::devices::bus::{self, Action, Devices, DevicesState};
 use crate::kvm::{self, Exit, Vm};
-use crate::timeline::record::FINAL_DIGEST_TAG;
+use crate::memory::{self, DirtyPages, GuestMem, PAGE_SIZE};
+use crate::timeline::record::{FINAL_DIGEST_TAG, PERIODIC_DIGEST_TAG};
 use crate::timeline::{self, Ending, Input, Output, Position, StateDigest, Timeline};
 
 /// Errors that stop the vCPU loop (as opposed to the guest stopping).
@@ -23,6 +24,9 @@ pub enum Error {
     Device(bus::Error),
     #[error(transparent)]
     Timeline(#[from] timeline::Error),
+    /// [`Vcpu::take_dirty`] without [`Vcpu::start_dirty_tracking`].
+    #[error("dirty page tracking is not on")]
+    NotTracking,
 }
 
 /// A timeline error raised inside a device access (a clock read, say) is
@@ -71,7 +75,7 @@ pub struct Stats {
 /// The vCPU with the devices and the timeline it answers to.
 pub struct Vcpu {
     vm: Vm,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     devices: Devices,
     timeline: Box<dyn Timeline>,
     /// An interrupt was injected since the guest's last paravirtual wait.
@@ -79,15 +83,12 @@ pub struct Vcpu {
     inputs: Vec<Input>,
     outputs: Vec<Output>,
     stats: Stats,
+    /// Dirty page tracking is on (KVM's log and the VMM's bitmap).
+    tracking: bool,
 }
 
 impl Vcpu {
-    pub fn new(
-        vm: Vm,
-        mem: GuestMemoryMmap,
-        devices: Devices,
-        timeline: Box<dyn Timeline>,
-    ) -> Self {
+    pub fn new(vm: Vm, mem: GuestMem, devices: Devices, timeline: Box<dyn Timeline>) -> Self {
         Vcpu {
             vm,
             mem,
@@ -97,6 +98,7 @@ impl Vcpu {
             inputs: Vec::new(),
             outputs: Vec::new(),
             stats: Stats::default(),
+            tracking: false,
         }
     }
 
@@ -273,6 +275,106 @@ impl Vcpu {
     }
 }
 
+/// The whole machine at a point between two exits, except guest memory
+/// (moved separately, in pre-copy rounds): with the same memory, a fresh
+/// machine that restores this continues exactly where the saved one was.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MachineState {
+    pub vcpu: kvm::VcpuState,
+    pub devices: DevicesState,
+    /// Synchronous exits so far: the position. The next exit after a
+    /// restore is `exits + 1`, as it would have been on the saved machine.
+    pub exits: u64,
+    /// An interrupt was injected since the guest's last paravirtual wait
+    /// (the loop's own state: the next wait returns at once).
+    pub woke: bool,
+}
+
+/// Machine state, digests and dirty tracking, for re-protection: a new
+/// backup joins a running guest by pre-copying its memory, then takes this
+/// state at one position and replays the log from there.
+impl Vcpu {
+    /// Saves the machine (without memory). Call on the vCPU thread between
+    /// exits, after an exit was handled and before the next run. The
+    /// pending `in` or MMIO read is completed first, so the saved registers
+    /// hold its result; the machine can go on running afterwards.
+    pub fn save(&mut self) -> Result<MachineState, Error> {
+        let vcpu = self.vm.save_state()?;
+        Ok(MachineState {
+            vcpu,
+            devices: self.devices.state(),
+            exits: self.stats.exits,
+            woke: self.woke,
+        })
+    }
+
+    /// Loads a saved machine into this fresh one, before [`Vcpu::run`]. Guest
+    /// memory must already hold the saved machine's (see [`Vcpu::memory`]).
+    /// A device state that does not fit (another NIC configuration, say) is
+    /// refused before anything changes; a failure loading the vCPU leaves a
+    /// machine that must not be run.
+    pub fn restore(&mut self, s: &MachineState) -> Result<(), Error> {
+        self.devices.restore(&s.devices)?;
+        self.vm.restore_state(&s.vcpu)?;
+        self.stats.exits = s.exits;
+        self.woke = s.woke;
+        Ok(())
+    }
+
+    /// The guest memory. A clone is a handle on the same mapping.
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// The digest a backup compares at the handover position: the CRC of
+    /// the full registers after the pending exit completed (so both sides
+    /// hash the same registers), and of all memory. Tagged as a periodic
+    /// digest.
+    pub fn state_digest(&mut self) -> Result<StateDigest, Error> {
+        self.vm.complete_pending()?;
+        let (regs, _) = self.vm.full_regs()?;
+        Ok(StateDigest {
+            regs_crc: regs_crc(&regs),
+            mem_crc: memory_crc(&self.mem),
+            tag: PERIODIC_DIGEST_TAG,
+        })
+    }
+
+    /// Starts tracking written pages: KVM logs the guest's writes, and the
+    /// VMM's own writes (kept by guest memory's bitmap) count from now.
+    pub fn start_dirty_tracking(&mut self) -> Result<(), Error> {
+        self.vm.set_dirty_logging(true)?;
+        memory::clear_vmm_writes(&self.mem);
+        self.tracking = true;
+        Ok(())
+    }
+
+    /// The pages written since the last call (or since tracking started),
+    /// by the guest or by the VMM; both records are cleared. Between
+    /// exits, on the vCPU thread, so no write is in flight.
+    pub fn take_dirty(&mut self) -> Result<DirtyPages, Error> {
+        if !self.tracking {
+            return Err(Error::NotTracking);
+        }
+        let mut dirty = DirtyPages::new(memory::mem_size(&self.mem).div_ceil(PAGE_SIZE));
+        self.vm.dirty_log(&mut dirty)?;
+        dirty.union(&memory::take_vmm_writes(&self.mem));
+        Ok(dirty)
+    }
+
+    /// Stops KVM's dirty log (write-protection faults cost the guest time).
+    pub fn stop_dirty_tracking(&mut self) -> Result<(), Error> {
+        self.vm.set_dirty_logging(false)?;
+        self.tracking = false;
+        Ok(())
+    }
+
+    /// The exits so far, as [`Stats::exits`]: the position of the last one.
+    pub fn exits(&self) -> u64 {
+        self.stats.exits
+    }
+}
+
 /// CRC-32 of the general registers, RIP and RFLAGS.
 pub fn regs_crc(r: &kvm_bindings::kvm_regs) -> u32 {
     let mut h = crc32fast::Hasher::new();
@@ -286,7 +388,7 @@ pub fn regs_crc(r: &kvm_bindings::kvm_regs) -> u32 {
 }
 
 /// CRC-32 of all guest memory.
-pub fn memory_crc(mem: &GuestMemoryMmap) -> u32 {
+pub fn memory_crc(mem: &GuestMem) -> u32 {
     let mut h = crc32fast::Hasher::new();
     for region in mem.iter() {
         if let Ok(slice) =

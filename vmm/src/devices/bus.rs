@@ -8,12 +8,14 @@
 use crate::kvm::Exit;
 use crate::timeline::{self, Demand, Input, Output, Position, SerialDemand, SerialInput, Timeline};
 
-use super::pic::Pic;
-use super::pit::Pit;
-use super::pv::{PvDevice, PvRead, PvRequest, PV_BASE, PV_SIZE};
-use super::rtc::Rtc;
-use super::serial::Com1;
-use super::virtio_net::{VirtioNet, NET_IRQ, NET_MMIO_BASE, NET_MMIO_SIZE};
+use super::pic::{Pic, PicState};
+use super::pit::{Pit, PitState};
+use super::pv::{PvDevice, PvRead, PvRequest, PvState, PV_BASE, PV_SIZE};
+use super::rtc::{Rtc, RtcState};
+use super::serial::{Com1, Com1State};
+use super::virtio_mmio::RestoreError;
+use super::virtio_net::{VirtioNet, VirtioNetState, NET_IRQ, NET_MMIO_BASE, NET_MMIO_SIZE};
+use crate::net_config::MacAddr;
 use crate::timeline::NetDemand;
 
 const COM1_BASE: u16 = 0x3f8;
@@ -32,6 +34,32 @@ pub enum Error {
     /// rather than losing bytes.
     #[error("{offered} serial bytes offered, the FIFO took {taken}")]
     SerialOverrun { offered: usize, taken: usize },
+    /// A saved state from a machine with a NIC restored into one without,
+    /// or the other way round.
+    #[error(
+        "the saved devices {} a NIC and this machine {}",
+        if *.saved { "have" } else { "have no" },
+        if *.here { "has one" } else { "has none" }
+    )]
+    NetPresence { saved: bool, here: bool },
+    /// The NIC's MAC is configuration; the guest has read it already.
+    #[error("the saved NIC has MAC {saved}, this machine's is {here}")]
+    NetMac { saved: MacAddr, here: MacAddr },
+    #[error("the saved NIC state does not fit this NIC")]
+    NetRestore(#[source] RestoreError),
+}
+
+/// Every device model's state, for moving a running machine (re-protection).
+/// Together with guest memory and the vCPU it is the whole machine.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
+    pub pic: PicState,
+    pub pit: PitState,
+    pub rtc: RtcState,
+    pub com1: Com1State,
+    pub pv: PvState,
+    /// The NIC's, when the machine has one.
+    pub net: Option<VirtioNetState>,
 }
 
 /// What the vCPU loop must do after an exit was handled.
@@ -74,6 +102,52 @@ impl Devices {
             net,
             ..Devices::default()
         }
+    }
+
+    /// Every device's state. Taken between exits, when outputs have been
+    /// handed over and interrupt edges latched, so the transient parts
+    /// (COM1's output, the NIC's TX list) are empty.
+    pub fn state(&self) -> DevicesState {
+        DevicesState {
+            pic: self.pic.state(),
+            pit: self.pit.state(),
+            rtc: self.rtc.state(),
+            com1: self.com1.state(),
+            pv: self.pv.state(),
+            net: self.net.as_ref().map(|n| n.state()),
+        }
+    }
+
+    /// Loads a saved state into this machine's devices: all of them, or
+    /// (on error) none. The machine must be configured as the saved one
+    /// was: the same NIC or none, with the same MAC. `duet-pv`'s network
+    /// registers are configuration and stay this machine's.
+    pub fn restore(&mut self, s: &DevicesState) -> Result<(), Error> {
+        match (&self.net, &s.net) {
+            (Some(here), Some(saved)) if here.mac().0 != saved.mac => {
+                return Err(Error::NetMac {
+                    saved: MacAddr(saved.mac),
+                    here: here.mac(),
+                })
+            }
+            (Some(_), Some(_)) | (None, None) => {}
+            (here, saved) => {
+                return Err(Error::NetPresence {
+                    saved: saved.is_some(),
+                    here: here.is_some(),
+                })
+            }
+        }
+        let com1 = Com1::from_state(&s.com1).map_err(Error::Serial)?;
+        if let (Some(net), Some(saved)) = (self.net.as_mut(), &s.net) {
+            net.restore(saved).map_err(Error::NetRestore)?;
+        }
+        self.com1 = com1;
+        self.pic = Pic::from_state(&s.pic);
+        self.pit = Pit::from_state(&s.pit);
+        self.rtc = Rtc::from_state(&s.rtc);
+        self.pv = PvDevice::from_state(&s.pv, &self.pv);
+        Ok(())
     }
 
     /// The NIC, for state and counters.
@@ -503,9 +577,10 @@ mod tests {
 
     #[test]
     fn the_nic_is_reached_through_its_window_and_raises_irq5() {
+        use crate::memory::GuestMem;
         use crate::net_config::{NetConfig, DEFAULT_MAC};
-        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let net = NetConfig {
             mac: DEFAULT_MAC,
             ip: Some("198.18.0.2/24".parse().unwrap()),
@@ -595,5 +670,181 @@ mod tests {
         d.take_outputs(&mut outputs);
         assert!(outputs.is_empty());
         assert!(tl.asked.is_empty());
+    }
+
+    /// A machine whose every device holds state: an initialised PIC with a
+    /// pending timer request, a counting PIT, a selected CMOS index, unread
+    /// COM1 input, and a live NIC with two posted buffers, one used.
+    fn busy_machine(mem: &crate::memory::GuestMem) -> Devices {
+        use crate::net_config::{NetConfig, DEFAULT_MAC};
+        use vm_memory::{Bytes, GuestAddress};
+        let net = NetConfig {
+            mac: DEFAULT_MAC,
+            ip: Some("198.18.0.2/24".parse().unwrap()),
+            gateway: None,
+        };
+        let mut d = Devices::new(
+            PvDevice::with_net(&net),
+            Some(VirtioNet::new(net.mac, mem.clone())),
+        );
+        let mut tl = Fake::default();
+        let at = Position::default();
+        for (port, v) in [
+            (0x20, 0x11),
+            (0x21, 0x20),
+            (0x21, 4),
+            (0x21, 1),
+            (0x21, 0xdc),
+            (0x43, 0x34),
+            (0x40, 0x9c),
+            (0x40, 0x2e),
+            (0x70, 0x0a),
+            (0x3f9, 1),
+        ] {
+            d.pio_write(port, v, &at, &mut tl).unwrap();
+        }
+        let write = |d: &mut Devices, off: u64, v: u32| {
+            handle(
+                d,
+                &mut Fake::default(),
+                Exit::MmioWrite {
+                    addr: NET_MMIO_BASE + off,
+                    data: v.to_le_bytes().to_vec(),
+                },
+            );
+        };
+        for (off, v) in [(0x70, 1), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 11)] {
+            write(&mut d, off, v);
+        }
+        for (off, v) in [
+            (0x30, 0),
+            (0x38, 16),
+            (0x80, 0x1_0000),
+            (0x90, 0x1_1000),
+            (0xa0, 0x1_2000),
+            (0x44, 1),
+            (0x70, 15),
+        ] {
+            write(&mut d, off, v);
+        }
+        for (i, addr) in [0x2_0000u64, 0x3_0000].into_iter().enumerate() {
+            let desc = 0x1_0000 + 16 * i as u64;
+            mem.write_obj(addr, GuestAddress(desc)).unwrap();
+            mem.write_obj(2048u32, GuestAddress(desc + 8)).unwrap();
+            mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap();
+            mem.write_obj(i as u16, GuestAddress(0x1_0004 + 2 * i as u64))
+                .unwrap();
+        }
+        mem.write_obj(2u16, GuestAddress(0x1_1002)).unwrap();
+        d.apply(&Input::Net(vec![0xab; 60])).unwrap();
+        d.apply(&Input::Serial(SerialInput::Bytes(b"xy".to_vec())))
+            .unwrap();
+        d.apply(&Input::TimerTick).unwrap();
+        d
+    }
+
+    fn memory_copy(mem: &crate::memory::GuestMem) -> crate::memory::GuestMem {
+        use vm_memory::{Bytes, GuestAddress};
+        let mut bytes = vec![0u8; 0x10_0000];
+        mem.read_slice(&mut bytes, GuestAddress(0)).unwrap();
+        let copy = crate::memory::GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        copy.write_slice(&bytes, GuestAddress(0)).unwrap();
+        copy
+    }
+
+    #[test]
+    fn devices_state_moves_through_postcard_and_continues_alike() {
+        use crate::net_config::{NetConfig, DEFAULT_MAC};
+        let mem = crate::memory::GuestMem::from_ranges(&[(vm_memory::GuestAddress(0), 0x10_0000)])
+            .unwrap();
+        let mut d = busy_machine(&mem);
+        let s = d.state();
+        let net = s.net.as_ref().unwrap();
+        assert_eq!(net.transport.queues[0].next_used, 1);
+        assert_eq!(s.com1.serial.in_buffer, b"xy");
+        assert_eq!(s.pic.master.irr & 1, 1);
+        let bytes = postcard::to_stdvec(&s).unwrap();
+        let moved: DevicesState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(moved, s);
+        assert!(postcard::from_bytes::<DevicesState>(&bytes[..bytes.len() / 2]).is_err());
+
+        // A fresh machine of the same configuration, over a copy of memory.
+        let mem2 = memory_copy(&mem);
+        let config = NetConfig {
+            mac: DEFAULT_MAC,
+            ip: Some("198.18.0.2/24".parse().unwrap()),
+            gateway: None,
+        };
+        let mut e = Devices::new(
+            PvDevice::with_net(&config),
+            Some(VirtioNet::new(config.mac, mem2.clone())),
+        );
+        e.restore(&moved).unwrap();
+        assert_eq!(e.state(), s);
+        // Both go on alike: the same interrupt, the same demand, and the
+        // second frame lands in the second buffer on both.
+        assert_eq!(e.demand(false), d.demand(false));
+        assert_eq!(e.demand(false).net.rx_buffers, 1);
+        assert_eq!(e.acknowledge_interrupt(), d.acknowledge_interrupt());
+        d.apply(&Input::Net(vec![0xcd; 80])).unwrap();
+        e.apply(&Input::Net(vec![0xcd; 80])).unwrap();
+        assert_eq!(e.state(), d.state());
+        let mut tl = Fake::default();
+        let read = Exit::IoIn {
+            port: 0x3f8,
+            len: 1,
+        };
+        assert_eq!(
+            handle(&mut e, &mut tl, read.clone()),
+            handle(&mut d, &mut tl, read)
+        );
+        assert_eq!(e.state(), d.state());
+    }
+
+    #[test]
+    fn a_nic_on_one_side_only_is_refused_and_changes_nothing() {
+        use crate::net_config::MacAddr;
+        let mem = crate::memory::GuestMem::from_ranges(&[(vm_memory::GuestAddress(0), 0x10_0000)])
+            .unwrap();
+        let with_nic = busy_machine(&mem).state();
+        let mut plain = Devices::default();
+        let before = plain.state();
+        assert!(matches!(
+            plain.restore(&with_nic),
+            Err(Error::NetPresence {
+                saved: true,
+                here: false
+            })
+        ));
+        assert_eq!(plain.state(), before);
+        let mut nic = busy_machine(&mem);
+        let before = nic.state();
+        assert!(matches!(
+            nic.restore(&Devices::default().state()),
+            Err(Error::NetPresence {
+                saved: false,
+                here: true
+            })
+        ));
+        let mut other_mac = with_nic.clone();
+        other_mac.net.as_mut().unwrap().mac = [2, 0, 0, 0, 0, 1];
+        let err = nic.restore(&other_mac).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::NetMac {
+                saved: MacAddr([2, 0, 0, 0, 0, 1]),
+                ..
+            }
+        ));
+        let mut bad_queue = with_nic.clone();
+        bad_queue.net.as_mut().unwrap().transport.queues[0].size = 3;
+        assert!(matches!(nic.restore(&bad_queue), Err(Error::NetRestore(_))));
+        let mut bad_fifo = with_nic;
+        bad_fifo.com1.serial.in_buffer = vec![0; 65];
+        assert!(matches!(nic.restore(&bad_fifo), Err(Error::Serial(_))));
+        assert_eq!(nic.state(), before);
+        // A machine without a NIC restores its own kind.
+        let mut p = Devices::default();
+        p.restore(&Devices::default().state()).unwrap();
     }
 }

@@ -51,7 +51,7 @@ const OCW3_RR: u8 = 0x02;
 const OCW3_RIS: u8 = 0x01;
 
 /// Where a chip is in its initialisation sequence.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum InitStep {
     /// Initialised; data-port writes are OCW1.
     #[default]
@@ -65,7 +65,7 @@ pub enum InitStep {
 }
 
 /// The registers of one i8259A, as moved by state transfer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PicChipState {
     /// Interrupt request register: latched edges not yet acknowledged.
     pub irr: u8,
@@ -107,7 +107,7 @@ impl Default for PicChipState {
 }
 
 /// The state of both chips, as moved by state transfer.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PicState {
     /// The master chip (IRQ 0-7).
     pub master: PicChipState,

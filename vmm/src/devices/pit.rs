@@ -49,7 +49,7 @@ const PORT_61_OUT2: u8 = 0x20;
 
 /// How the guest reads and writes a counter's 16 bits through one 8-bit
 /// port (command bits 5-4).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Access {
     /// Low byte only (01).
     LoByte,
@@ -71,7 +71,7 @@ impl Access {
 }
 
 /// One counter's registers, as moved by state transfer.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PitChannelState {
     /// Counting mode 0-5 (6 and 7 are stored as 2 and 3).
     pub mode: u8,
@@ -98,7 +98,7 @@ pub struct PitChannelState {
 }
 
 /// The whole timer, as moved by state transfer.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PitState {
     /// Channels 0, 1 and 2.
     pub channels: [PitChannelState; 3],

@@ -75,7 +75,7 @@ pub enum PvRequest {
 
 /// The device's state for state transfer. It has none: it is here so that
 /// every device offers the same `state()`/`from_state()` pair.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PvState {}
 
 /// The `duet-pv` register decoder, with the machine's network

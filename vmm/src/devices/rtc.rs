@@ -68,17 +68,56 @@ const HOUR_PM: u8 = 0x80;
 const SECS_PER_DAY: i64 = 86_400;
 
 /// The clock's state, as moved by state transfer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RtcState {
     /// The selected CMOS byte (0-127).
     pub index: u8,
     /// CMOS RAM. Time registers hold meaningful values only while status B's
     /// SET bit is on; otherwise they are computed.
+    #[serde(with = "cmos_bytes")]
     pub ram: [u8; CMOS_SIZE],
     /// Guest time minus wall-clock time, in seconds.
     pub offset_secs: i64,
     /// Weekday the guest set minus the weekday of the date, modulo 7.
     pub weekday_adjust: u8,
+}
+
+/// CMOS RAM as one byte string: serde's derives stop at 32-element arrays.
+/// A string of another length is refused, not padded.
+mod cmos_bytes {
+    use super::CMOS_SIZE;
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ram: &[u8; CMOS_SIZE], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(ram)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; CMOS_SIZE], D::Error> {
+        struct Ram;
+        impl<'de> Visitor<'de> for Ram {
+            type Value = [u8; CMOS_SIZE];
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "{CMOS_SIZE} bytes of CMOS RAM")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+                v.try_into().map_err(|_| E::invalid_length(v.len(), &self))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut ram = [0u8; CMOS_SIZE];
+                for (i, b) in ram.iter_mut().enumerate() {
+                    *b = seq
+                        .next_element()?
+                        .ok_or_else(|| A::Error::invalid_length(i, &self))?;
+                }
+                if seq.next_element::<u8>()?.is_some() {
+                    return Err(A::Error::invalid_length(CMOS_SIZE + 1, &self));
+                }
+                Ok(ram)
+            }
+        }
+        d.deserialize_bytes(Ram)
+    }
 }
 
 impl Default for RtcState {

@@ -89,9 +89,10 @@ impl Trigger for IrqLine {
 /// COM1's full state, for state transfer: the UART registers and FIFO,
 /// whether the interrupt fired and was not yet taken, and output not yet
 /// drained.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Com1State {
     /// vm-superio's register and receive-FIFO state.
+    #[serde(with = "SerialStateDef")]
     pub serial: SerialState,
     /// The interrupt fired and the VMM has not taken it yet.
     pub irq_pending: bool,
@@ -100,6 +101,24 @@ pub struct Com1State {
     /// The line was hung up (a client left) and the guest has not read
     /// MSR since: its delta-DCD bit reads 1 once.
     pub carrier_lost: bool,
+}
+
+/// vm-superio's `SerialState` as serde sees it (vm-superio has no serde
+/// support of its own); the field list must match it exactly, which the
+/// compiler checks.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
 }
 
 /// Modem status register offset, and its delta-DCD bit.

@@ -45,8 +45,21 @@ pub enum Access {
     ConfigRead(u64),
 }
 
+/// A saved transport state that does not fit this device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the saved state has {saved} queues, the device {device}")]
+    QueueCount { saved: usize, device: usize },
+    #[error("queue {queue} has a size of {size}, not a power of two up to {QUEUE_MAX}")]
+    QueueSize { queue: usize, size: u16 },
+}
+
 /// A queue's registers and ring positions, as plain values for state
 /// transfer (virtio-queue's own state struct is not serializable).
+///
+/// virtio-queue's `Queue` also counts entries added since the last
+/// notification check (`num_added`), but only for `VIRTIO_F_EVENT_IDX`,
+/// which this transport never offers, so the count is not state here.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueRegs {
     pub size: u16,
@@ -315,10 +328,26 @@ impl Transport {
         }
     }
 
-    /// Rebuilds the register file of a device like this one from `state`.
-    /// Queues the state does not name stay reset.
-    pub fn restore(&mut self, state: &TransportState) {
+    /// Rebuilds the register file of a device like this one from `state`,
+    /// ring positions included, so that the driver's rings continue where
+    /// they were. A state for another number of queues, or with a size the
+    /// device would have refused, is an error and leaves the device reset.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), RestoreError> {
         self.reset();
+        if state.queues.len() != self.queues.len() {
+            return Err(RestoreError::QueueCount {
+                saved: state.queues.len(),
+                device: self.queues.len(),
+            });
+        }
+        for (queue, r) in state.queues.iter().enumerate() {
+            if r.size == 0 || r.size > QUEUE_MAX || !r.size.is_power_of_two() {
+                return Err(RestoreError::QueueSize {
+                    queue,
+                    size: r.size,
+                });
+            }
+        }
         self.device_features_sel = state.device_features_sel;
         self.driver_features_sel = state.driver_features_sel;
         self.driver_features = state.driver_features;
@@ -326,6 +355,7 @@ impl Transport {
         self.status = state.status;
         self.interrupt_status = state.interrupt_status;
         for (q, r) in self.queues.iter_mut().zip(&state.queues) {
+            // Checked above.
             let _ = q.try_set_size(r.size);
             let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
             let (lo, hi) = split(r.desc);
@@ -338,6 +368,7 @@ impl Transport {
             q.set_next_used(r.next_used);
             q.set_ready(r.ready);
         }
+        Ok(())
     }
 }
 
@@ -405,10 +436,47 @@ mod tests {
         assert_eq!(s.queues[1].size, 16);
         assert_eq!(s.queues[1].desc, 0x1_0000_1000);
         let mut u = Transport::new(1, 0, 2);
-        u.restore(&s);
+        u.restore(&s).unwrap();
         assert_eq!(u.state(), s);
+        // Through postcard too.
+        let bytes = postcard::to_stdvec(&s).unwrap();
+        assert_eq!(postcard::from_bytes::<TransportState>(&bytes).unwrap(), s);
         // A queue that does not exist reads as absent.
         w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 7);
         assert_eq!(r(&t, VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
+    }
+
+    #[test]
+    fn ring_positions_survive_a_restore_and_bad_states_are_refused() {
+        let mut t = Transport::new(1, 0, 2);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 64);
+        w(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        let mut s = t.state();
+        s.queues[0].next_avail = 40_000;
+        s.queues[0].next_used = 39_990;
+        let mut u = Transport::new(1, 0, 2);
+        u.restore(&s).unwrap();
+        let q = &u.state().queues[0];
+        assert_eq!((q.next_avail, q.next_used, q.ready), (40_000, 39_990, true));
+        assert_eq!((q.size, q.avail), (64, 0x2000));
+
+        let mut bad = s.clone();
+        bad.queues[1].size = 48;
+        assert_eq!(
+            u.restore(&bad),
+            Err(RestoreError::QueueSize { queue: 1, size: 48 })
+        );
+        assert_eq!(u.state(), Transport::new(1, 0, 2).state());
+        bad.queues[1].size = 512;
+        assert!(u.restore(&bad).is_err());
+        bad.queues.pop();
+        assert_eq!(
+            u.restore(&bad),
+            Err(RestoreError::QueueCount {
+                saved: 1,
+                device: 2
+            })
+        );
     }
 }

@@ -30,9 +30,9 @@ use std::sync::atomic::Ordering;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_S_LINK_UP};
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
 
-use super::virtio_mmio::{Access, Transport, TransportState, INT_VRING};
+use super::virtio_mmio::{Access, RestoreError, Transport, TransportState, INT_VRING};
+use crate::memory::GuestMem;
 use crate::net_config::MacAddr;
 
 /// Guest-physical base of the device's MMIO window.
@@ -92,7 +92,7 @@ pub struct VirtioNetState {
 pub struct VirtioNet {
     transport: Transport,
     mac: MacAddr,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     counters: NetCounters,
     irq: bool,
     tx: Vec<Vec<u8>>,
@@ -101,7 +101,7 @@ pub struct VirtioNet {
 impl VirtioNet {
     /// A device with this MAC over the guest's memory (a handle: the
     /// regions are shared, not copied).
-    pub fn new(mac: MacAddr, mem: GuestMemoryMmap) -> Self {
+    pub fn new(mac: MacAddr, mem: GuestMem) -> Self {
         VirtioNet {
             transport: Transport::new(VIRTIO_ID_NET, 1 << VIRTIO_NET_F_MAC, 2),
             mac,
@@ -123,14 +123,27 @@ impl VirtioNet {
     }
 
     /// Rebuilds a device from [`VirtioNet::state`] over `mem` (guest
-    /// memory is transferred separately).
-    pub fn from_state(state: &VirtioNetState, mem: GuestMemoryMmap) -> Self {
+    /// memory is transferred separately). The queues resume at their saved
+    /// ring positions, so the guest's rings continue.
+    pub fn from_state(state: &VirtioNetState, mem: GuestMem) -> Result<Self, RestoreError> {
         let mut dev = VirtioNet::new(MacAddr(state.mac), mem);
-        dev.transport.restore(&state.transport);
+        dev.transport.restore(&state.transport)?;
         dev.counters = state.counters;
         dev.irq = state.irq;
         dev.tx = state.tx.clone();
-        dev
+        Ok(dev)
+    }
+
+    /// Loads a saved state in place, over this device's memory; on error
+    /// the device is unchanged.
+    pub fn restore(&mut self, state: &VirtioNetState) -> Result<(), RestoreError> {
+        *self = VirtioNet::from_state(state, self.mem.clone())?;
+        Ok(())
+    }
+
+    /// The MAC the guest reads from the config space.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
     }
 
     pub fn counters(&self) -> NetCounters {
@@ -342,7 +355,7 @@ mod tests {
 
     struct Rig {
         dev: VirtioNet,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         avail_idx: [u16; 2],
     }
 
@@ -355,7 +368,7 @@ mod tests {
 
     /// A device set up the way a driver does it (§3.1.1, §4.2.3.2).
     fn rig() -> Rig {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
         let mut dev = VirtioNet::new(MAC, mem.clone());
         w32(&mut dev, VIRTIO_MMIO_STATUS, 0);
         w32(&mut dev, VIRTIO_MMIO_STATUS, 1);
@@ -591,9 +604,34 @@ mod tests {
         r.post(RX_QUEUE, 1, &[(BUFS + 0x1000, 1526, true)]);
         r.dev.receive(&frame(60));
         let s = r.dev.state();
-        let copy = VirtioNet::from_state(&s, r.mem.clone());
+        assert_eq!(s.transport.queues[RX_QUEUE].next_avail, 1);
+        // A copy over a copy of memory continues exactly as the original:
+        // the next frame lands in the second buffer on both.
+        let image = |mem: &GuestMem| {
+            let mut bytes = vec![0u8; MEM as usize];
+            mem.read_slice(&mut bytes, GuestAddress(0)).unwrap();
+            bytes
+        };
+        let mem2 = GuestMem::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        mem2.write_slice(&image(&r.mem), GuestAddress(0)).unwrap();
+        let bytes = postcard::to_stdvec(&s).unwrap();
+        let moved: VirtioNetState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(moved, s);
+        let mut copy = VirtioNet::from_state(&moved, mem2.clone()).unwrap();
         assert_eq!(copy.state(), s);
         assert_eq!(copy.rx_buffers(), 1);
+        r.dev.receive(&frame(70));
+        copy.receive(&frame(70));
+        assert_eq!(copy.state(), r.dev.state());
+        assert_eq!(copy.state().transport.queues[RX_QUEUE].next_used, 2);
+        assert!(
+            image(&mem2) == image(&r.mem),
+            "memory after the copy's receive differs"
+        );
+        // A state for another transport is refused.
+        let mut bad = s.clone();
+        bad.transport.queues.truncate(1);
+        assert!(VirtioNet::from_state(&bad, r.mem.clone()).is_err());
         w32(&mut r.dev, VIRTIO_MMIO_STATUS, 0);
         assert_eq!(r32(&r.dev, VIRTIO_MMIO_STATUS), 0);
         assert_eq!(r.dev.rx_buffers(), 0);

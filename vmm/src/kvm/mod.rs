@@ -6,18 +6,23 @@
 //! (for the position) while it handles the exit, and keeps `kvm_ioctls`
 //! types out of every layer above.
 
+pub mod state;
+
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_regs, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_userspace_memory_region, Msrs,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
-use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::errno;
 
 use crate::boot;
+use crate::memory::{DirtyPages, GuestMem, PAGE_SIZE};
+pub use state::VcpuState;
 
 /// Errors from setting up or running the KVM machine.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +47,34 @@ pub enum Error {
     Run(#[source] errno::Error),
     #[error("KVM_INTERRUPT failed for vector {vector:#x}")]
     Inject { vector: u8, source: errno::Error },
+    /// Reading one part of the vCPU state failed (`part` names it).
+    #[error("saving the vCPU's {part} failed")]
+    SaveState {
+        part: &'static str,
+        source: errno::Error,
+    },
+    /// Loading one part of a saved state failed.
+    #[error("restoring the vCPU's {part} failed")]
+    RestoreState {
+        part: &'static str,
+        source: errno::Error,
+    },
+    /// KVM read or wrote fewer MSRs than asked; `index` is the first it
+    /// did not.
+    #[error("MSR {index:#x} cannot be {}", if *.write { "written" } else { "read" })]
+    Msr { index: u32, write: bool },
+    /// A saved state that cannot be loaded as it is (a wrong-sized XSAVE
+    /// area, too many XCRs): it comes from another machine or is corrupt.
+    #[error("the saved vCPU state is malformed: {0}")]
+    BadState(&'static str),
+    /// Completing the pending I/O before a save did not stop where it
+    /// should (KVM entered the guest, or failed).
+    #[error("completing the pending exit before a save returned {0}")]
+    Complete(String),
+    #[error("changing dirty logging on memory slot {slot} failed")]
+    DirtyLogging { slot: u32, source: errno::Error },
+    #[error("KVM_GET_DIRTY_LOG failed on memory slot {slot}")]
+    GetDirtyLog { slot: u32, source: errno::Error },
 }
 
 /// A KVM exit, converted at the boundary and owning its data.
@@ -111,16 +144,19 @@ vmm_sys_util::ioctl_iow_nr!(
 
 /// The KVM VM with its one vCPU.
 pub struct Vm {
-    _kvm: Kvm,
-    _vm: VmFd,
+    kvm: Kvm,
+    vm: VmFd,
     vcpu: VcpuFd,
+    /// The memory slots as registered, to re-register them with dirty
+    /// logging on or off.
+    slots: Vec<kvm_userspace_memory_region>,
 }
 
 impl Vm {
     /// Opens `/dev/kvm`, creates the VM, maps `mem` at guest-physical 0 and
     /// creates the vCPU with synchronized registers enabled (so reading RIP
     /// at every exit costs no ioctl).
-    pub fn new(mem: &GuestMemoryMmap, kvm_path: &Path) -> Result<Self, Error> {
+    pub fn new(mem: &GuestMem, kvm_path: &Path) -> Result<Self, Error> {
         let path = CString::new(kvm_path.as_os_str().as_bytes())
             .map_err(|_| Error::NotKvm(kvm_path.to_path_buf()))?;
         let kvm = Kvm::new_with_path(&path).map_err(|source| Error::OpenKvm {
@@ -131,6 +167,7 @@ impl Vm {
             return Err(Error::NotKvm(kvm_path.to_path_buf()));
         }
         let vm = kvm.create_vm().map_err(Error::CreateVm)?;
+        let mut slots = Vec::new();
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -146,6 +183,7 @@ impl Vm {
             // owned by `mem`, which outlives the VM in every caller (Machine
             // holds both, memory dropped after the VM).
             unsafe { vm.set_user_memory_region(desc) }.map_err(Error::SetMemory)?;
+            slots.push(desc);
         }
         let mut vcpu = vm.create_vcpu(0).map_err(Error::CreateVcpu)?;
         // CPUID has no effect on kvm_pvm (docs/ARCHITECTURE.md, platform facts), but on real KVM the
@@ -155,9 +193,10 @@ impl Vm {
         }
         vcpu.set_sync_valid_reg(SyncReg::Register);
         Ok(Vm {
-            _kvm: kvm,
-            _vm: vm,
+            kvm,
+            vm,
             vcpu,
+            slots,
         })
     }
 
@@ -347,6 +386,179 @@ impl Vm {
                 vector,
                 source: errno::Error::last(),
             });
+        }
+        Ok(())
+    }
+}
+
+/// Machine state and dirty tracking, for moving a running guest to a new
+/// VM (re-protection). Kept apart from the exit path above.
+impl Vm {
+    /// Finishes the exit the vCPU last returned, without running the guest:
+    /// KVM completes a pending `in` or MMIO read (it copies the data the
+    /// VMM gave with [`Vm::complete_read`] into the register or memory
+    /// operand, and advances RIP) only at the next KVM_RUN. With
+    /// `immediate_exit` set that KVM_RUN does the completion, then returns
+    /// EINTR before entering the guest; on the way out it refreshes the
+    /// synchronized registers. Until this runs, the registers KVM reports
+    /// are those of the half-done instruction, and a state saved from them
+    /// would replay the read.
+    pub fn complete_pending(&mut self) -> Result<(), Error> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let outcome = match self.vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(Error::Complete(e.to_string())),
+            Ok(exit) => Err(Error::Complete(format!("exit {exit:?}"))),
+        };
+        self.vcpu.set_kvm_immediate_exit(0);
+        outcome
+    }
+
+    /// Completes any pending I/O or MMIO read (see `complete_pending`) and
+    /// reads the whole vCPU state. Call on the vCPU thread between exits,
+    /// after the exit was handled; the guest can go on running afterwards.
+    pub fn save_state(&mut self) -> Result<VcpuState, Error> {
+        self.complete_pending()?;
+        let get = |part: &'static str| move |source| Error::SaveState { part, source };
+        let regs = self.vcpu.get_regs().map_err(get("registers"))?;
+        let sregs = self.vcpu.get_sregs().map_err(get("special registers"))?;
+        let fpu = self.vcpu.get_fpu().map_err(get("FPU"))?;
+        let xsave = if self.kvm.check_extension(Cap::Xsave) {
+            let x = self.vcpu.get_xsave().map_err(get("XSAVE area"))?;
+            Some(state::xsave_words(&x))
+        } else {
+            None
+        };
+        let xcrs = if self.kvm.check_extension(Cap::Xcrs) {
+            state::xcr_pairs(&self.vcpu.get_xcrs().map_err(get("XCRs"))?)
+        } else {
+            Vec::new()
+        };
+        let entries: Vec<kvm_msr_entry> = state::SAVED_MSRS
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| Error::BadState("too many MSRs"))?;
+        let read = self.vcpu.get_msrs(&mut msrs).map_err(get("MSRs"))?;
+        if read < entries.len() {
+            return Err(Error::Msr {
+                index: entries[read].index,
+                write: false,
+            });
+        }
+        let msrs = msrs.as_slice().iter().map(|e| (e.index, e.data)).collect();
+        let events = self.vcpu.get_vcpu_events().map_err(get("pending events"))?;
+        let mp = self.vcpu.get_mp_state().map_err(get("MP state"))?;
+        Ok(VcpuState {
+            regs: state::Regs::from(&regs),
+            sregs: state::Sregs::from(&sregs),
+            fpu: state::Fpu::from(&fpu),
+            xsave,
+            xcrs,
+            msrs,
+            events: state::Events::from(&events),
+            mp_state: mp.mp_state,
+        })
+    }
+
+    /// Loads a saved state onto this vCPU, which has not run yet (a fresh
+    /// VM from [`Vm::new`]; [`Vm::setup_long_mode`] is not needed). The
+    /// order matters: control registers and EFER before the registers and
+    /// MSRs that only make sense in long mode, pending events after the
+    /// state they refer to.
+    ///
+    /// The synchronized register area is never marked dirty, so KVM keeps
+    /// what is set here; a KVM_RUN that exits at once then refreshes that
+    /// area, so that [`Vm::regs`] and [`Vm::ready_for_injection`] answer
+    /// for the restored state even before the next exit.
+    pub fn restore_state(&mut self, s: &VcpuState) -> Result<(), Error> {
+        let xsave = match &s.xsave {
+            Some(words) => Some(
+                state::xsave_from_words(words).ok_or(Error::BadState("XSAVE area not 4 KiB"))?,
+            ),
+            None => None,
+        };
+        let xcrs = state::xcrs_from_pairs(&s.xcrs).ok_or(Error::BadState("too many XCRs"))?;
+        let entries: Vec<kvm_msr_entry> = s
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| Error::BadState("too many MSRs"))?;
+
+        let set = |part: &'static str| move |source| Error::RestoreState { part, source };
+        self.vcpu
+            .set_sregs(&kvm_bindings::kvm_sregs::from(&s.sregs))
+            .map_err(set("special registers"))?;
+        self.vcpu
+            .set_regs(&kvm_regs::from(&s.regs))
+            .map_err(set("registers"))?;
+        self.vcpu
+            .set_fpu(&kvm_fpu::from(&s.fpu))
+            .map_err(set("FPU"))?;
+        if let Some(x) = &xsave {
+            // SAFETY: KVM_SET_XSAVE reads the 4 KiB kvm_xsave that `x` is;
+            // it would read beyond only for dynamically enabled XSTATE
+            // features (AMX), which Duet never asks for
+            // (ARCH_REQ_XCOMP_GUEST_PERM), so the area is exactly that size.
+            unsafe { self.vcpu.set_xsave(x) }.map_err(set("XSAVE area"))?;
+        }
+        if !s.xcrs.is_empty() {
+            self.vcpu.set_xcrs(&xcrs).map_err(set("XCRs"))?;
+        }
+        let written = self.vcpu.set_msrs(&msrs).map_err(set("MSRs"))?;
+        if written < entries.len() {
+            return Err(Error::Msr {
+                index: entries[written].index,
+                write: true,
+            });
+        }
+        self.vcpu
+            .set_vcpu_events(&kvm_bindings::kvm_vcpu_events::from(&s.events))
+            .map_err(set("pending events"))?;
+        self.vcpu
+            .set_mp_state(state::mp_state(s.mp_state))
+            .map_err(set("MP state"))?;
+        self.complete_pending()
+    }
+
+    /// Turns KVM's dirty page logging on or off for every memory slot.
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), Error> {
+        for desc in &mut self.slots {
+            desc.flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+            // SAFETY: the same mapping as registered in `new`, still owned
+            // by the caller's guest memory, which outlives the VM; only the
+            // flags change.
+            unsafe { self.vm.set_user_memory_region(*desc) }.map_err(|source| {
+                Error::DirtyLogging {
+                    slot: desc.slot,
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// ORs into `into` the pages the guest wrote since the last call (or
+    /// since logging was turned on), and clears KVM's log.
+    pub fn dirty_log(&self, into: &mut DirtyPages) -> Result<(), Error> {
+        for desc in &self.slots {
+            let bits = self
+                .vm
+                .get_dirty_log(desc.slot, desc.memory_size as usize)
+                .map_err(|source| Error::GetDirtyLog {
+                    slot: desc.slot,
+                    source,
+                })?;
+            into.or_bitmap(desc.guest_phys_addr / PAGE_SIZE, &bits);
         }
         Ok(())
     }
