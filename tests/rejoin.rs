@@ -247,9 +247,9 @@ fn a_join_while_a_client_writes_loses_nothing() {
 
     // Writes run in a thread while C joins; the worst gap between two
     // replies is what a client saw of the join.
-    let service = lab.service;
+    // The serial line has one client at a time: the writer takes ours.
+    let mut c = conn.take().unwrap();
     let writer = std::thread::spawn(move || {
-        let mut c = Conn::connect(service, LIMIT).unwrap();
         let mut acked = Vec::new();
         let mut worst = Duration::ZERO;
         let mut last = Instant::now();
@@ -265,13 +265,14 @@ fn a_join_while_a_client_writes_loses_nothing() {
             last = Instant::now();
             i += 1;
         }
-        (acked, worst)
+        (acked, worst, c)
     });
     std::thread::sleep(Duration::from_millis(500));
     let mut cj = lab.backup("c", c_listen, Some(a_join));
     wait_log(&mut cj, "joined the VM", &lab);
     wait_log(&mut a, "protected again", &lab);
-    let (load, worst) = writer.join().unwrap();
+    let (load, worst, c) = writer.join().unwrap();
+    conn = Some(c);
     assert!(load.len() > 20, "only {} writes during the join", load.len());
     eprintln!(
         "join during load: {} writes, worst reply gap {} ms",
@@ -286,11 +287,10 @@ fn a_join_while_a_client_writes_loses_nothing() {
 }
 
 /// Runs a joiner to its end and returns its exit code and log.
-fn failed_join(lab: &Lab, name: &str, mut cmd: Command) -> (Option<i32>, String) {
-    let mut p = lab.spawn(name, {
-        cmd.args(["--serial", "none"]);
-        cmd
-    });
+fn failed_join(lab: &Lab, name: &str, image: &str, join: SocketAddr, more: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = backup_cmd(image, "rj", free_addr());
+    cmd.args(["--join", &join.to_string(), "--serial", "none"]).args(more);
+    let mut p = lab.spawn(name, cmd);
     let status = p.wait_timeout(LIMIT);
     assert!(status.is_some(), "{name} did not end:\n{}", lab.logs());
     (status.and_then(|s| s.code()), lab.text(name))
@@ -310,11 +310,7 @@ fn bad_joins_are_refused_and_leave_the_survivor_serving() {
     let mut acked = write_some(&lab, &mut conn, "start", 5);
 
     // Paired: a joiner is refused.
-    let (code, text) = failed_join(
-        &lab,
-        "paired-join",
-        backup_cmd("kv", "rj", free_addr()).args(["--join", &a_join.to_string()]),
-    );
+    let (code, text) = failed_join(&lab, "paired-join", "kv", a_join, &[]);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("already has a backup"), "{text}");
     acked.extend(write_some(&lab, &mut conn, "after-paired-join", 5));
@@ -323,18 +319,10 @@ fn bad_joins_are_refused_and_leave_the_survivor_serving() {
     wait_log(&mut a, "continuing alone", &lab);
 
     // Another image, and another memory size: refused by the Hellos.
-    let (code, text) = failed_join(
-        &lab,
-        "other-image",
-        backup_cmd("hello", "rj", free_addr()).args(["--join", &a_join.to_string()]),
-    );
+    let (code, text) = failed_join(&lab, "other-image", "hello", a_join, &[]);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("image"), "{text}");
-    let (code, text) = failed_join(
-        &lab,
-        "other-mem",
-        backup_cmd("kv", "rj", free_addr()).args(["--join", &a_join.to_string(), "--mem", "128M"]),
-    );
+    let (code, text) = failed_join(&lab, "other-mem", "kv", a_join, &["--mem", "128M"]);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("machine"), "{text}");
     acked.extend(write_some(&lab, &mut conn, "after-mismatch", 5));

@@ -85,6 +85,9 @@ pub struct Vcpu {
     stats: Stats,
     /// Dirty page tracking is on (KVM's log and the VMM's bitmap).
     tracking: bool,
+    /// Where the guest waits while the loop is idle (part of the saved
+    /// state); after a restore, where the run starts waiting.
+    waiting: Option<Position>,
 }
 
 impl Vcpu {
@@ -99,6 +102,7 @@ impl Vcpu {
             outputs: Vec::new(),
             stats: Stats::default(),
             tracking: false,
+            waiting: None,
         }
     }
 
@@ -114,7 +118,11 @@ impl Vcpu {
 
     /// Runs until the guest powers off or crashes.
     pub fn run(&mut self) -> Result<Outcome, Error> {
-        let mut state = State::Running;
+        // A restored machine whose guest was waiting resumes waiting.
+        let mut state = match self.waiting.take() {
+            Some(at) => State::Idle(at),
+            None => State::Running,
+        };
         loop {
             state = match state {
                 State::Running => self.step()?,
@@ -126,6 +134,9 @@ impl Vcpu {
 
     /// Runs to the next exit and handles it.
     fn step(&mut self) -> Result<State, Error> {
+        if self.timeline.wants_machine() {
+            self.attend_machine(None)?;
+        }
         self.timeline.before_run(self.stats.exits + 1)?;
         let exit = self.vm.run()?;
         if !exit.is_synchronous() {
@@ -208,6 +219,9 @@ impl Vcpu {
     /// The guest waits at `at`: take inputs (blocking) until an interrupt
     /// can be injected.
     fn idle(&mut self, at: &Position) -> Result<State, Error> {
+        if self.timeline.wants_machine() {
+            self.attend_machine(Some(*at))?;
+        }
         if !self.vm.ready_for_injection() {
             return Ok(State::Stopped(Outcome::Crashed {
                 reason: "the guest halted with interrupts disabled".into(),
@@ -241,6 +255,18 @@ impl Vcpu {
         self.woke = true;
         self.stats.injections += 1;
         Ok(true)
+    }
+
+    /// Lets the timeline work on the machine (see
+    /// [`Timeline::attend_machine`]); `waiting`: the guest waits at this
+    /// exit, which a saved state must say.
+    fn attend_machine(&mut self, waiting: Option<Position>) -> Result<(), Error> {
+        let mut timeline = std::mem::replace(&mut self.timeline, Box::new(Detached));
+        self.waiting = waiting;
+        let result = timeline.attend_machine(self);
+        self.waiting = None;
+        self.timeline = timeline;
+        Ok(result?)
     }
 
     fn flush_output(&mut self, at: &Position) -> Result<(), Error> {
@@ -288,6 +314,10 @@ pub struct MachineState {
     /// An interrupt was injected since the guest's last paravirtual wait
     /// (the loop's own state: the next wait returns at once).
     pub woke: bool,
+    /// The guest was waiting for an interrupt at this exit (HLT or the
+    /// paravirtual wait): a restored machine waits there too, taking the
+    /// inputs logged at that position, instead of running on.
+    pub waiting: Option<Position>,
 }
 
 /// Machine state, digests and dirty tracking, for re-protection: a new
@@ -305,6 +335,7 @@ impl Vcpu {
             devices: self.devices.state(),
             exits: self.stats.exits,
             woke: self.woke,
+            waiting: self.waiting,
         })
     }
 
@@ -318,6 +349,7 @@ impl Vcpu {
         self.vm.restore_state(&s.vcpu)?;
         self.stats.exits = s.exits;
         self.woke = s.woke;
+        self.waiting = s.waiting;
         Ok(())
     }
 
@@ -372,6 +404,82 @@ impl Vcpu {
     /// The exits so far, as [`Stats::exits`]: the position of the last one.
     pub fn exits(&self) -> u64 {
         self.stats.exits
+    }
+}
+
+/// What a timeline may do with the machine between exits, while the vCPU
+/// is stopped (a backup joining this VM needs its memory and state). A
+/// trait, so that the timeline sees the machine and not the loop.
+pub trait MachineAccess {
+    fn save(&mut self) -> Result<MachineState, Error>;
+    fn state_digest(&mut self) -> Result<StateDigest, Error>;
+    fn memory(&self) -> &GuestMem;
+    fn start_dirty_tracking(&mut self) -> Result<(), Error>;
+    fn take_dirty(&mut self) -> Result<DirtyPages, Error>;
+    fn stop_dirty_tracking(&mut self) -> Result<(), Error>;
+}
+
+impl MachineAccess for Vcpu {
+    fn save(&mut self) -> Result<MachineState, Error> {
+        Vcpu::save(self)
+    }
+    fn state_digest(&mut self) -> Result<StateDigest, Error> {
+        Vcpu::state_digest(self)
+    }
+    fn memory(&self) -> &GuestMem {
+        Vcpu::memory(self)
+    }
+    fn start_dirty_tracking(&mut self) -> Result<(), Error> {
+        Vcpu::start_dirty_tracking(self)
+    }
+    fn take_dirty(&mut self) -> Result<DirtyPages, Error> {
+        Vcpu::take_dirty(self)
+    }
+    fn stop_dirty_tracking(&mut self) -> Result<(), Error> {
+        Vcpu::stop_dirty_tracking(self)
+    }
+}
+
+/// Stands in for the timeline while it works on the machine
+/// ([`Vcpu::attend_machine`]); the machine calls no timeline then, so
+/// every answer is an error that cannot be reached.
+struct Detached;
+
+impl Timeline for Detached {
+    fn clock_ns(&mut self, _: &Position) -> Result<u64, timeline::Error> {
+        Err(timeline::Error::OutputClosed)
+    }
+    fn wall_clock(&mut self, _: &Position) -> Result<i64, timeline::Error> {
+        Err(timeline::Error::OutputClosed)
+    }
+    fn entropy(&mut self, _: &Position) -> Result<u64, timeline::Error> {
+        Err(timeline::Error::OutputClosed)
+    }
+    fn inputs(
+        &mut self,
+        _: &Position,
+        _: &timeline::Demand,
+        _: &mut Vec<Input>,
+    ) -> Result<(), timeline::Error> {
+        Err(timeline::Error::OutputClosed)
+    }
+    fn interrupt(&mut self, _: &Position, _: u8) -> Result<(), timeline::Error> {
+        Err(timeline::Error::OutputClosed)
+    }
+    fn wants_digest(&mut self, _: &Position, _: bool) -> bool {
+        false
+    }
+    fn digest(&mut self, _: &Position, _: &StateDigest) -> Result<(), timeline::Error> {
+        Err(timeline::Error::OutputClosed)
+    }
+    fn output(&mut self, _: &Position, _: Output) -> Result<(), timeline::Error> {
+        Err(timeline::Error::OutputClosed)
+    }
+    fn stop_here(&mut self, _: &Position) -> Result<bool, timeline::Error> {
+        Ok(false)
+    }
+    fn finish(&mut self, _: &Position, _: Ending, _: &StateDigest) -> Result<(), timeline::Error> {
+        Err(timeline::Error::OutputClosed)
     }
 }
 

@@ -21,7 +21,7 @@ use super::{LinkFailure, Peer};
 use crate::stop;
 use super::join::{JoinPlan, JoinService};
 use super::primary::ChannelSink;
-use crate::timeline::record::Record;
+use crate::timeline::record;
 use crate::timeline::replay::{Horizon, RecordSource, Replay};
 use crate::timeline::world::World;
 use crate::timeline::{Demand, Ending, Error, Input, Output, Position, StateDigest, Timeline};
@@ -81,11 +81,12 @@ impl StreamSource {
     }
 
     /// For a backup that joined a running VM: the log starts at record
-    /// `first_seq`, and everything through exit `exit` is in the state it
-    /// restored.
+    /// `first_seq`, and the state it restored was taken at exit `exit`.
+    /// Only the exits before it are known to be complete: a guest that
+    /// waited there takes inputs at that same exit from the log.
     pub fn resume_at(mut self, first_seq: u64, exit: u64) -> Self {
         self.last_seq = first_seq.checked_sub(1);
-        self.known_exit = exit;
+        self.known_exit = exit.saturating_sub(1);
         self.link.state().set_replayed_exit(exit);
         self
     }
@@ -228,7 +229,7 @@ pub struct Takeover {
 
 /// The timeline of a backup that went live: a recording one with no
 /// backup yet, so that a new backup can join it.
-type LiveTimeline = Record<ChannelSink>;
+type LiveTimeline = record::Record<ChannelSink>;
 
 /// The backup's timeline: replay from the stream until the primary is lost
 /// and the arbiter grants us the pair; then replay what was received and go
@@ -358,7 +359,11 @@ impl<O: Write> BackupTimeline<O> {
             sink = sink.with_join(JoinService::start(plan, bell, metrics, epoch, false)?);
         }
         self.replay.source_mut().promote();
-        self.live = Some(Record::new(world, sink, self.takeover.digest_every));
+        self.live = Some(record::Record::new(
+            world,
+            sink,
+            self.takeover.digest_every,
+        ));
         self.takeover.metrics.set_role(metrics::Role::Primary);
         self.takeover
             .metrics
@@ -400,6 +405,17 @@ impl<O: Write> Timeline for BackupTimeline<O> {
         demand: &Demand,
         out: &mut Vec<Input>,
     ) -> Result<(), Error> {
+        if self.live.is_none() {
+            // A joined backup resumes a guest that waits at the handover
+            // exit before anything says that exit is complete.
+            if !self.replay.source().covers(at.exit) {
+                if let Horizon::PeerLost(failure) =
+                    self.replay.source_mut().wait_horizon(at.exit)?
+                {
+                    self.go_live(at.exit, failure)?;
+                }
+            }
+        }
         if self.live.is_none() {
             return self.replay.inputs(at, demand, out);
         }

@@ -102,7 +102,8 @@ impl ChannelSink {
         arbiter: Option<Arbiter>,
     ) -> Result<Self, super::Error> {
         let mut sink = Self::alone(metrics, outlet, arbiter, 0)?;
-        sink.pair(link, 0)?;
+        sink.pair(link, 0)
+            .map_err(|_| super::Error::Spawn("output-gate", std::io::Error::other("the gate thread ended")))?;
         Ok(sink)
     }
 
