@@ -8,6 +8,9 @@
 //!   gap during the join is printed.
 //! - Bad joins leave the survivor serving: another image, another memory
 //!   size, a VM that already has a backup, a joiner killed halfway.
+//! - A pair and two spares: the primary is killed three times with writes
+//!   running; each time a spare joins without an operator, until none is
+//!   left and the survivor's status says it runs alone.
 
 mod common;
 
@@ -157,7 +160,11 @@ fn check_all(lab: &Lab, c: &mut Option<Conn>, acked: &[(String, String)]) {
                     Err(_) => *c = None,
                 }
             }
-            assert!(Instant::now() < end, "GET {k} never answered:\n{}", lab.logs());
+            assert!(
+                Instant::now() < end,
+                "GET {k} never answered:\n{}",
+                lab.logs()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -273,7 +280,11 @@ fn a_join_while_a_client_writes_loses_nothing() {
     wait_log(&mut a, "protected again", &lab);
     let (load, worst, c) = writer.join().unwrap();
     conn = Some(c);
-    assert!(load.len() > 20, "only {} writes during the join", load.len());
+    assert!(
+        load.len() > 20,
+        "only {} writes during the join",
+        load.len()
+    );
     eprintln!(
         "join during load: {} writes, worst reply gap {} ms",
         load.len(),
@@ -287,9 +298,16 @@ fn a_join_while_a_client_writes_loses_nothing() {
 }
 
 /// Runs a joiner to its end and returns its exit code and log.
-fn failed_join(lab: &Lab, name: &str, image: &str, join: SocketAddr, more: &[&str]) -> (Option<i32>, String) {
+fn failed_join(
+    lab: &Lab,
+    name: &str,
+    image: &str,
+    join: SocketAddr,
+    more: &[&str],
+) -> (Option<i32>, String) {
     let mut cmd = backup_cmd(image, "rj", free_addr());
-    cmd.args(["--join", &join.to_string(), "--serial", "none"]).args(more);
+    cmd.args(["--join", &join.to_string(), "--serial", "none"])
+        .args(more);
     let mut p = lab.spawn(name, cmd);
     let status = p.wait_timeout(LIMIT);
     assert!(status.is_some(), "{name} did not end:\n{}", lab.logs());
@@ -328,14 +346,11 @@ fn bad_joins_are_refused_and_leave_the_survivor_serving() {
     acked.extend(write_some(&lab, &mut conn, "after-mismatch", 5));
 
     // A joiner that dies halfway through the transfer.
-    let mut half = lab.spawn(
-        "half",
-        {
-            let mut cmd = backup_cmd("kv", "rj", free_addr());
-            cmd.args(["--join", &a_join.to_string(), "--serial", "none"]);
-            cmd
-        },
-    );
+    let mut half = lab.spawn("half", {
+        let mut cmd = backup_cmd("kv", "rj", free_addr());
+        cmd.args(["--join", &a_join.to_string(), "--serial", "none"]);
+        cmd
+    });
     wait_log(&mut half, "receiving its memory", &lab);
     // Frozen, then killed: the survivor either gives the transfer up, or
     // (if it had already handed over) loses its new backup and wins the
@@ -350,7 +365,11 @@ fn bad_joins_are_refused_and_leave_the_survivor_serving() {
         if t.contains("the join failed") || t.matches("continuing alone").count() >= 2 {
             break;
         }
-        assert!(Instant::now() < end, "the survivor never gave the half join up:\n{}", lab.logs());
+        assert!(
+            Instant::now() < end,
+            "the survivor never gave the half join up:\n{}",
+            lab.logs()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -363,4 +382,110 @@ fn bad_joins_are_refused_and_leave_the_survivor_serving() {
     wait_log(&mut cj, "going live", &lab);
     check_all(&lab, &mut conn, &acked);
     assert!(Path::new(&lab.log("a")).exists());
+}
+
+/// Polls every named side's log until one (not in `skip`) contains
+/// `needle` `count` times; returns its name.
+fn wait_any(lab: &Lab, names: &[&str], skip: &[String], needle: &str, count: usize) -> String {
+    let end = Instant::now() + LIMIT;
+    loop {
+        for n in names {
+            if !skip.iter().any(|s| s == n) && lab.text(n).matches(needle).count() >= count {
+                return n.to_string();
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "nobody logged {needle:?} {count} time(s):\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn two_spares_restore_protection_after_each_failover_until_none_is_left() {
+    if !kvm_available("two_spares_restore_protection_after_each_failover_until_none_is_left") {
+        return;
+    }
+    let lab = Lab::new("rejoin-spares");
+    let names = ["a", "b", "s1", "s2"];
+    let listen: Vec<SocketAddr> = names.iter().map(|_| free_addr()).collect();
+    let metrics: Vec<SocketAddr> = names.iter().map(|_| free_addr()).collect();
+    let join_list = |me: usize| {
+        (0..names.len())
+            .filter(|&i| i != me)
+            .map(|i| listen[i].to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut procs = std::collections::BTreeMap::new();
+    let mut b = backup_cmd("kv", "rj", listen[1]);
+    b.args(["--serial", &format!("tcp:{}", lab.service)])
+        .args(["--metrics", &metrics[1].to_string()]);
+    procs.insert("b", lab.spawn("b", b));
+    // The primary's join address is where a live backup would listen.
+    let mut a = primary_cmd("kv", "rj", listen[1]);
+    a.args(["--serial", &format!("tcp:{}", lab.service)])
+        .args(["--join-listen", &listen[0].to_string()])
+        .args(["--metrics", &metrics[0].to_string()]);
+    procs.insert("a", lab.spawn("a", a));
+    for (i, name) in [(2, "s1"), (3, "s2")] {
+        let mut s = duet();
+        s.args(["spare", "--image", "kv", "--vm-id", "rj"])
+            .args(["--listen", &listen[i].to_string()])
+            .args(["--join", &join_list(i)])
+            .args(["--serial", &format!("tcp:{}", lab.service)])
+            .args(["--metrics", &metrics[i].to_string()]);
+        procs.insert(name, lab.spawn(name, s));
+    }
+    wait_for_port(lab.service, LIMIT);
+    let mut conn = None;
+    let mut acked = write_some(&lab, &mut conn, "start", 10);
+    let mut primary = "a".to_string();
+    let mut dead: Vec<String> = Vec::new();
+    for round in 1..=3 {
+        procs
+            .get_mut(primary.as_str())
+            .unwrap()
+            .signal(libc::SIGKILL)
+            .unwrap();
+        dead.push(primary.clone());
+        acked.extend(write_some(&lab, &mut conn, &format!("r{round}"), 10));
+        primary = wait_any(&lab, &names, &dead, "going live", 1);
+        if round < 3 {
+            // A spare joins the new primary without an operator.
+            let joined = wait_any(
+                &lab,
+                &names,
+                &dead,
+                &format!(
+                    "joined the VM at {}",
+                    listen[names.iter().position(|n| *n == primary).unwrap()]
+                ),
+                1,
+            );
+            wait_any(&lab, &[primary.as_str()], &[], "protected again", 1);
+            eprintln!("round {round}: {primary} went live, {joined} joined it");
+        }
+        acked.extend(write_some(&lab, &mut conn, &format!("r{round}-after"), 10));
+    }
+    check_all(&lab, &mut conn, &acked);
+    // No spare left: the survivor runs alone, and its status says so.
+    let i = names.iter().position(|n| *n == primary).unwrap();
+    let o = run_bounded(
+        duet().args(["status", &metrics[i].to_string()]),
+        None,
+        Duration::from_secs(10),
+    );
+    let out = stdout(&o);
+    assert!(
+        out.contains("alone"),
+        "status of {primary}:\n{out}\n{}",
+        stderr(&o)
+    );
+    eprintln!(
+        "after three failovers: {primary} serves alone; {} writes kept",
+        acked.len()
+    );
 }

@@ -455,8 +455,10 @@ pub struct BackupOptions {
     pub image: String,
     pub mem_size: u64,
     pub listen: SocketAddr,
-    /// Join the VM running there instead of waiting for a primary.
-    pub join: Option<SocketAddr>,
+    /// Join a VM running at one of these instead of waiting for a primary.
+    pub join: Vec<SocketAddr>,
+    /// Wait (as a standby spare) until one of `join` needs a backup.
+    pub spare: bool,
     pub pair: PairOptions,
     /// The backup's own (dropped) serial output is written here, if given.
     pub transcript: Option<PathBuf>,
@@ -501,8 +503,8 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
         Box::new(Replay::new(LoadedLog::new(Vec::new()), std::io::sink())),
     )
     .with_context(|| format!("cannot boot {:?}", opts.image))?;
-    let (link, resume, epoch) = match opts.join {
-        None => {
+    let (link, resume, epoch) = match opts.join.is_empty() {
+        true => {
             tracing::info!("backup: waiting for a primary on {}", opts.listen);
             let link = BackupLink::accept_with(
                 opts.listen,
@@ -516,24 +518,43 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
             let epoch = link.peer().epoch;
             (link, None, epoch)
         }
-        Some(addr) => {
-            let hello = Hello { join: true, ..hello };
-            let joined = match ft::joiner::join(
+        false => {
+            let hello = Hello {
+                join: true,
+                ..hello
+            };
+            if opts.spare {
+                stop::install()?;
+                tracing::warn!(
+                    "spare: standing by for a VM at {} that needs a backup",
+                    opts.join
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let joined = match ft::joiner::join_any(
                 &mut vcpu,
-                addr,
+                &opts.join,
                 &hello,
                 &opts.pair.security(),
-                Duration::from_secs(10),
                 opts.pair.channel_config(),
+                opts.spare,
             ) {
                 Ok(j) => j,
                 Err(e @ ft::joiner::Error::DigestMismatch { .. }) => {
                     eprintln!("duet: {e}");
                     return Ok(EXIT_DIVERGENCE);
                 }
+                Err(_) if opts.spare && stop::requested() => {
+                    eprintln!("duet: stopped by a signal");
+                    return Ok(0);
+                }
                 Err(e) => return Err(e.into()),
             };
             let h = &joined.handover;
+            let addr = joined.from;
             metrics.join_done(Duration::ZERO, joined.took, joined.bytes);
             metrics.event(Event::Joined {
                 epoch: joined.epoch,

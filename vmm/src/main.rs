@@ -33,6 +33,10 @@ enum Command {
     Primary(PrimaryArgs),
     /// Boot the same guest and replay the primary's stream as it arrives.
     Backup(BackupArgs),
+    /// A standby spare: wait until one of the VMs at --join runs without a
+    /// backup (after a failover), then join it and serve as its backup,
+    /// without an operator. Takes the same flags as `backup`.
+    Spare(BackupArgs),
     /// The whole mission in one command: arbiter, primary and backup as
     /// separate processes, a checked kv workload, SIGKILL of the primary,
     /// failover, and an account of what the client saw.
@@ -333,8 +337,10 @@ struct BackupArgs {
     /// Join the VM running at this address (a primary's --join-listen, or
     /// a live backup's --listen) instead of waiting for a primary that
     /// boots with us: its memory and state are copied here while it runs.
-    #[arg(long)]
-    join: Option<SocketAddr>,
+    /// Several (comma-separated): the first that takes a backup; a spare
+    /// watches them all.
+    #[arg(long, value_delimiter = ',')]
+    join: Vec<SocketAddr>,
     #[command(flatten)]
     pair: PairArgs,
     /// Write the backup's own serial output (dropped otherwise) to this file.
@@ -417,6 +423,7 @@ struct ReplayArgs {
 fn main() -> ExitCode {
     cli::init_logging();
     let args = Cli::parse();
+    let spare = matches!(args.command, Command::Spare(_));
     let result = match args.command {
         Command::Run(a) => a.options().and_then(|o| cli::run(&o)),
         Command::Record(a) => a.run.options().and_then(|run| {
@@ -444,12 +451,16 @@ fn main() -> ExitCode {
                 join_listen: a.join_listen,
             })
         }),
-        Command::Backup(a) => a.net.options().and_then(|net| {
+        Command::Spare(a) if a.join.is_empty() => Err(anyhow::anyhow!(
+            "a spare needs the addresses of the VM it stands by for (--join ADDR,...)"
+        )),
+        Command::Backup(a) | Command::Spare(a) => a.net.options().and_then(|net| {
             cli::backup(&cli::BackupOptions {
                 image: a.image,
                 mem_size: a.mem,
                 listen: a.listen,
                 join: a.join,
+                spare,
                 pair: a.pair.options()?,
                 transcript: a.transcript,
                 kvm_path: a.kvm,

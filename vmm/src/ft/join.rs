@@ -245,7 +245,8 @@ fn serve(
             }
         };
         if desk.paired() {
-            tracing::warn!("refused a joiner: this VM already has a backup");
+            // Spares ask often: not worth a warning each time.
+            tracing::info!("refused a joiner: this VM already has a backup");
             session.refuse("this VM already has a backup");
             continue;
         }

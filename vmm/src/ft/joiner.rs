@@ -49,10 +49,14 @@ pub enum Error {
     },
     #[error("the log channel from the survivor could not start")]
     Link(#[source] channel::Error),
+    #[error("no address to join (--join)")]
+    NoAddress,
 }
 
 /// A finished join: the link carries the log from `handover.first_seq`.
 pub struct Joined {
+    /// The survivor's address.
+    pub from: SocketAddr,
     pub link: BackupLink,
     pub handover: Handover,
     pub epoch: u64,
@@ -131,6 +135,7 @@ pub fn join(
         .into_link(config, handover.first_seq)
         .map_err(Error::Link)?;
     Ok(Joined {
+        from: addr,
         link,
         handover,
         epoch,
@@ -139,6 +144,56 @@ pub fn join(
         digest,
     })
 }
+
+/// Joins the first VM of `addrs` that takes a backup. With `wait` (a
+/// spare), keeps asking them in turn, every [`SPARE_POLL`], until one does
+/// or a stop is requested; without, asks each once.
+///
+/// Exactly one spare joins each survivor: a survivor serves one joiner at
+/// a time and refuses every other while it has a backup, so the spares
+/// that lose the race go on waiting.
+pub fn join_any(
+    vcpu: &mut Vcpu,
+    addrs: &[SocketAddr],
+    hello: &Hello,
+    security: &Security,
+    config: ChannelConfig,
+    wait: bool,
+) -> Result<Joined, Error> {
+    let timeout = if wait {
+        Duration::from_millis(300)
+    } else {
+        Duration::from_secs(10)
+    };
+    loop {
+        let mut last = None;
+        for &addr in addrs {
+            match join(vcpu, addr, hello, security, timeout, config) {
+                Ok(j) => return Ok(j),
+                // Nobody there, or a VM that has its backup: ask the next.
+                Err(e @ Error::Connect { .. }) => {
+                    tracing::debug!("spare: {}", channel::error_chain(&e));
+                    last = Some(e);
+                }
+                // Anything later: this join failed; a spare tries again
+                // (round 0 rewrites all of memory, and the state is
+                // restored anew).
+                Err(e) if wait => {
+                    tracing::warn!("spare: the join failed: {}", channel::error_chain(&e));
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !wait || stop::requested() {
+            return Err(last.unwrap_or(Error::NoAddress));
+        }
+        std::thread::sleep(SPARE_POLL);
+    }
+}
+
+/// How often a spare asks the VMs it watches whether one needs a backup.
+pub const SPARE_POLL: Duration = Duration::from_millis(250);
 
 fn check_range(first: u64, count: u64, pages: u64) -> Result<(), Error> {
     match first.checked_add(count) {
