@@ -640,7 +640,10 @@ mod tests {
         assert_eq!(copy.state(), pit.state());
         // It keeps counting from the same load time.
         assert_eq!(copy.channel0_period_ns(), pit.channel0_period_ns());
-        assert_eq!(copy.read(CHANNEL0, 1_234_567), pit.read(CHANNEL0, 1_234_567));
+        assert_eq!(
+            copy.read(CHANNEL0, 1_234_567),
+            pit.read(CHANNEL0, 1_234_567)
+        );
     }
 
     /// The contract with the caller: when `uses_clock` is false the access
