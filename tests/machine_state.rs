@@ -385,8 +385,20 @@ fn ticker_moves_mid_run_and_both_copies_end_like_the_original() {
         .collect();
     assert!(interrupts.len() > 100, "{} interrupts", interrupts.len());
     // Save right at an injection: the vector is queued in KVM, not yet
-    // taken by the guest, so it must travel in the vCPU's events.
-    let (n, vector) = interrupts[interrupts.len() / 2];
+    // taken by the guest, so it must travel with the vCPU (KVM reports it
+    // both in the events and in the special registers' interrupt bitmap).
+    // And at a read exit (see the netkv scenario).
+    let kind_at = |exit: u64| {
+        records
+            .iter()
+            .find(|r| r.pos.exit == exit)
+            .map(|r| r.pos.kind)
+    };
+    let (n, vector) = interrupts[interrupts.len() / 2..]
+        .iter()
+        .copied()
+        .find(|&(e, _)| matches!(kind_at(e), Some(1 | 3)))
+        .expect("an injection at a read exit");
     let moved = move_mid_run(&config, &records, n / 2, n);
     report("ticker", &moved, n);
     let ev = moved.state.vcpu.events;
@@ -396,6 +408,11 @@ fn ticker_moves_mid_run_and_both_copies_end_like_the_original() {
         "the timer vector injected at exit {n} is pending in the saved events"
     );
     assert!(moved.state.devices.pit.channels[0].load_ns.is_some());
+    let pending = moved.state.vcpu.sregs.interrupt_bitmap[usize::from(vector / 64)];
+    assert!(
+        pending & (1 << (vector % 64)) != 0,
+        "{vector:#x} not in the sregs bitmap"
+    );
 }
 
 /// A 60-byte ARP request from `sender` for `target`.
@@ -444,9 +461,17 @@ fn netkv_moves_mid_run_with_its_rings_and_received_frames() {
         "{} frames received, {tx} sent by the guest",
         frame_exits.len()
     );
-    // Save after a frame was written: the pages the VMM wrote between the
-    // rounds (RX buffers, used ring) are not in KVM's log.
-    let n = frame_exits[frame_exits.len() / 2];
+    // Save after frames were written: the pages the VMM wrote between the
+    // rounds (RX buffers, used ring) are not in KVM's log. And at a read
+    // (an MMIO read or `in`, exit kinds 3 and 1), whose result KVM only
+    // puts into the guest's registers at the next KVM_RUN: the save must
+    // complete it first.
+    let n = records
+        .iter()
+        .filter(|r| matches!(r.pos.kind, 1 | 3))
+        .map(|r| r.pos.exit)
+        .find(|&e| e > frame_exits[frame_exits.len() / 2])
+        .expect("a read exit after the middle frame");
     let p = frame_exits[frame_exits.len() / 4];
     assert!(frame_exits.iter().any(|&e| p < e && e <= n));
     let moved = move_mid_run(&config, &records, p, n);
