@@ -572,7 +572,8 @@ mod tests {
         pic.raise_irq(5);
         pic.raise_irq(11);
         pic.acknowledge();
-        let copy = Pic::from_state(&pic.state());
+        let bytes = postcard::to_stdvec(&pic.state()).unwrap();
+        let copy = Pic::from_state(&postcard::from_bytes(&bytes).unwrap());
         assert_eq!(copy.state(), pic.state());
         assert_eq!(copy.pending_vector(), pic.pending_vector());
     }

@@ -635,8 +635,15 @@ mod tests {
         let mut pit = at_1000_hz(5);
         pit.write(COMMAND, 0x00, 10);
         pit.write(PORT_61, 3, 0);
-        let copy = Pit::from_state(&pit.state());
+        let bytes = postcard::to_stdvec(&pit.state()).unwrap();
+        let mut copy = Pit::from_state(&postcard::from_bytes(&bytes).unwrap());
         assert_eq!(copy.state(), pit.state());
+        // It keeps counting from the same load time.
+        assert_eq!(copy.channel0_period_ns(), pit.channel0_period_ns());
+        assert_eq!(
+            copy.read(CHANNEL0, 1_234_567),
+            pit.read(CHANNEL0, 1_234_567)
+        );
     }
 
     /// The contract with the caller: when `uses_clock` is false the access

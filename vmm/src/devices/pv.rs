@@ -247,6 +247,8 @@ mod tests {
         // the machine's, not state): a backup that restores it cannot
         // disagree with a primary that never wrote.
         assert_eq!(state, PvDevice::new().state());
+        let bytes = postcard::to_stdvec(&state).unwrap();
+        assert_eq!(postcard::from_bytes::<PvState>(&bytes).unwrap(), state);
         assert_eq!(restored.read(0x30, 8), pv.read(0x30, 8));
     }
 

@@ -616,8 +616,13 @@ mod tests {
         let mut rtc = Rtc::new();
         write_reg(&mut rtc, MINUTES, 0x01, T);
         write_reg(&mut rtc, 0x40, 0xaa, T);
-        let mut copy = Rtc::from_state(&rtc.state());
+        let bytes = postcard::to_stdvec(&rtc.state()).unwrap();
+        let mut copy = Rtc::from_state(&postcard::from_bytes(&bytes).unwrap());
         assert_eq!(copy.state(), rtc.state());
+        // CMOS RAM of another size is refused, not padded.
+        let json = serde_json::to_string(&rtc.state()).unwrap();
+        assert!(json.contains(",0],\"offset_secs\""), "{json}");
+        assert!(serde_json::from_str::<RtcState>(&json.replace(",0]", "]")).is_err());
         assert_eq!(time_regs(&mut copy, T + 7), time_regs(&mut rtc, T + 7));
     }
 

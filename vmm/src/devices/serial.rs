@@ -365,6 +365,8 @@ mod tests {
         com.enqueue(b"in").unwrap();
         let state = com.state();
         assert!(state.irq_pending);
+        let bytes = postcard::to_stdvec(&state).unwrap();
+        assert_eq!(postcard::from_bytes::<Com1State>(&bytes).unwrap(), state);
         let mut copy = Com1::from_state(&state).unwrap();
         assert_eq!(copy.state(), state);
         assert!(copy.take_irq());
