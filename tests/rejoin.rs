@@ -157,7 +157,11 @@ fn check_all(lab: &Lab, c: &mut Option<Conn>, acked: &[(String, String)]) {
                     Err(_) => *c = None,
                 }
             }
-            assert!(Instant::now() < end, "GET {k} never answered:\n{}", lab.logs());
+            assert!(
+                Instant::now() < end,
+                "GET {k} never answered:\n{}",
+                lab.logs()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -273,7 +277,11 @@ fn a_join_while_a_client_writes_loses_nothing() {
     wait_log(&mut a, "protected again", &lab);
     let (load, worst, c) = writer.join().unwrap();
     conn = Some(c);
-    assert!(load.len() > 20, "only {} writes during the join", load.len());
+    assert!(
+        load.len() > 20,
+        "only {} writes during the join",
+        load.len()
+    );
     eprintln!(
         "join during load: {} writes, worst reply gap {} ms",
         load.len(),
@@ -287,9 +295,16 @@ fn a_join_while_a_client_writes_loses_nothing() {
 }
 
 /// Runs a joiner to its end and returns its exit code and log.
-fn failed_join(lab: &Lab, name: &str, image: &str, join: SocketAddr, more: &[&str]) -> (Option<i32>, String) {
+fn failed_join(
+    lab: &Lab,
+    name: &str,
+    image: &str,
+    join: SocketAddr,
+    more: &[&str],
+) -> (Option<i32>, String) {
     let mut cmd = backup_cmd(image, "rj", free_addr());
-    cmd.args(["--join", &join.to_string(), "--serial", "none"]).args(more);
+    cmd.args(["--join", &join.to_string(), "--serial", "none"])
+        .args(more);
     let mut p = lab.spawn(name, cmd);
     let status = p.wait_timeout(LIMIT);
     assert!(status.is_some(), "{name} did not end:\n{}", lab.logs());
@@ -328,14 +343,11 @@ fn bad_joins_are_refused_and_leave_the_survivor_serving() {
     acked.extend(write_some(&lab, &mut conn, "after-mismatch", 5));
 
     // A joiner that dies halfway through the transfer.
-    let mut half = lab.spawn(
-        "half",
-        {
-            let mut cmd = backup_cmd("kv", "rj", free_addr());
-            cmd.args(["--join", &a_join.to_string(), "--serial", "none"]);
-            cmd
-        },
-    );
+    let mut half = lab.spawn("half", {
+        let mut cmd = backup_cmd("kv", "rj", free_addr());
+        cmd.args(["--join", &a_join.to_string(), "--serial", "none"]);
+        cmd
+    });
     wait_log(&mut half, "receiving its memory", &lab);
     // Frozen, then killed: the survivor either gives the transfer up, or
     // (if it had already handed over) loses its new backup and wins the
@@ -350,7 +362,11 @@ fn bad_joins_are_refused_and_leave_the_survivor_serving() {
         if t.contains("the join failed") || t.matches("continuing alone").count() >= 2 {
             break;
         }
-        assert!(Instant::now() < end, "the survivor never gave the half join up:\n{}", lab.logs());
+        assert!(
+            Instant::now() < end,
+            "the survivor never gave the half join up:\n{}",
+            lab.logs()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 

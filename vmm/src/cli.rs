@@ -517,7 +517,10 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
             (link, None, epoch)
         }
         Some(addr) => {
-            let hello = Hello { join: true, ..hello };
+            let hello = Hello {
+                join: true,
+                ..hello
+            };
             let joined = match ft::joiner::join(
                 &mut vcpu,
                 addr,

@@ -16,11 +16,11 @@ use logchannel::{Event, Record};
 
 use super::arbiter::Arbiter;
 use super::events::Event as StateEvent;
+use super::join::{JoinPlan, JoinService};
 use super::metrics::{self, Metrics};
+use super::primary::ChannelSink;
 use super::{LinkFailure, Peer};
 use crate::stop;
-use super::join::{JoinPlan, JoinService};
-use super::primary::ChannelSink;
 use crate::timeline::record;
 use crate::timeline::replay::{Horizon, RecordSource, Replay};
 use crate::timeline::world::World;
@@ -359,11 +359,7 @@ impl<O: Write> BackupTimeline<O> {
             sink = sink.with_join(JoinService::start(plan, bell, metrics, epoch, false)?);
         }
         self.replay.source_mut().promote();
-        self.live = Some(record::Record::new(
-            world,
-            sink,
-            self.takeover.digest_every,
-        ));
+        self.live = Some(record::Record::new(world, sink, self.takeover.digest_every));
         self.takeover.metrics.set_role(metrics::Role::Primary);
         self.takeover
             .metrics
@@ -504,7 +500,10 @@ impl<O: Write> Timeline for BackupTimeline<O> {
         self.replay.source().exhausted() && self.live.as_ref().is_some_and(|l| l.wants_machine())
     }
 
-    fn attend_machine(&mut self, machine: &mut dyn crate::vcpu::MachineAccess) -> Result<(), Error> {
+    fn attend_machine(
+        &mut self,
+        machine: &mut dyn crate::vcpu::MachineAccess,
+    ) -> Result<(), Error> {
         match self.live_now() {
             Some(l) => l.attend_machine(machine),
             None => Ok(()),

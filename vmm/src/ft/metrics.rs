@@ -338,7 +338,8 @@ impl Metrics {
         self.joins.inc();
         self.join_blackout.set(blackout.as_secs_f64());
         self.join_seconds.set(total.as_secs_f64());
-        self.join_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.join_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// The backup's digest matched the primary's just now.

@@ -102,8 +102,12 @@ impl ChannelSink {
         arbiter: Option<Arbiter>,
     ) -> Result<Self, super::Error> {
         let mut sink = Self::alone(metrics, outlet, arbiter, 0)?;
-        sink.pair(link, 0)
-            .map_err(|_| super::Error::Spawn("output-gate", std::io::Error::other("the gate thread ended")))?;
+        sink.pair(link, 0).map_err(|_| {
+            super::Error::Spawn(
+                "output-gate",
+                std::io::Error::other("the gate thread ended"),
+            )
+        })?;
         Ok(sink)
     }
 
@@ -175,7 +179,11 @@ impl ChannelSink {
     }
 
     /// Serves what the join service asked of the vCPU thread.
-    fn serve_join(&mut self, machine: &mut dyn MachineAccess, world: &mut World) -> Result<(), Error> {
+    fn serve_join(
+        &mut self,
+        machine: &mut dyn MachineAccess,
+        world: &mut World,
+    ) -> Result<(), Error> {
         let Some(request) = self.join.as_ref().and_then(|j| j.desk().take()) else {
             return Ok(());
         };
@@ -387,7 +395,11 @@ impl LogSink for ChannelSink {
         self.join.as_ref().is_some_and(|j| j.desk().pending())
     }
 
-    fn attend_machine(&mut self, machine: &mut dyn MachineAccess, world: &mut World) -> Result<(), Error> {
+    fn attend_machine(
+        &mut self,
+        machine: &mut dyn MachineAccess,
+        world: &mut World,
+    ) -> Result<(), Error> {
         self.serve_join(machine, world)
     }
 

@@ -253,7 +253,10 @@ pub trait Timeline {
         false
     }
     /// Works on the machine between exits, with the vCPU stopped.
-    fn attend_machine(&mut self, _machine: &mut dyn crate::vcpu::MachineAccess) -> Result<(), Error> {
+    fn attend_machine(
+        &mut self,
+        _machine: &mut dyn crate::vcpu::MachineAccess,
+    ) -> Result<(), Error> {
         Ok(())
     }
 }

@@ -154,8 +154,9 @@ impl<S: LogSink> Timeline for Record<S> {
         }
         loop {
             let sink = &self.sink;
-            self.world
-                .poll(demand, out, &|| sink.needs_attention() || sink.wants_machine())?;
+            self.world.poll(demand, out, &|| {
+                sink.needs_attention() || sink.wants_machine()
+            })?;
             if self.sink.wants_machine() || !self.sink.needs_attention() {
                 // The vCPU loop serves a machine request between exits.
                 break;
