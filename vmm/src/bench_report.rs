@@ -29,14 +29,15 @@ use serde_json::Value;
 
 /// Every benchmark, in the order they run: cheapest and most basic first,
 /// so that a quick look at a partial report already says something.
-pub const BENCHES: [&str; 5] = ["solo", "record", "ft", "failover", "net"];
+pub const BENCHES: [&str; 6] = ["solo", "record", "ft", "failover", "rejoin", "net"];
 
 /// What `--quick` sets (unless already set in the environment, so that a
 /// single size can still be overridden). `solo`, `record` and `ft` have no
 /// size knob: their rounds are constants in the bench files.
-pub const QUICK_ENV: [(&str, &str); 3] = [
+pub const QUICK_ENV: [(&str, &str); 4] = [
     ("DUET_FAILOVER_TRIALS", "3"),
     ("DUET_SOAK_SECS", "5"),
+    ("DUET_REJOIN_TRIALS", "1"),
     ("DUET_NET_TRIALS", "1"),
 ];
 
@@ -52,6 +53,12 @@ pub mod paper {
     pub const NET_RECEIVE_MBIT: (f64, f64) = (604.0, 940.0);
     /// Execution lag of the backup, typically under this (ms).
     pub const LAG_MS: f64 = 100.0;
+    /// Pre-copy live migration's downtimes, ms: Clark et al., "Live
+    /// Migration of Virtual Machines", NSDI 2005 (issue 10's anchor for a
+    /// join's pause).
+    pub const MIGRATION_DOWNTIME_MS: (f64, f64) = (60.0, 210.0);
+    /// QEMU's default migration downtime limit, ms.
+    pub const QEMU_DOWNTIME_MS: f64 = 300.0;
     /// How the paper is cited in the report.
     pub const CITATION: &str = "Scales, Nelson, Venkitachalam, \"The Design of a Practical System \
         for Fault-Tolerant Virtual Machines\", ACM SIGOPS OSR 44(4), 2010";
@@ -687,9 +694,36 @@ fn beside_vmware(runs: &[BenchRun]) -> String {
         ],
         vec![
             "Re-protection (a new backup after a failover)".into(),
-            "does not exist yet".into(),
-            "automatic: a new backup is started on another host".into(),
-            "After a failover our new primary runs alone, unprotected.".into(),
+            match json(runs, "rejoin") {
+                Some(r) => format!(
+                    "protected in p50 {} ms at 64 MiB, {} ms at 512 MiB (idle kv)",
+                    fmt(get(r, "kv_idle_64m.protected_ms.p50"), 0),
+                    fmt(get(r, "kv_idle_512m.protected_ms.p50"), 0)
+                ),
+                None => "n/a".into(),
+            },
+            "automatic: a new backup is started on another host (FT VMotion, \"within minutes\")"
+                .into(),
+            "From starting `duet backup --join` to the survivor's `protected again` \
+             (`rejoin`)."
+                .into(),
+        ],
+        vec![
+            "Re-protection pause, ms".into(),
+            match json(runs, "rejoin") {
+                Some(r) => format!(
+                    "max {} (of every scenario and trial)",
+                    fmt(rejoin_worst(r, "blackout_us.max").map(|us| us / 1e3), 1)
+                ),
+                None => "n/a".into(),
+            },
+            format!(
+                "not given; pre-copy migration {:.0}–{:.0} (Clark et al., NSDI 2005), QEMU's default limit {:.0}",
+                paper::MIGRATION_DOWNTIME_MS.0,
+                paper::MIGRATION_DOWNTIME_MS.1,
+                paper::QEMU_DOWNTIME_MS
+            ),
+            "How long the survivor's guest stops while the last pages and the machine state go over.".into(),
         ],
     ];
     s += &table(&["figure", "ours", "VMware FT", "what it is"], &rows);
@@ -961,11 +995,132 @@ fn failover_section(runs: &[BenchRun], charts: &[ChartFile]) -> String {
         s += "\n";
         s += &chart_link(charts, "failover", "Failover times");
     }
-    s += "### Re-protection\n\n";
-    s += "Re-protection (starting a new backup for the new primary, so that the VM survives a \
-          second failure) **does not exist yet**: after a failover the new primary runs alone, \
-          and there is no figure to report. VMware FT restores redundancy automatically by \
-          starting a new backup on another host.\n\n";
+    s + &rejoin_section(runs)
+}
+
+/// The scenarios of the `rejoin` bench, as (JSON key, label), in the
+/// order it runs them.
+pub const REJOIN_SCENARIOS: [(&str, &str); 6] = [
+    ("kv_idle_64m", "kv idle, 64 MiB"),
+    ("kv_writes_64m", "kv under writes, 64 MiB"),
+    ("compute_churn_64m", "compute (memory churn), 64 MiB"),
+    ("kv_idle_512m", "kv idle, 512 MiB"),
+    ("kv_writes_512m", "kv under writes, 512 MiB"),
+    ("compute_churn_512m", "compute (memory churn), 512 MiB"),
+];
+
+/// The largest figure at `path` (below each scenario) over the scenarios
+/// that have it.
+fn rejoin_worst(r: &Value, path: &str) -> Option<f64> {
+    REJOIN_SCENARIOS
+        .iter()
+        .filter_map(|(key, _)| get(r, &format!("{key}.{path}")))
+        .reduce(f64::max)
+}
+
+/// A figure as "p50 / max" (`scale` applied), from `{"p50":..,"max":..}`.
+fn p50_max(v: &Value, path: &str, scale: f64, dp: usize) -> String {
+    let g = |q: &str| get(v, &format!("{path}.{q}")).map(|x| x * scale);
+    format!("{} / {}", fmt(g("p50"), dp), fmt(g("max"), dp))
+}
+
+fn yes_no(v: Option<&Value>) -> String {
+    match v.and_then(Value::as_bool) {
+        Some(true) => "yes".into(),
+        Some(false) => "**no**".into(),
+        None => "n/a".into(),
+    }
+}
+
+fn rejoin_section(runs: &[BenchRun]) -> String {
+    let mut s = String::from("### Re-protection\n\n");
+    s += "A new backup joins the survivor while its guest runs (`duet backup --join`): trials of \
+          a pair on loopback whose backup is SIGKILLed, so that the primary goes on alone, and \
+          then a joiner, which copies memory with KVM's dirty log while the guest runs and \
+          pauses it once for the last pages and the machine state. \"Protected\" runs from \
+          starting the joiner process to the survivor's `protected` event; the survivor's own \
+          figure starts when the joiner arrives. The survivor counts itself protected once it has \
+          sent the handover; \"joiner ready\" runs to the joiner's own `joined`, after it has \
+          applied the stream and checked the state digest. The pause includes a digest of all \
+          guest memory, which grows with the memory size. Under writes, a client sends SETs over the \
+          serial line throughout; `compute` rewrites its 4 MiB buffer at random.\n\n";
+    if let Some(m) = missing(runs, "rejoin") {
+        return s + &m;
+    }
+    let r = json(runs, "rejoin").expect("checked");
+    let mut rows = Vec::new();
+    for (key, label) in REJOIN_SCENARIOS {
+        let Some(v) = r.get(key) else {
+            continue;
+        };
+        let gap = if v.get("client_worst_gap_ms").is_some() {
+            p50_max(v, "client_worst_gap_ms", 1.0, 0)
+        } else {
+            "–".into()
+        };
+        rows.push(vec![
+            label.to_string(),
+            format!(
+                "{} ({})",
+                fmt(get(v, "ok_trials"), 0),
+                fmt(get(v, "failed_trials"), 0)
+            ),
+            p50_max(v, "protected_ms", 1.0, 0),
+            p50_max(v, "survivor_total_ms", 1.0, 0),
+            p50_max(v, "joined_ms", 1.0, 0),
+            p50_max(v, "blackout_us", 1e-3, 2),
+            p50_max(v, "blackout_parts_us.digest", 1e-3, 2),
+            p50_max(v, "bytes", 1.0 / 1_048_576.0, 1),
+            p50_max(v, "rounds", 1.0, 0),
+            gap,
+        ]);
+    }
+    s += &format!("Trials per scenario: {}.\n\n", fmt(get(r, "trials"), 0));
+    s += &table(
+        &[
+            "scenario",
+            "trials (failed)",
+            "protected p50 / max, ms",
+            "survivor's p50 / max, ms",
+            "joiner ready p50 / max, ms",
+            "pause p50 / max, ms",
+            "of it the digest, ms",
+            "sent p50 / max, MiB",
+            "pre-copy rounds p50 / max",
+            "client's worst gap p50 / max, ms",
+        ],
+        &rows,
+    );
+    let met = r.get("targets_met");
+    s += &format!(
+        "\nTargets (issue 10), by the worst trial: protected within {} ms at 64 MiB: {}; a pause \
+         under {} ms: {}. For scale: pre-copy migration downtimes of {:.0}–{:.0} ms (Clark et \
+         al., NSDI 2005), QEMU's default downtime limit of {:.0} ms.\n\n",
+        fmt(get(r, "targets.protected_64m_ms"), 0),
+        yes_no(met.and_then(|m| m.get("protected_64m"))),
+        fmt(get(r, "targets.blackout_us").map(|us| us / 1e3), 0),
+        yes_no(met.and_then(|m| m.get("blackout"))),
+        paper::MIGRATION_DOWNTIME_MS.0,
+        paper::MIGRATION_DOWNTIME_MS.1,
+        paper::QEMU_DOWNTIME_MS
+    );
+    let failures: Vec<String> = REJOIN_SCENARIOS
+        .iter()
+        .flat_map(|(key, label)| {
+            r.get(*key)
+                .and_then(|v| v.get("failures"))
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(move |f| format!("- {label}: `{}`\n", f.replace('`', "'")))
+        })
+        .collect();
+    if !failures.is_empty() {
+        s += "Failed trials:\n\n";
+        s += &failures.concat();
+        s += "\n";
+    }
     s
 }
 
@@ -1451,6 +1606,9 @@ mod tests {
             "net" => {
                 r#"{"trials":1,"solo_set_rps":20000.0,"ft_set_rps":12000.0,"set_rps_ratio":0.6,"solo_set_p50_ms":1.2,"ft_set_p50_ms":2.4,"set_p50_ratio":2.0,"solo_set_p99_ms":3.0,"ft_set_p99_ms":9.0,"set_p99_ratio":3.0,"solo_get_rps":22000.0,"ft_get_rps":15400.0,"get_rps_ratio":0.7,"solo_get_p50_ms":1.1,"ft_get_p50_ms":2.2,"get_p50_ratio":2.0,"solo_get_p99_ms":2.0,"ft_get_p99_ms":4.0,"get_p99_ratio":2.0,"log_mbit_s":45.678,"failover_gap_p50_ms":812.0,"failover_gap_max_ms":812.0,"failover_gaps_ms":[812.0]}"#
             }
+            "rejoin" => {
+                r#"{"trials":2,"targets":{"protected_64m_ms":2000.0,"blackout_us":50000.0},"kv_idle_64m":{"image":"kv","mem_mib":64,"load":"idle","ok_trials":2,"failed_trials":0,"protected_ms":{"p50":420.5,"max":480.0,"trials":[420.5,480.0]},"survivor_total_ms":{"p50":150.0,"max":170.0,"trials":[150.0,170.0]},"blackout_us":{"p50":2500.0,"max":3100.0,"trials":[2500.0,3100.0]},"bytes":{"p50":2097152.0,"max":2097152.0,"trials":[2097152.0,2097152.0]},"rounds":{"p50":2.0,"max":2.0,"trials":[2.0,2.0]},"joined_ms":{"p50":600.0,"max":650.0},"blackout_parts_us":{"digest":{"p50":2100.0,"max":2200.0}},"failures":[]},"kv_writes_64m":{"ok_trials":2,"failed_trials":0,"protected_ms":{"p50":500.0,"max":520.0},"blackout_us":{"p50":4000.0,"max":61000.0},"client_worst_gap_ms":{"p50":35.0,"max":70.0},"failures":[]},"compute_churn_64m":{"ok_trials":1,"failed_trials":1,"protected_ms":{"p50":900.0,"max":900.0},"blackout_us":{"p50":9000.0,"max":9000.0},"failures":["the a never logged `protected again`, exited (exit status: 0)"]},"kv_idle_512m":{"ok_trials":2,"failed_trials":0,"protected_ms":{"p50":2400.0,"max":2600.0},"blackout_us":{"p50":3000.0,"max":3500.0},"failures":[]},"targets_met":{"protected_64m":true,"blackout":false}}"#
+            }
             _ => unreachable!(),
         };
         serde_json::from_str(text).unwrap()
@@ -1534,8 +1692,31 @@ mod tests {
         );
         assert!(fo.contains("order of seconds"), "{fo}");
         let re = row_of(&md, "Re-protection (a new backup after a failover)");
-        assert!(re.contains("does not exist yet"), "{re}");
-        assert!(md.contains("**does not exist yet**"));
+        assert!(
+            re.contains("p50 420 ms at 64 MiB, 2400 ms at 512 MiB"),
+            "{re}"
+        );
+        assert!(!md.contains("does not exist yet"));
+        let pause = row_of(&md, "Re-protection pause, ms");
+        assert!(
+            pause.contains("max 61.0") && pause.contains("60–210"),
+            "{pause}"
+        );
+        let idle = row_of(&md, "kv idle, 64 MiB");
+        assert!(
+            idle.contains(
+                "| 2 (0) | 420 / 480 | 150 / 170 | 600 / 650 | 2.50 / 3.10 | 2.10 / 2.20 | 2.0 / 2.0 | 2 / 2 | – |"
+            ),
+            "{idle}"
+        );
+        let writes = row_of(&md, "kv under writes, 64 MiB");
+        assert!(writes.contains("| 35 / 70 |"), "{writes}");
+        // A scenario the JSON lacks is left out; a failure is quoted.
+        assert!(!md.contains("| kv under writes, 512 MiB |"));
+        assert!(
+            md.contains("- compute (memory churn), 64 MiB: `the a never logged 'protected again'")
+        );
+        assert!(md.contains("within 2000 ms at 64 MiB: yes; a pause under 50 ms: **no**"));
 
         let per = row_of(&md, "per trial, ms");
         assert!(

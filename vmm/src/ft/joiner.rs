@@ -16,20 +16,21 @@ use crate::timeline::StateDigest;
 use crate::vcpu::{self, MachineState, Vcpu};
 
 /// Why a join failed. Every one leaves the survivor serving: it gives the
-/// join up when the connection ends.
+/// join up when the connection ends. The large sources are boxed, so that
+/// every `Result` of the join stays small.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot join the VM at {addr}")]
     Connect {
         addr: SocketAddr,
         #[source]
-        source: channel::Error,
+        source: Box<channel::Error>,
     },
     #[error("the state transfer from {addr} failed")]
     Transfer {
         addr: SocketAddr,
         #[source]
-        source: channel::Error,
+        source: Box<channel::Error>,
     },
     #[error("the survivor sent pages {first}..{end}, beyond this guest's {pages} pages")]
     PageRange { first: u64, end: u64, pages: u64 },
@@ -38,7 +39,7 @@ pub enum Error {
     #[error("the survivor's machine state does not decode")]
     State(#[source] postcard::Error),
     #[error("cannot restore the survivor's machine state")]
-    Restore(#[source] vcpu::Error),
+    Restore(#[source] Box<vcpu::Error>),
     #[error(
         "the restored state differs from the survivor's at exit {exit}: ours {ours}, the survivor's {theirs}"
     )]
@@ -48,7 +49,7 @@ pub enum Error {
         theirs: StateDigest,
     },
     #[error("the log channel from the survivor could not start")]
-    Link(#[source] channel::Error),
+    Link(#[source] Box<channel::Error>),
     #[error("no address to join (--join)")]
     NoAddress,
 }
@@ -77,8 +78,12 @@ pub fn join(
     config: ChannelConfig,
 ) -> Result<Joined, Error> {
     let started = Instant::now();
-    let mut joiner = Joiner::connect(addr, hello, security, connect_timeout)
-        .map_err(|source| Error::Connect { addr, source })?;
+    let mut joiner = Joiner::connect(addr, hello, security, connect_timeout).map_err(|source| {
+        Error::Connect {
+            addr,
+            source: Box::new(source),
+        }
+    })?;
     let epoch = joiner.epoch();
     tracing::warn!("joining the VM at {addr} (epoch {epoch}): receiving its memory");
     let mem = vcpu.memory().clone();
@@ -87,9 +92,10 @@ pub fn join(
     let zero = vec![0u8; PAGE_SIZE];
     let mut page = vec![0u8; PAGE_SIZE];
     let handover = loop {
-        let step = joiner
-            .next(&stop)
-            .map_err(|source| Error::Transfer { addr, source })?;
+        let step = joiner.next(&stop).map_err(|source| Error::Transfer {
+            addr,
+            source: Box::new(source),
+        })?;
         match step {
             Transfer::Pages { first, data } => {
                 let n = (data.len() / PAGE_SIZE) as u64;
@@ -116,8 +122,11 @@ pub fn join(
         }
     };
     let state: MachineState = postcard::from_bytes(&handover.machine).map_err(Error::State)?;
-    vcpu.restore(&state).map_err(Error::Restore)?;
-    let digest = vcpu.state_digest().map_err(Error::Restore)?;
+    vcpu.restore(&state)
+        .map_err(|e| Error::Restore(Box::new(e)))?;
+    let digest = vcpu
+        .state_digest()
+        .map_err(|e| Error::Restore(Box::new(e)))?;
     let theirs = StateDigest {
         regs_crc: handover.regs_crc,
         mem_crc: handover.mem_crc,
@@ -133,7 +142,7 @@ pub fn join(
     let bytes = joiner.received_bytes();
     let link = joiner
         .into_link(config, handover.first_seq)
-        .map_err(Error::Link)?;
+        .map_err(|e| Error::Link(Box::new(e)))?;
     Ok(Joined {
         from: addr,
         link,
