@@ -513,7 +513,7 @@ mod tests {
         };
         let mut d = Devices::new(
             PvDevice::with_net(&net),
-            Some(VirtioNet::new(net.mac, mem.clone())),
+            Some(VirtioNet::new(net.mac.0, mem.clone())),
         );
         let mut tl = Fake::default();
         let read = |d: &mut Devices, tl: &mut Fake, off: u64, len| {
