@@ -376,14 +376,125 @@ fn etcd_grants_a_vm_only_to_its_certificate() {
         connect(&pki.stranger).test_and_set("kv1", 1, "x"),
         "not from our CA",
     );
-    // Plaintext to a TLS-only member.
-    let mut plain = vmm::ft::arbiter::etcd::EtcdArbiter::connect(&eps).unwrap();
-    let e = plain.test_and_set("kv1", 1, "x").unwrap_err();
+    // Plaintext to a TLS-only member: see the next test.
+}
+
+/// Fails `what` unless it is refused at once (well within a claim
+/// attempt's bound and the probe's), not as unreachable, with `why` in a
+/// one-line message.
+fn refused_at_once<T: std::fmt::Debug>(
+    what: &str,
+    why: &str,
+    f: impl FnOnce() -> Result<T, vmm::ft::arbiter::BackendError>,
+) -> String {
+    let t = Instant::now();
+    let e = f().expect_err(what);
+    let took = t.elapsed();
     let m = tas_server::protocol::error_chain(&e);
-    eprintln!(
-        "plaintext to TLS etcd: {m} (unreachable: {})",
-        e.is_unreachable()
+    eprintln!("{what}: refused after {took:?}: {m}");
+    assert!(!e.is_unreachable(), "{what}: retried as unreachable: {m}");
+    assert!(m.contains(why), "{what}: {m}");
+    assert!(!m.contains('\n'), "{what}: {m}");
+    assert!(took < Duration::from_secs(5), "{what}: took {took:?}");
+    m
+}
+
+#[test]
+fn etcd_with_tls_on_one_side_only_is_a_clear_error_not_an_outage() {
+    use vmm::ft::arbiter::etcd::EtcdArbiter;
+    let pki = pki("tls-mismatch");
+    let tls_only =
+        etcd::Cluster::start_tls("tls-mismatch", 1, pki.arbiter.clone(), pki.root.clone());
+    let plain = etcd::Cluster::start("tls-mismatch-plain", 1);
+    let creds = |files: &TlsFiles| ArbiterTls::load(files.clone()).unwrap();
+
+    // A plaintext client of a TLS-only member, for a claim and for an
+    // epoch.
+    refused_at_once(
+        "a plaintext claim at TLS etcd",
+        "speaks TLS and we do not",
+        || {
+            EtcdArbiter::connect(&tls_only.endpoints())
+                .unwrap()
+                .test_and_set("kv1", 1, "x")
+        },
     );
+    refused_at_once(
+        "a plaintext new_epoch at TLS etcd",
+        "speaks TLS and we do not",
+        || {
+            EtcdArbiter::connect(&tls_only.endpoints())
+                .unwrap()
+                .new_epoch("kv1")
+        },
+    );
+    // A TLS client of a plaintext member.
+    refused_at_once(
+        "a TLS claim at plaintext etcd",
+        "does not speak TLS",
+        || {
+            EtcdArbiter::connect_with(&plain.endpoints(), Some(&creds(&pki.kv1)))
+                .unwrap()
+                .test_and_set("kv1", 1, "x")
+        },
+    );
+    // A certificate from another CA, presented by a client that trusts
+    // the member: the member refuses the handshake.
+    let foreign = TlsFiles {
+        ca: pki.arbiter.ca.clone(),
+        cert: pki.stranger.cert.clone(),
+        key: pki.stranger.key.clone(),
+    };
+    refused_at_once("a foreign certificate at TLS etcd", "TLS with etcd", || {
+        EtcdArbiter::connect_with(&tls_only.endpoints(), Some(&creds(&foreign)))
+            .unwrap()
+            .test_and_set("kv1", 1, "x")
+    });
+    // A member that is down stays an outage (retried), TLS or not.
+    let mut gone = etcd::Cluster::start("tls-mismatch-gone", 1);
+    let eps = gone.endpoints();
+    gone.kill(0);
+    let e = EtcdArbiter::connect(&eps)
+        .unwrap()
+        .test_and_set("kv1", 1, "x")
+        .expect_err("granted by a dead member");
+    assert!(e.is_unreachable(), "{e:?}");
+
+    // The real claim loop gives up at once instead of retrying for ever.
+    let arbiter = Arbiter {
+        addr: ArbiterAddr::Etcd(tls_only.endpoints()),
+        vm_id: "kv1".into(),
+        epoch: 1,
+        claimant: "backup".into(),
+        tls: None,
+    };
+    let metrics = vmm::ft::metrics::Metrics::new(vmm::ft::metrics::Role::Backup, 1);
+    let t = Instant::now();
+    let e = arbiter
+        .claim("test", &metrics)
+        .expect_err("a claim won in plaintext");
+    let m = tas_server::protocol::error_chain(&e);
+    eprintln!("the claim loop gave up after {:?}: {m}", t.elapsed());
+    assert!(m.contains("speaks TLS and we do not"), "{m}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    // A primary without --tls-* fails at start, when it asks for its
+    // epoch: exit 1 with the message on one line, not a wait.
+    let out = run_bounded(
+        primary_cmd("kv", "kv1", free_addr())
+            .args(["--tas", &tls_only.tas_arg()])
+            .args(["--serial", "none"]),
+        None,
+        Duration::from_secs(20),
+    );
+    let err = stderr(&out);
+    eprintln!("the primary: {}: {err}", out.status);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("speaks TLS and we do not"))
+        .unwrap_or_else(|| panic!("no TLS message: {err}"));
+    assert!(line.contains("cannot get a pairing epoch"), "{line}");
 }
 
 /// A `kv` pair of VM kv1 with `--tas` at a TLS tas-server; the backup

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Fuzzes Duet's decoders of untrusted input for a bounded time each: the log
 # decoder and the channel's wire decoder (logchannel/fuzz), the arbiter's
-# request parser and the client's reply parser (tas-server/fuzz). Each
+# request parser and the client's reply parser (tas-server/fuzz), and the
+# virtio-net model's walk of guest-controlled rings (virtio-dev/fuzz). Each
 # target checks properties (round trips, agreement between decoders,
-# bounded allocation), not only the absence of panics.
+# bounded allocation, determinism), not only the absence of panics.
 #
 #   DUET_FUZZ_SECS   seconds per target (default 30; 0 skips fuzzing)
 #
@@ -22,7 +23,7 @@ if [[ $secs == 0 ]]; then
     exit 0
 fi
 CARGO_FUZZ_VERSION=0.13.2
-targets=(logchannel:log logchannel:channel tas-server:request tas-server:reply)
+targets=(logchannel:log logchannel:channel tas-server:request tas-server:reply virtio-dev:net)
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
     echo "tests/fuzz.sh: installing the nightly toolchain"

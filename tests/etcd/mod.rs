@@ -1,11 +1,15 @@
-//! A real etcd cluster on loopback for the tests: members as child
-//! processes (killed and reaped with the cluster, on every path), data in a
-//! temporary directory, ports from the kit, bounded waits.
+//! A real etcd cluster for the tests: members as child processes (killed
+//! and reaped with the cluster, on every path), data in a temporary
+//! directory, bounded waits. On loopback with ports from the kit, or
+//! ([`Cluster::start_in`]) inside a host namespace of a `vmm::netns`
+//! topology, listening on that host's service address, so that the hosts
+//! of a two-host test reach it over the service network.
 //!
 //! Tests that need etcd fail, with a message saying how to get it, when the
 //! `etcd` binary is missing: they are never skipped silently.
 #![allow(dead_code)]
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,6 +18,7 @@ use tas_server::tls::TlsFiles;
 use vmm::ft::arbiter::etcd::EtcdArbiter;
 use vmm::ft::arbiter::ArbiterTls;
 use vmm::kit::process::Proc;
+use vmm::netns::{Host, Topology};
 
 /// Raft timing for loopback: elections in about half a second instead of
 /// the default second, still ten heartbeats, so a loaded two-core machine
@@ -23,6 +28,7 @@ const ELECTION_MS: &str = "500";
 
 struct Member {
     name: String,
+    ip: Ipv4Addr,
     client_port: u16,
     peer_port: u16,
     data: PathBuf,
@@ -42,6 +48,11 @@ pub struct Cluster {
     /// With TLS: the members' certificate (naming arbiter.duet) and the
     /// harness's own client credentials (CN root, etcd's superuser).
     tls: Option<(TlsFiles, ArbiterTls)>,
+    /// Where the members run when not on the test's own loopback: a
+    /// handle on the topology (attached: it does not tear it down) and
+    /// the host. The harness's own clients then connect from that
+    /// namespace too ([`Cluster::in_ns`]).
+    netns: Option<(Topology, Host)>,
 }
 
 /// Fails the test unless `etcd` is on PATH.
@@ -65,7 +76,7 @@ fn take_port() -> u16 {
 impl Cluster {
     /// Starts `n` members and waits until each answers a linearizable read.
     pub fn start(test: &str, n: usize) -> Cluster {
-        Self::start_with(test, n, None)
+        Self::start_with(test, n, None, None)
     }
 
     /// Like [`Cluster::start`], clients served only in TLS with a client
@@ -74,10 +85,24 @@ impl Cluster {
     /// plaintext among themselves (loopback only).
     pub fn start_tls(test: &str, n: usize, server: TlsFiles, root: TlsFiles) -> Cluster {
         let root = ArbiterTls::load(root).expect("the harness's TLS credentials");
-        Self::start_with(test, n, Some((server, root)))
+        Self::start_with(test, n, Some((server, root)), None)
     }
 
-    fn start_with(test: &str, n: usize, tls: Option<(TlsFiles, ArbiterTls)>) -> Cluster {
+    /// Like [`Cluster::start`], the members inside `host`'s namespace of
+    /// `topo`, listening (clients and peers) on its service address with
+    /// ports from 2379 up. The namespace is new, so the ports are free.
+    /// The cluster must be dropped before the topology goes down.
+    pub fn start_in(test: &str, n: usize, topo: &Topology, host: Host) -> Cluster {
+        let handle = Topology::attach(topo.prefix()).expect("the topology's prefix");
+        Self::start_with(test, n, None, Some((handle, host)))
+    }
+
+    fn start_with(
+        test: &str,
+        n: usize,
+        tls: Option<(TlsFiles, ArbiterTls)>,
+        netns: Option<(Topology, Host)>,
+    ) -> Cluster {
         require_etcd(test);
         let dir = tempfile::Builder::new()
             .prefix(&format!("duet-etcd-{test}-"))
@@ -86,8 +111,19 @@ impl Cluster {
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_port: take_port(),
-                peer_port: take_port(),
+                ip: netns
+                    .as_ref()
+                    .map_or(Ipv4Addr::LOCALHOST, |(_, host)| host.service_ip()),
+                client_port: if netns.is_some() {
+                    2379 + 2 * i as u16
+                } else {
+                    take_port()
+                },
+                peer_port: if netns.is_some() {
+                    2380 + 2 * i as u16
+                } else {
+                    take_port()
+                },
                 data: dir.path().join(format!("m{i}.etcd")),
                 proc: None,
                 runs: 0,
@@ -95,7 +131,7 @@ impl Cluster {
             .collect();
         let initial_cluster = members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}=http://{}:{}", m.name, m.ip, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
         let mut cluster = Cluster {
@@ -104,6 +140,7 @@ impl Cluster {
             members,
             initial_cluster,
             tls,
+            netns,
         };
         for i in 0..n {
             cluster.spawn(i);
@@ -117,8 +154,8 @@ impl Cluster {
         assert!(m.proc.is_none(), "member {} is running", m.name);
         m.runs += 1;
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let client = format!("{scheme}://127.0.0.1:{}", m.client_port);
-        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let client = format!("{scheme}://{}:{}", m.ip, m.client_port);
+        let peer = format!("http://{}:{}", m.ip, m.peer_port);
         let mut cmd = Command::new("etcd");
         cmd.args(["--name", &m.name])
             .arg("--data-dir")
@@ -143,6 +180,9 @@ impl Cluster {
                 .arg("--key-file")
                 .arg(&server.key);
         }
+        if let Some((topo, host)) = &self.netns {
+            cmd = topo.exec(*host, &cmd);
+        }
         let log = self.dir.path().join(format!("{}.{}.log", m.name, m.runs));
         m.proc = Some(
             Proc::logged(&format!("etcd {}", m.name), &mut cmd, &log)
@@ -154,13 +194,76 @@ impl Cluster {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{}:{}", m.ip, m.client_port))
             .collect()
     }
 
     /// The `--tas` value for this cluster.
     pub fn tas_arg(&self) -> String {
         format!("etcd://{}", self.endpoints().join(","))
+    }
+
+    /// Runs `f` where the members are reachable: on this thread for a
+    /// loopback cluster, else on a thread inside the members' namespace.
+    /// An [`EtcdArbiter`] connects lazily, from the thread that uses it,
+    /// so with [`Cluster::start_in`] make and use it inside `f`.
+    pub fn in_ns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        match &self.netns {
+            None => f(),
+            Some((topo, host)) => topo
+                .in_namespace(*host, f)
+                .unwrap_or_else(|e| panic!("cannot enter the etcd namespace: {e}")),
+        }
+    }
+
+    /// Every key under `prefix` with its value, read linearizably (the
+    /// harness's view of what the arbiter decided), retried for a few
+    /// seconds while the cluster has no leader.
+    pub fn keys(&self, prefix: &str) -> Vec<(String, String)> {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let read = self.in_ns(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                let mut options = etcd_client::ConnectOptions::new()
+                    .with_timeout(Duration::from_secs(2))
+                    .with_connect_timeout(Duration::from_millis(500));
+                if let Some(root) = self.root() {
+                    options = options.with_tls(root.etcd_options());
+                }
+                runtime.block_on(async {
+                    let mut c =
+                        etcd_client::Client::connect(self.endpoints(), Some(options)).await?;
+                    let got = c
+                        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+                        .await?;
+                    Ok::<_, etcd_client::Error>(
+                        got.kvs()
+                            .iter()
+                            .map(|kv| {
+                                (
+                                    String::from_utf8_lossy(kv.key()).into_owned(),
+                                    String::from_utf8_lossy(kv.value()).into_owned(),
+                                )
+                            })
+                            .collect(),
+                    )
+                })
+            });
+            match read {
+                Ok(kvs) => return kvs,
+                Err(e) if Instant::now() < end => {
+                    eprintln!("reading etcd's keys under {prefix}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!(
+                    "cannot read etcd's keys under {prefix}: {e}\n{}",
+                    self.logs()
+                ),
+            }
+        }
     }
 
     /// A client of the whole cluster.
@@ -181,7 +284,8 @@ impl Cluster {
     /// Turns on etcd's auth, with the user names taken from the client
     /// certificates' CN: `root` may do anything; `V.vm.duet` may read and
     /// write the keys of VM `V` (and no other) for each of `vms`;
-    /// `operator.duet` may read every VM's keys. Needs [`Cluster::start_tls`].
+    /// `operator.duet` may read every VM's keys. Needs [`Cluster::start_tls`]
+    /// (on loopback).
     pub fn enable_rbac(&self, vms: &[&str]) {
         use etcd_client::{Permission, UserAddOptions};
         use vmm::ft::arbiter::etcd::{vm_prefix, PREFIX};
@@ -245,6 +349,7 @@ impl Cluster {
 
     /// The index of the member that is the Raft leader, as the running
     /// members report it (None while there is none, or none answers).
+    /// Loopback clusters only.
     pub fn leader(&mut self) -> Option<usize> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -283,9 +388,14 @@ impl Cluster {
             if self.members[i].proc.is_none() {
                 continue;
             }
-            let mut client = self.arbiter_of(i);
             loop {
-                match client.decision("health-check", 0) {
+                // A client per try, made where the members are.
+                let probe = self.in_ns(|| {
+                    self.arbiter_of(i)
+                        .decision("health-check", 0)
+                        .map_err(|e| tas_server::protocol::error_chain(&e))
+                });
+                match probe {
                     Ok(_) => break,
                     Err(e) => {
                         if !self.running(i) {
@@ -293,7 +403,7 @@ impl Cluster {
                         }
                         if Instant::now() >= end {
                             panic!(
-                                "etcd {} not healthy after {limit:?}: {e:#}\n{}",
+                                "etcd {} not healthy after {limit:?}: {e}\n{}",
                                 self.members[i].name,
                                 self.logs()
                             );

@@ -1,13 +1,21 @@
 //! Shared harness of the two-host failover tests: the namespaces of
-//! `vmm::netns`, an arbiter, a primary on host A and a backup on host B,
-//! each process run with `ip netns exec`, and a RESP client whose socket is
-//! made inside the client namespace.
+//! `vmm::netns`, an arbiter (a `tas-server`, or a three-member etcd
+//! cluster) on the arbiter host, a primary on host A and a backup on host
+//! B, each process run with `ip netns exec`, and a RESP client whose socket
+//! is made inside the client namespace. The partition scenario itself
+//! ([`partition_once`]) is here too, so that it runs unchanged against
+//! either arbiter.
 //!
 //! Everything is bounded and cleaned up on every path: processes are killed
 //! when their [`Proc`] (the kit's) drops, then the namespaces go with the
 //! [`Topology`], then the scratch directory.
 
 #![allow(dead_code)]
+
+// The etcd test cluster, here so that a two-host test can run it in the
+// arbiter namespace without declaring it itself.
+#[path = "../etcd/mod.rs"]
+pub mod etcd;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -17,7 +25,7 @@ use std::time::{Duration, Instant};
 use tas_server::protocol::Status;
 use vmm::netns::{self, Host, Topology};
 
-use crate::common::{Conn, Proc, Reply};
+use crate::common::{resp, Conn, Proc, Reply};
 
 /// The arbiter's port on 198.18.0.3.
 pub const TAS_PORT: u16 = 7700;
@@ -215,15 +223,29 @@ pub enum Side {
     Backup,
 }
 
+/// Which arbiter a [`Pair`] runs on the arbiter host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArbiterKind {
+    /// `tas-server` on [`Pair::tas_addr`].
+    Tas,
+    /// A three-member etcd cluster, every member on the arbiter host's
+    /// service address (ports 2379, 2381, 2383).
+    Etcd,
+}
+
 /// One two-host pair with its arbiter. Field order is drop order:
 /// processes first, then the namespaces, then the directory.
 pub struct Pair {
     pub arbiter: Option<Proc>,
     pub primary: Proc,
     pub backup: Proc,
+    /// The etcd cluster, with [`ArbiterKind::Etcd`].
+    pub etcd: Option<etcd::Cluster>,
     pub topo: Topology,
     pub dir: tempfile::TempDir,
-    tas_bin: PathBuf,
+    /// The tas-server binary, for a pair on [`ArbiterKind::Tas`] only (it
+    /// may have to be built first).
+    tas_bin: Option<PathBuf>,
     arbiter_starts: u32,
     guest: Guest,
 }
@@ -255,8 +277,22 @@ impl Pair {
     /// Builds the namespaces and starts the arbiter, the backup and the
     /// primary of `guest`.
     pub fn start_with(prefix: &str, guest: Guest) -> Pair {
-        let tas_bin = tas_server_bin();
+        Pair::start_on(prefix, guest, ArbiterKind::Tas)
+    }
+
+    /// Builds the namespaces and starts `arbiter`, the backup and the
+    /// primary of `guest`.
+    pub fn start_on(prefix: &str, guest: Guest, arbiter_kind: ArbiterKind) -> Pair {
+        let tas_bin = (arbiter_kind == ArbiterKind::Tas).then(tas_server_bin);
         let topo = Topology::up(prefix).unwrap_or_else(|e| panic!("netns up: {e}"));
+        // Started before anything else that could panic, so that it is
+        // killed before the namespaces go.
+        let etcd = (arbiter_kind == ArbiterKind::Etcd)
+            .then(|| etcd::Cluster::start_in(prefix, 3, &topo, Host::Arbiter));
+        let tas = match &etcd {
+            Some(cluster) => cluster.tas_arg(),
+            None => Self::tas_addr().to_string(),
+        };
         let dir = crate::common::tempdir(prefix);
         let duet = env!("CARGO_BIN_EXE_duet");
         let channel = SocketAddr::from((Host::B.log_ip().unwrap(), CHANNEL_PORT));
@@ -268,7 +304,7 @@ impl Pair {
                 "--vm-id",
                 VM_ID,
                 "--tas",
-                &Self::tas_addr().to_string(),
+                &tas,
                 "--timeout-ms",
                 "300",
                 "--heartbeat-ms",
@@ -311,7 +347,9 @@ impl Pair {
         // Fields are filled in drop-safe order: if a later step panics, the
         // processes started so far are killed before the namespaces go.
         let mut arbiter = None;
-        start_arbiter_into(&mut arbiter, &topo, &tas_bin, dir.path(), 1);
+        if let Some(bin) = &tas_bin {
+            start_arbiter_into(&mut arbiter, &topo, bin, dir.path(), 1);
+        }
         let mut backup = spawn(
             "backup",
             topo.exec(Host::B, &backup_cmd),
@@ -331,6 +369,7 @@ impl Pair {
             arbiter,
             primary,
             backup,
+            etcd,
             topo,
             dir,
             tas_bin,
@@ -368,10 +407,14 @@ impl Pair {
     /// Starts (or restarts) the arbiter on the same address and state file.
     pub fn start_arbiter(&mut self) {
         self.arbiter_starts += 1;
+        let bin = self
+            .tas_bin
+            .as_ref()
+            .expect("only a pair on tas-server restarts its arbiter");
         start_arbiter_into(
             &mut self.arbiter,
             &self.topo,
-            &self.tas_bin,
+            bin,
             self.dir.path(),
             self.arbiter_starts,
         );
@@ -479,13 +522,36 @@ impl Pair {
     }
 
     /// Checks that the arbiter's record names `survivor` for the pair's
-    /// epoch.
+    /// epoch. For etcd, from its keys: the VM's epoch key holds that
+    /// epoch, and there is exactly one claim key, that epoch's, holding
+    /// the survivor's name.
     pub fn check_arbiter_names(&self, survivor: Side) {
         let loser = match survivor {
             Side::Primary => Side::Backup,
             Side::Backup => Side::Primary,
         };
         let epoch = self.halted_epoch(loser);
+        if let Some(cluster) = &self.etcd {
+            use vmm::ft::arbiter::etcd::{claim_key, epoch_key, vm_prefix};
+            let keys = cluster.keys(&vm_prefix(VM_ID));
+            eprintln!("etcd's keys for {VM_ID}: {keys:?}");
+            let value = |key: &str| keys.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+            assert_eq!(
+                value(&epoch_key(VM_ID)),
+                Some(epoch.to_string()),
+                "etcd's current epoch is not the halted one: {keys:?}"
+            );
+            let claims: Vec<_> = keys
+                .iter()
+                .filter(|(k, _)| k.contains("/claims/"))
+                .collect();
+            assert_eq!(
+                claims,
+                [&(claim_key(VM_ID, epoch), self.claimant(survivor))],
+                "etcd does not show exactly one winner, the {survivor:?}, for epoch {epoch}"
+            );
+            return;
+        }
         let status = self.arbiter_status();
         let vm = status
             .vms
@@ -510,6 +576,9 @@ impl Pair {
         for p in procs.into_iter().flatten() {
             all.push_str(&format!("----- {} -----\n{}\n", p.name(), p.log_text()));
         }
+        if let Some(cluster) = &self.etcd {
+            all.push_str(&format!("----- etcd -----\n{}", cluster.logs()));
+        }
         all
     }
 
@@ -520,6 +589,7 @@ impl Pair {
         if let Some(a) = self.arbiter.as_mut() {
             a.kill();
         }
+        drop(self.etcd.take());
         let namespaces = self.topo.namespaces();
         self.topo.down().unwrap();
         let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
@@ -573,4 +643,122 @@ pub fn check_acked(c: &mut Conn, acked: &[(String, String)], logs: impl Fn() -> 
             ),
         }
     }
+}
+
+/// Keys written before and after a partition.
+const KEYS: usize = 20;
+
+/// What goes wrong besides the logging link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Also {
+    Nothing,
+    /// This host is also unplugged from the service network until the
+    /// other side has won.
+    Unplug(Host),
+}
+
+/// One partition of a `kv` pair on `arbiter`, built under `prefix`; run
+/// `run` of its test (it tags the values written). Returns the survivor
+/// and how long after the cut the loser's exit was seen.
+///
+/// Checks: exactly one side goes on (the other exits 5 with the halting
+/// message), the client never gets an answer from the loser after the
+/// cut, the survivor serves and holds every acknowledged write, and the
+/// arbiter's record names the survivor for the epoch.
+pub fn partition_once(
+    prefix: &str,
+    run: u32,
+    also: Also,
+    arbiter: ArbiterKind,
+) -> (Side, Duration) {
+    let mut pair = Pair::start_on(prefix, Guest::Kv, arbiter);
+    let mut conn = pair.wait_for_service(Duration::from_secs(30));
+    let limit = Duration::from_secs(5);
+    let mut acked = Vec::new();
+    for i in 0..KEYS {
+        let (k, v) = (format!("before:{i}"), format!("b{run}-{i}"));
+        set_ok(&mut conn, &k, &v, limit, || pair.logs());
+        acked.push((k, v));
+    }
+
+    let cut = Instant::now();
+    pair.topo.cut_logging_link().unwrap();
+    if let Also::Unplug(host) = also {
+        pair.topo.unplug(host).unwrap();
+    }
+    // Sent on the primary's connection during the partition: its reply is
+    // held until someone wins.
+    conn.send(&["SET", "during", "d"]).unwrap();
+    if let Also::Unplug(host) = also {
+        // The connected side wins; then the isolated one comes back.
+        let winner = if host == Host::A {
+            "backup: going live"
+        } else {
+            "continuing alone"
+        };
+        let side = if host == Host::A {
+            &mut pair.backup
+        } else {
+            &mut pair.primary
+        };
+        assert!(
+            side.wait_for_log(winner, Duration::from_secs(10)),
+            "with {host} unplugged, the other side did not win\n{}",
+            pair.logs()
+        );
+        assert!(
+            pair.primary.status().is_none() && pair.backup.status().is_none(),
+            "the unplugged side halted without reaching the arbiter\n{}",
+            pair.logs()
+        );
+        pair.topo.plug(host).unwrap();
+    }
+    let (survivor, seen) = pair.outcome(Duration::from_secs(15));
+    let decided = seen - cut;
+    eprintln!("run {run}: the {survivor:?} won {decided:?} after the cut");
+
+    let logs = pair.logs();
+    let went_live = pair.backup.log_text().contains("backup: going live");
+    match survivor {
+        Side::Primary => {
+            // The primary goes on alone and releases what it held.
+            match conn.reply(limit) {
+                Ok(Reply::Simple(s)) if s == "OK" => acked.push(("during".into(), "d".into())),
+                other => {
+                    panic!("the winning primary did not answer the held SET: {other:?}\n{logs}")
+                }
+            }
+            assert!(!went_live, "the losing backup went live\n{logs}");
+            assert_eq!(pair.topo.vip_holder().unwrap(), Some(Host::A), "{logs}");
+        }
+        Side::Backup => {
+            // The loser must never release held output. It has exited, so
+            // anything it sent is already on the way.
+            match conn.reply(Duration::from_secs(1)) {
+                Err(resp::Error::Timeout | resp::Error::Closed(_)) => {}
+                Err(e @ resp::Error::Protocol(_)) => panic!("{e}\n{logs}"),
+                Ok(r) => panic!("the losing primary answered after the cut: {r:?}\n{logs}"),
+            }
+            assert!(went_live, "the backup won but never went live\n{logs}");
+            assert_eq!(pair.topo.vip_holder().unwrap(), Some(Host::B), "{logs}");
+            conn = pair.wait_for_service(Duration::from_secs(15));
+        }
+    }
+    pair.check_arbiter_names(survivor);
+
+    // The survivor serves new writes, and has every acknowledged one.
+    for i in 0..KEYS {
+        let (k, v) = (format!("after:{i}"), format!("a{run}-{i}"));
+        set_ok(&mut conn, &k, &v, limit, || pair.logs());
+        acked.push((k, v));
+    }
+    check_acked(&mut conn, &acked, || pair.logs());
+    assert!(
+        pair.proc_of(survivor).status().is_none(),
+        "the surviving {survivor:?} exited\n{}",
+        pair.logs()
+    );
+    drop(conn);
+    pair.shutdown();
+    (survivor, decided)
 }

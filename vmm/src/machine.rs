@@ -45,7 +45,7 @@ pub fn build(config: &MachineConfig, timeline: Box<dyn Timeline>) -> Result<Vcpu
     let devices = match &config.net {
         Some(net) => Devices::new(
             PvDevice::with_net(net),
-            Some(VirtioNet::new(net.mac, mem.clone())),
+            Some(VirtioNet::new(net.mac.0, mem.clone())),
         ),
         None => Devices::default(),
     };

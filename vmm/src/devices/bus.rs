@@ -124,10 +124,10 @@ impl Devices {
     /// registers are configuration and stay this machine's.
     pub fn restore(&mut self, s: &DevicesState) -> Result<(), Error> {
         match (&self.net, &s.net) {
-            (Some(here), Some(saved)) if here.mac().0 != saved.mac => {
+            (Some(here), Some(saved)) if here.mac() != saved.mac => {
                 return Err(Error::NetMac {
                     saved: MacAddr(saved.mac),
-                    here: here.mac(),
+                    here: MacAddr(here.mac()),
                 })
             }
             (Some(_), Some(_)) | (None, None) => {}
@@ -588,7 +588,7 @@ mod tests {
         };
         let mut d = Devices::new(
             PvDevice::with_net(&net),
-            Some(VirtioNet::new(net.mac, mem.clone())),
+            Some(VirtioNet::new(net.mac.0, mem.clone())),
         );
         let mut tl = Fake::default();
         let read = |d: &mut Devices, tl: &mut Fake, off: u64, len| {
@@ -685,7 +685,7 @@ mod tests {
         };
         let mut d = Devices::new(
             PvDevice::with_net(&net),
-            Some(VirtioNet::new(net.mac, mem.clone())),
+            Some(VirtioNet::new(net.mac.0, mem.clone())),
         );
         let mut tl = Fake::default();
         let at = Position::default();
@@ -777,7 +777,7 @@ mod tests {
         };
         let mut e = Devices::new(
             PvDevice::with_net(&config),
-            Some(VirtioNet::new(config.mac, mem2.clone())),
+            Some(VirtioNet::new(config.mac.0, mem2.clone())),
         );
         e.restore(&moved).unwrap();
         assert_eq!(e.state(), s);

@@ -6,5 +6,6 @@ pub mod pit;
 pub mod pv;
 pub mod rtc;
 pub mod serial;
-pub mod virtio_mmio;
-pub mod virtio_net;
+// The virtio models are a crate of their own so that they can be fuzzed
+// without building the monitor (see virtio-dev/src/lib.rs).
+pub use virtio_dev::{virtio_mmio, virtio_net};

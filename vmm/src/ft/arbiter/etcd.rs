@@ -99,6 +99,29 @@
 //! denied), which is not retried. A TLS failure (a member's certificate
 //! from another CA, our certificate refused) is not retried either.
 //!
+//! # TLS on one side only
+//!
+//! etcd-client does not say why a connection failed when the two ends
+//! disagree on TLS: a plaintext client of a TLS-only member, a TLS client
+//! of a plaintext one, or a handshake the member refuses after it
+//! completed on our side (TLS 1.3 sends that verdict later) all come back
+//! as a dropped connection or a timeout, which looks like an outage and
+//! would be retried for ever. So when a request fails that way, and no
+//! member has yet been seen to speak our protocol, each member is probed
+//! once ([`probe`]): a TCP connection, a TLS ClientHello, and a look at
+//! the first bytes of the answer (a TLS record starts `15 03` or
+//! `16 03`). A member that answers in TLS when we have no credentials, or
+//! in anything else when we do, or that refuses the handshake, turns the
+//! failure into [`EtcdError::SpeaksTls`], [`EtcdError::SpeaksPlaintext`]
+//! or [`EtcdError::Tls`], which are not retried: this is a
+//! misconfiguration, which only an operator can fix. A primary finds out
+//! at start, when it asks etcd for its epoch, and exits 1 with the
+//! message; a backup at its claim, and halts with it instead of waiting
+//! for an arbiter that will never answer. A member that does not answer
+//! the probe changes nothing (it may really be down), and once one member
+//! has answered in our protocol no more probes are made, so an outage
+//! costs at most one probe per failed attempt until then.
+//!
 //! # Why a runtime of its own
 //!
 //! etcd-client is async on tokio; the VMM's failover path is plain threads.
@@ -107,11 +130,16 @@
 //! is added to the VMM.
 
 use std::future::Future;
+use std::io::Read;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetResponse, Txn, TxnOp, TxnOpResponse,
 };
+use tas_server::tls::ClientConfig;
 use tokio::runtime::Runtime;
 
 use super::{Backend, BackendError, ClaimOutcome};
@@ -132,6 +160,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 const KEEP_ALIVE: (Duration, Duration) = (Duration::from_millis(300), Duration::from_millis(500));
 /// How many lost compare-and-swap races one attempt tolerates.
 pub const MAX_RACES: usize = 32;
+/// The TLS probe's bound on each step with one member: connecting, and
+/// each wait for an answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// Why etcd gave no answer.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +191,16 @@ pub enum EtcdError {
     ShortReply,
     #[error("TLS with etcd at {endpoints} failed: {reason}")]
     Tls { endpoints: String, reason: String },
+    #[error(
+        "etcd at {endpoint} speaks TLS and we do not: give --tls-ca, --tls-cert and --tls-key"
+    )]
+    SpeaksTls { endpoint: String },
+    #[error(
+        "etcd at {endpoint} does not speak TLS and we do (--tls-*): \
+         start its members with --cert-file, --key-file, --trusted-ca-file and \
+         --client-cert-auth, or drop the flags"
+    )]
+    SpeaksPlaintext { endpoint: String },
 }
 
 impl EtcdError {
@@ -220,6 +261,116 @@ fn classify(endpoints: &str, source: etcd_client::Error) -> EtcdError {
         EtcdError::Unavailable { endpoints, source }
     } else {
         EtcdError::Refused { endpoints, source }
+    }
+}
+
+/// What a member did with our TLS ClientHello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// It answered in TLS and, when we have credentials, completed the
+    /// handshake and did not refuse our certificate.
+    Tls,
+    /// It answered with bytes that are not TLS, or closed the connection
+    /// without a word (a TLS server answers a ClientHello).
+    Plaintext,
+    /// It speaks TLS, but the handshake failed: why, with a hint.
+    TlsFailed(String),
+    /// No answer: down, cut off or too slow. Says nothing about TLS.
+    Silent,
+}
+
+/// Asks `endpoint` (`HOST:PORT`) whether it speaks TLS, by sending a
+/// ClientHello: with `tls` (our credentials) the whole handshake is run
+/// and the member's verdict on our certificate awaited; without, only the
+/// first bytes of the answer are looked at. Bounded by [`PROBE_TIMEOUT`]
+/// per step; blocking, so it runs outside the client's runtime.
+pub fn probe(endpoint: &str, tls: Option<&Arc<ClientConfig>>) -> Probe {
+    use rustls::pki_types::ServerName;
+    let Some(addr) = endpoint.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+        return Probe::Silent;
+    };
+    let Ok(mut tcp) = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) else {
+        return Probe::Silent;
+    };
+    if tcp.set_read_timeout(Some(PROBE_TIMEOUT)).is_err()
+        || tcp.set_write_timeout(Some(PROBE_TIMEOUT)).is_err()
+    {
+        return Probe::Silent;
+    }
+    let config = match tls {
+        Some(config) => Arc::clone(config),
+        // Without credentials, a config that trusts nobody: the hello is
+        // all that is sent.
+        None => match certless_config() {
+            Some(config) => config,
+            None => return Probe::Silent,
+        },
+    };
+    let name =
+        ServerName::try_from(tas_server::tls::ARBITER_NAME).expect("arbiter.duet is a DNS name");
+    let Ok(mut conn) = rustls::ClientConnection::new(config, name) else {
+        return Probe::Silent;
+    };
+    while conn.wants_write() {
+        if conn.write_tls(&mut tcp).is_err() {
+            return Probe::Silent;
+        }
+    }
+    let mut first = [0u8; 2];
+    match tcp.peek(&mut first) {
+        Ok(0) => return Probe::Plaintext,
+        Ok(n) => {
+            let record = matches!(first[0], 0x15 | 0x16) && (n < 2 || first[1] == 0x03);
+            if !record {
+                return Probe::Plaintext;
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Probe::Plaintext,
+        Err(_) => return Probe::Silent,
+    }
+    if tls.is_none() {
+        return Probe::Tls;
+    }
+    let failed = |e: &std::io::Error| tas_server::tls::tls_failure(e).map(Probe::TlsFailed);
+    while conn.is_handshaking() {
+        if let Err(e) = conn.complete_io(&mut tcp) {
+            return failed(&e).unwrap_or(Probe::Silent);
+        }
+    }
+    // TLS 1.3: the member checks our certificate after its Finished, and
+    // says no with an alert; silence within the wait is a yes.
+    let mut byte = [0u8; 1];
+    match rustls::Stream::new(&mut conn, &mut tcp).read(&mut byte) {
+        Err(e) => failed(&e).unwrap_or(Probe::Tls),
+        // Data or a clean close: the member accepted the handshake.
+        Ok(0 | 1) => Probe::Tls,
+        Ok(_) => unreachable!("read into one byte"),
+    }
+}
+
+/// A client config without roots or a certificate, for a ClientHello.
+fn certless_config() -> Option<Arc<ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    Some(Arc::new(config))
+}
+
+/// Whether `error` is the kind of failure a TLS disagreement shows as: a
+/// dropped or refused connection, a transport error, a timeout. etcd's own
+/// answers (no leader, a permission refused) are not.
+fn may_be_tls_mismatch(error: &EtcdError) -> bool {
+    use etcd_client::Error as E;
+    match error {
+        EtcdError::TimedOut { .. } => true,
+        EtcdError::Unavailable { source, .. } => match source {
+            E::GRpcStatus(s) => !s.message().starts_with("etcdserver:"),
+            _ => true,
+        },
+        _ => false,
     }
 }
 
@@ -307,6 +458,13 @@ pub struct EtcdArbiter {
     client: Client,
     /// For messages: the endpoints as given.
     endpoints: String,
+    /// Each endpoint, for the TLS probe.
+    members: Vec<String>,
+    /// Our TLS client config, for the probe.
+    tls: Option<Arc<ClientConfig>>,
+    /// A member answered the probe in our protocol: failures since are
+    /// outages, not a TLS disagreement, and are not probed.
+    agreed: AtomicBool,
 }
 
 impl std::fmt::Debug for EtcdArbiter {
@@ -352,7 +510,36 @@ impl EtcdArbiter {
             runtime,
             client,
             endpoints: joined,
+            members: endpoints.to_vec(),
+            tls: tls.map(|t| Arc::clone(&t.client)),
+            agreed: AtomicBool::new(false),
         })
+    }
+
+    /// `error`, or the TLS disagreement behind it: see "TLS on one side
+    /// only" in the module doc.
+    fn diagnose(&self, error: EtcdError) -> EtcdError {
+        if self.agreed.load(Ordering::Relaxed) || !may_be_tls_mismatch(&error) {
+            return error;
+        }
+        for endpoint in &self.members {
+            let endpoint = endpoint.clone();
+            match (probe(&endpoint, self.tls.as_ref()), self.tls.is_some()) {
+                (Probe::Tls, true) | (Probe::Plaintext, false) => {
+                    self.agreed.store(true, Ordering::Relaxed);
+                }
+                (Probe::Tls, false) => return EtcdError::SpeaksTls { endpoint },
+                (Probe::Plaintext, true) => return EtcdError::SpeaksPlaintext { endpoint },
+                (Probe::TlsFailed(reason), _) => {
+                    return EtcdError::Tls {
+                        endpoints: endpoint,
+                        reason,
+                    }
+                }
+                (Probe::Silent, _) => {}
+            }
+        }
+        error
     }
 
     /// Runs one attempt on the runtime, within [`ATTEMPT_TIMEOUT`].
@@ -369,6 +556,16 @@ impl EtcdArbiter {
     }
 
     fn claim(&self, vm_id: &str, epoch: u64, claimant: &str) -> Result<ClaimOutcome, EtcdError> {
+        self.claim_once(vm_id, epoch, claimant)
+            .map_err(|e| self.diagnose(e))
+    }
+
+    fn claim_once(
+        &self,
+        vm_id: &str,
+        epoch: u64,
+        claimant: &str,
+    ) -> Result<ClaimOutcome, EtcdError> {
         let (epoch_key, claim_key) = (epoch_key(vm_id), claim_key(vm_id, epoch));
         let mut client = self.client.clone();
         let endpoints = self.endpoints.as_str();
@@ -415,6 +612,10 @@ impl EtcdArbiter {
     }
 
     fn next_epoch(&self, vm_id: &str) -> Result<u64, EtcdError> {
+        self.next_epoch_once(vm_id).map_err(|e| self.diagnose(e))
+    }
+
+    fn next_epoch_once(&self, vm_id: &str) -> Result<u64, EtcdError> {
         let key = epoch_key(vm_id);
         let mut client = self.client.clone();
         let endpoints = self.endpoints.as_str();
@@ -499,6 +700,66 @@ mod tests {
         );
         assert_eq!(epoch_key("é %"), "/duet/vms/%C3%A9%20%25/epoch");
         assert_ne!(vm_dir("a%2F"), vm_dir("a/"));
+    }
+
+    /// A listener on loopback that answers each of `answers` (one
+    /// connection each) with its bytes once the client sent something,
+    /// then closes.
+    fn fake_member(answers: Vec<&'static [u8]>) -> String {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for answer in answers {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut hello = [0u8; 512];
+                let _ = s.read(&mut hello);
+                let _ = s.write_all(answer);
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn the_probe_tells_tls_from_plaintext_by_the_first_bytes() {
+        // A TLS alert (protocol version) is TLS; an HTTP/1 answer, as a
+        // plaintext etcd gives to a ClientHello, is not; nor is a close
+        // without a word.
+        let tls = fake_member(vec![b"\x15\x03\x03\x00\x02\x02\x46"]);
+        assert_eq!(probe(&tls, None), Probe::Tls);
+        let http = fake_member(vec![b"HTTP/1.1 400 Bad Request\r\n\r\n"]);
+        assert_eq!(probe(&http, None), Probe::Plaintext);
+        let closed = fake_member(vec![b""]);
+        assert_eq!(probe(&closed, None), Probe::Plaintext);
+        // Nobody listening says nothing about TLS.
+        let gone = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        assert_eq!(probe(&gone, None), Probe::Silent);
+    }
+
+    #[test]
+    fn only_transport_failures_are_probed() {
+        let unavailable = |s: tonic::Status| EtcdError::Unavailable {
+            endpoints: "x:1".into(),
+            source: etcd_client::Error::GRpcStatus(s),
+        };
+        assert!(!may_be_tls_mismatch(&unavailable(
+            tonic::Status::unavailable("etcdserver: no leader")
+        )));
+        assert!(may_be_tls_mismatch(&unavailable(tonic::Status::unknown(
+            "transport error"
+        ))));
+        assert!(may_be_tls_mismatch(&EtcdError::TimedOut {
+            endpoints: "x:1".into(),
+            after: ATTEMPT_TIMEOUT
+        }));
+        let mismatch = EtcdError::SpeaksTls {
+            endpoint: "x:1".into(),
+        };
+        assert!(!mismatch.is_unreachable());
+        assert!(!mismatch.to_string().contains('\n'));
     }
 
     #[test]

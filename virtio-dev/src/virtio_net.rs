@@ -6,7 +6,7 @@
 //! - a TX notification walks the TX queue at once, and every frame the
 //!   guest queued becomes an output ([`VirtioNet::take_tx`]), which the
 //!   timeline holds under the Output Rule or drops in replay;
-//! - a received frame is an input ([`crate::timeline::Input::Net`]), written
+//! - a received frame is an input (the VMM's timeline `Input::Net`), written
 //!   into the next buffer the guest posted on the RX queue at the exit
 //!   where the timeline delivers it. How many buffers are posted
 //!   ([`VirtioNet::rx_buffers`]) is read from guest memory at the exit, so
@@ -32,8 +32,7 @@ use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_S_LINK_UP};
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 
 use super::virtio_mmio::{Access, RestoreError, Transport, TransportState, INT_VRING};
-use crate::memory::GuestMem;
-use crate::net_config::MacAddr;
+use crate::GuestMem;
 
 /// Guest-physical base of the device's MMIO window.
 pub const NET_MMIO_BASE: u64 = 0xf000_2000;
@@ -91,7 +90,7 @@ pub struct VirtioNetState {
 /// The device model: see the module documentation.
 pub struct VirtioNet {
     transport: Transport,
-    mac: MacAddr,
+    mac: [u8; 6],
     mem: GuestMem,
     counters: NetCounters,
     irq: bool,
@@ -101,7 +100,7 @@ pub struct VirtioNet {
 impl VirtioNet {
     /// A device with this MAC over the guest's memory (a handle: the
     /// regions are shared, not copied).
-    pub fn new(mac: MacAddr, mem: GuestMem) -> Self {
+    pub fn new(mac: [u8; 6], mem: GuestMem) -> Self {
         VirtioNet {
             transport: Transport::new(VIRTIO_ID_NET, 1 << VIRTIO_NET_F_MAC, 2),
             mac,
@@ -115,7 +114,7 @@ impl VirtioNet {
     pub fn state(&self) -> VirtioNetState {
         VirtioNetState {
             transport: self.transport.state(),
-            mac: self.mac.0,
+            mac: self.mac,
             counters: self.counters,
             irq: self.irq,
             tx: self.tx.clone(),
@@ -126,7 +125,7 @@ impl VirtioNet {
     /// memory is transferred separately). The queues resume at their saved
     /// ring positions, so the guest's rings continue.
     pub fn from_state(state: &VirtioNetState, mem: GuestMem) -> Result<Self, RestoreError> {
-        let mut dev = VirtioNet::new(MacAddr(state.mac), mem);
+        let mut dev = VirtioNet::new(state.mac, mem);
         dev.transport.restore(&state.transport)?;
         dev.counters = state.counters;
         dev.irq = state.irq;
@@ -142,7 +141,7 @@ impl VirtioNet {
     }
 
     /// The MAC the guest reads from the config space.
-    pub fn mac(&self) -> MacAddr {
+    pub fn mac(&self) -> [u8; 6] {
         self.mac
     }
 
@@ -163,7 +162,7 @@ impl VirtioNet {
     fn config_read(&self, at: u64, len: usize) -> u64 {
         let status = (VIRTIO_NET_S_LINK_UP as u16).to_le_bytes();
         let mut config = [0u8; 8];
-        config[..6].copy_from_slice(&self.mac.0);
+        config[..6].copy_from_slice(&self.mac);
         config[6..].copy_from_slice(&status);
         let mut out = [0u8; 8];
         for (i, b) in out.iter_mut().enumerate().take(len.min(8)) {
@@ -335,7 +334,7 @@ mod tests {
     use vm_memory::{Address, Bytes, GuestAddress};
 
     const MEM: u64 = 0x10_0000;
-    const MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
     /// Ring layout: per queue, descriptors, avail and used rings.
     const QSIZE: u16 = 16;
     const BUFS: u64 = 0x8_0000;
@@ -458,7 +457,7 @@ mod tests {
     fn config_space_has_the_mac_and_link_up() {
         let r = rig();
         assert_eq!(r32(&r.dev, VIRTIO_MMIO_DEVICE_ID), 1);
-        for (i, b) in MAC.0.iter().enumerate() {
+        for (i, b) in MAC.iter().enumerate() {
             assert_eq!(r.dev.read(0x100 + i as u64, 1), u64::from(*b));
         }
         assert_eq!(r.dev.read(0x106, 2), 1);
