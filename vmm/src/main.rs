@@ -237,11 +237,12 @@ struct PairArgs {
     #[arg(long)]
     node: Option<String>,
     /// Heartbeat interval on the log channel, in milliseconds.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 20)]
     heartbeat_ms: u64,
-    /// Silence on the log channel longer than this is a failure (see
-    /// docs/ARCHITECTURE.md, "Failure detection", for why 500 ms).
-    #[arg(long, default_value_t = 500)]
+    /// Waiting longer than this for the peer's next bytes on the log
+    /// channel is a failure (see docs/ARCHITECTURE.md, "Failure detection",
+    /// for why 150 ms).
+    #[arg(long, default_value_t = 150)]
     timeout_ms: u64,
     /// Serve status as Prometheus text over HTTP on this address.
     #[arg(long)]
