@@ -2021,6 +2021,56 @@ mod tests {
         assert!(f.to_string().contains("silent"), "{f}");
     }
 
+    #[test]
+    fn a_batch_arriving_slowly_is_not_silence_and_then_silence_is() {
+        use std::io::Write;
+        let addr = free_addr();
+        let config = ChannelConfig {
+            heartbeat: Duration::from_secs(100),
+            timeout: Duration::from_millis(200),
+            ..ChannelConfig::default()
+        };
+        let backup = std::thread::spawn(move || {
+            BackupLink::accept(addr, hello(Role::Backup), config, |_| {}).unwrap()
+        });
+        let mut s = loop {
+            match std::net::TcpStream::connect(addr) {
+                Ok(s) => break s,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        fake_peer(Role::Primary, &mut s);
+        let mut link = backup.join().unwrap();
+        // One batch, in pieces 80 ms apart: 400 ms for the whole message,
+        // twice the limit, but never 200 ms without a byte.
+        let wire = batch_message(&frames(0, 5), 5);
+        for piece in wire.chunks(wire.len().div_ceil(5)) {
+            s.write_all(piece).unwrap();
+            std::thread::sleep(Duration::from_millis(80));
+        }
+        let mut got = Vec::new();
+        let err = loop {
+            match link.recv() {
+                Ok(Some(r)) => got.push(r.seq),
+                Ok(None) => panic!("clean end"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(got, (0..5).collect::<Vec<_>>());
+        // Then nothing: that is silence.
+        assert!(
+            matches!(
+                err.link_failure(),
+                Some(LinkFailure::PeerSilent {
+                    peer: Role::Primary,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        drop(s);
+    }
+
     /// A whole batch message holding `frames` (`count` records).
     fn batch_message(frames: &[u8], count: u32) -> Vec<u8> {
         let mut buf = Vec::new();

@@ -253,7 +253,10 @@ fn soak(secs: u64, hog_count: u64) -> anyhow::Result<Soak> {
         let mut i = 0u64;
         let mut last_look = Instant::now();
         while Instant::now() < end {
-            let r = conn.call(&["SET", &format!("s{}", i % 1000), "v"], Duration::from_secs(5));
+            let r = conn.call(
+                &["SET", &format!("s{}", i % 1000), "v"],
+                Duration::from_secs(5),
+            );
             if !matches!(&r, Ok(Reply::Simple(s)) if s == "OK") {
                 eprintln!("detect soak: SET got {r:?}");
             }
@@ -324,7 +327,10 @@ fn main() -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u64);
     let hog_count = env_u64("DUET_SOAK_HOGS", cores);
     let mut fields = vec![
-        ("timeout_ms".to_string(), default_of("--timeout-ms")?.to_string()),
+        (
+            "timeout_ms".to_string(),
+            default_of("--timeout-ms")?.to_string(),
+        ),
         (
             "heartbeat_ms".to_string(),
             default_of("--heartbeat-ms")?.to_string(),
@@ -387,10 +393,7 @@ fn main() -> anyhow::Result<()> {
             json(s.silence_ms[1]),
         ),
     ]);
-    let body: Vec<String> = fields
-        .iter()
-        .map(|(k, v)| format!("\"{k}\":{v}"))
-        .collect();
+    let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
     println!("{{{}}}", body.join(","));
     Ok(())
 }
