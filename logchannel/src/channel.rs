@@ -503,8 +503,8 @@ pub struct ChannelConfig {
 impl Default for ChannelConfig {
     fn default() -> Self {
         ChannelConfig {
-            heartbeat: Duration::from_millis(20),
-            timeout: Duration::from_millis(150),
+            heartbeat: Duration::from_millis(50),
+            timeout: Duration::from_millis(500),
             max_unacked: 200_000,
             backup_queue: 65_536,
         }

@@ -237,12 +237,12 @@ struct PairArgs {
     #[arg(long)]
     node: Option<String>,
     /// Heartbeat interval on the log channel, in milliseconds.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 50)]
     heartbeat_ms: u64,
     /// Waiting longer than this for the peer's next bytes on the log
     /// channel is a failure (see docs/ARCHITECTURE.md, "Failure detection",
-    /// for why 150 ms).
-    #[arg(long, default_value_t = 150)]
+    /// for why 500 ms and when 150 ms is enough).
+    #[arg(long, default_value_t = 500)]
     timeout_ms: u64,
     /// Serve status as Prometheus text over HTTP on this address.
     #[arg(long)]
