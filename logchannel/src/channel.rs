@@ -561,10 +561,32 @@ pub struct LinkState {
     /// Called on the channel thread whenever the backup reports progress,
     /// so that lag is measured when the report arrives, not when polled.
     on_progress: Mutex<Option<ProgressHook>>,
+    /// Called on the primary's channel thread as soon as an ack raises
+    /// [`LinkCounters::acked`], so that held output can leave from there
+    /// instead of waiting for another thread to wake (see
+    /// [`LinkState::on_ack`]).
+    on_ack: Mutex<Option<AckHook>>,
+    /// Called on the backup's channel thread with how long each ack took
+    /// from its batch's last byte read to the ack written.
+    on_ack_sent: Mutex<Option<TurnaroundHook>>,
+    /// When the primary's channel thread finished writing each batch not
+    /// yet acknowledged: (records sent through it, when), oldest first.
+    written: Mutex<std::collections::VecDeque<(u64, Instant)>>,
+    /// The longest wait for the peer's bytes so far.
+    watch: Liveness,
 }
 
 /// See [`LinkState::on_progress`].
 pub type ProgressHook = Box<dyn Fn(u64) + Send>;
+/// See [`LinkState::on_ack`]: the new acked count and when the ack was read.
+pub type AckHook = Box<dyn Fn(u64, Instant) + Send>;
+/// See [`LinkState::on_ack_sent`].
+pub type TurnaroundHook = Box<dyn Fn(Duration) + Send>;
+
+/// Batches remembered for [`LinkState::written_at`]: more unacknowledged
+/// batches than this means the backup is far behind, and the oldest
+/// timings are dropped rather than kept without bound.
+const WRITTEN_HISTORY: usize = 4096;
 
 impl std::fmt::Debug for LinkState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -666,6 +688,84 @@ impl LinkState {
     /// it reports one (primary side).
     pub fn on_progress(&self, hook: ProgressHook) {
         *self.on_progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Installs the hook the primary's channel thread calls, with the new
+    /// acked count and when that ack was read, each time an ack raises
+    /// it. The hook runs on the thread that reads acks and sends
+    /// heartbeats, so it must never block (it may take a lock that is
+    /// only held briefly).
+    pub fn on_ack(&self, hook: AckHook) {
+        *self.on_ack.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Installs the hook the backup's channel thread calls with each
+    /// ack's turnaround (its batch fully read to the ack written).
+    pub fn on_ack_sent(&self, hook: TurnaroundHook) {
+        *self.on_ack_sent.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// When the primary's channel thread finished writing the batch that
+    /// took the records sent to at least `records`, if it is still
+    /// remembered (it is until an ack covers it).
+    pub fn written_at(&self, records: u64) -> Option<Instant> {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(through, _)| *through >= records)
+            .map(|(_, at)| *at)
+    }
+
+    /// The longest this side has waited for the peer's next bytes since
+    /// the link opened (see [`read_full`]): how close a healthy link came
+    /// to [`ChannelConfig::timeout`].
+    pub fn longest_wait(&self) -> Duration {
+        Duration::from_micros(self.watch.longest_wait_us.load(Ordering::Relaxed))
+    }
+
+    fn batch_written(&self, through: u64, at: Instant) {
+        let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        if w.len() == WRITTEN_HISTORY {
+            w.pop_front();
+        }
+        w.push_back((through, at));
+    }
+
+    /// An ack for `acked` records, read at `at`: counts it, then lets the
+    /// hook release output, then forgets the batches it covers.
+    fn acked(&self, acked: u64, at: Instant) {
+        let mut raised = false;
+        self.update(|c| {
+            raised = acked > c.acked;
+            c.acked = c.acked.max(acked);
+        });
+        if !raised {
+            return;
+        }
+        if let Some(hook) = self
+            .on_ack
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            hook(acked, at);
+        }
+        let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        while w.front().is_some_and(|(through, _)| *through <= acked) {
+            w.pop_front();
+        }
+    }
+
+    fn ack_sent(&self, turnaround: Duration) {
+        if let Some(hook) = self
+            .on_ack_sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            hook(turnaround);
+        }
     }
 
     fn progress(&self, exit: u64) {
@@ -791,18 +891,81 @@ impl Batch {
     }
 }
 
+/// Fills `buf` from `r`. With `silence`, each read waits at most that long
+/// for the peer's next bytes: any byte that arrives counts as the peer
+/// being alive, not only a whole message, so that a large batch still
+/// arriving (a slow link, a congested one) is never mistaken for a silent
+/// peer, and the limit can be short. The clock runs only while this side
+/// is reading: a backup that stopped reading because its own queue is full
+/// (flow control) does not blame the primary for the bytes it did not ask
+/// for. A read that finds bytes already waiting (this thread was not
+/// scheduled for a while, say) takes them before the limit is looked at.
+async fn read_full(
+    r: &mut (impl AsyncRead + Unpin),
+    buf: &mut [u8],
+    from: Role,
+    silence: Option<Duration>,
+    watch: &Liveness,
+) -> Result<(), LinkFailure> {
+    let Some(limit) = silence else {
+        return r
+            .read_exact(buf)
+            .await
+            .map(|_| ())
+            .map_err(|e| LinkFailure::io(e, from));
+    };
+    let mut at = 0;
+    while at < buf.len() {
+        let started = Instant::now();
+        match tokio::time::timeout(limit, r.read(&mut buf[at..])).await {
+            Err(_elapsed) => {
+                return Err(LinkFailure::PeerSilent {
+                    peer: from,
+                    for_ms: started.elapsed().as_millis() as u64,
+                })
+            }
+            Ok(Ok(0)) => return Err(LinkFailure::PeerClosed { peer: from }),
+            Ok(Ok(n)) => {
+                watch.heard(started.elapsed());
+                at += n;
+            }
+            Ok(Err(e)) => return Err(LinkFailure::io(e, from)),
+        }
+    }
+    Ok(())
+}
+
+/// The longest a reader waited for its peer's next bytes, so that an
+/// operator (and the detection benchmark's soak) can see how close to the
+/// timeout a healthy link came.
+#[derive(Debug, Default)]
+struct Liveness {
+    longest_wait_us: std::sync::atomic::AtomicU64,
+}
+
+impl Liveness {
+    fn heard(&self, waited: Duration) {
+        self.longest_wait_us
+            .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
 /// Reads one message from `from`; `offset` counts bytes read so far, for
 /// error messages. A control message's CRC is checked once, by
 /// [`decode_frame`]; a batch's records are checked as they are taken.
+/// `silence` bounds each wait for the peer's bytes (see [`read_full`]);
+/// `None` waits forever (the handshake has its own bound, and
+/// [`decode_message`] reads from memory, without a runtime's timers).
 async fn read_message(
     r: &mut (impl AsyncRead + Unpin),
     offset: &mut u64,
     from: Role,
+    silence: Option<Duration>,
+    watch: &Liveness,
 ) -> Result<Incoming, LinkFailure> {
-    let io = |e| LinkFailure::io(e, from);
     let at = *offset;
     let mut prefix = [0u8; FRAME_PREFIX];
-    r.read_exact(&mut prefix).await.map_err(io)?;
+    read_full(r, &mut prefix, from, silence, watch).await?;
     let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
     let corrupt = |cause| LinkFailure::Corrupt {
         offset: at,
@@ -814,13 +977,13 @@ async fn read_message(
     }
     // The body's first byte tells the kind.
     let mut tag = [0u8; 1];
-    r.read_exact(&mut tag).await.map_err(io)?;
+    read_full(r, &mut tag, from, silence, watch).await?;
     if tag[0] == RECORDS_TAG {
         if len > MAX_MESSAGE {
             return Err(corrupt(Corruption::TooLarge { len: len as u64 }));
         }
         let mut frames = vec![0u8; len - 1];
-        r.read_exact(&mut frames).await.map_err(io)?;
+        read_full(r, &mut frames, from, silence, watch).await?;
         *offset += (FRAME_PREFIX + len) as u64;
         let announced = u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
         return Ok(Incoming::Batch(Batch {
@@ -836,9 +999,7 @@ async fn read_message(
     frame.extend_from_slice(&prefix);
     frame.push(tag[0]);
     frame.resize(total, 0);
-    r.read_exact(&mut frame[FRAME_PREFIX + 1..])
-        .await
-        .map_err(io)?;
+    read_full(r, &mut frame[FRAME_PREFIX + 1..], from, silence, watch).await?;
     *offset += total as u64;
     match decode_frame::<Message>(&frame) {
         // The reserved tag spelled as an over-long varint (0x83 0x00), which
@@ -861,7 +1022,7 @@ pub(crate) async fn read_control(
     from: Role,
     expected: &str,
 ) -> Result<Message, LinkFailure> {
-    match read_message(r, offset, from).await? {
+    match read_message(r, offset, from, None, &Liveness::default()).await? {
         Incoming::Control(m) => Ok(m),
         Incoming::Batch(b) => Err(LinkFailure::Unexpected {
             from,
@@ -920,7 +1081,14 @@ pub fn decode_message(buf: &[u8], next_seq: u64) -> Result<(WireMessage, usize),
     let mut input = buf;
     let mut offset = 0;
     let polled = {
-        let read = std::pin::pin!(read_message(&mut input, &mut offset, Role::Primary));
+        let watch = Liveness::default();
+        let read = std::pin::pin!(read_message(
+            &mut input,
+            &mut offset,
+            Role::Primary,
+            None,
+            &watch
+        ));
         // Reading from a slice never waits, so one poll finishes the future.
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         std::future::Future::poll(read, &mut cx)
@@ -1372,36 +1540,32 @@ pub(crate) async fn primary_io(
     const PEER: Role = Role::Backup;
     let reader_state = state.clone();
     let reader = async move {
-        let mut last_heard = Instant::now();
         loop {
-            let msg =
-                tokio::time::timeout(config.timeout, read_message(&mut rd, &mut offset, PEER))
-                    .await;
+            let msg = read_message(
+                &mut rd,
+                &mut offset,
+                PEER,
+                Some(config.timeout),
+                &reader_state.watch,
+            )
+            .await;
             let msg = match msg {
-                Err(_) => {
-                    return Err(LinkFailure::PeerSilent {
-                        peer: PEER,
-                        for_ms: last_heard.elapsed().as_millis() as u64,
-                    })
-                }
-                Ok(Err(f)) => return Err(f),
-                Ok(Ok(Incoming::Control(m))) => m,
-                Ok(Ok(Incoming::Batch(b))) => {
+                Err(f) => return Err(f),
+                Ok(Incoming::Control(m)) => m,
+                Ok(Incoming::Batch(b)) => {
                     return Err(LinkFailure::Unexpected {
                         from: PEER,
                         message: format!("a batch of {} records", b.announced),
                     })
                 }
             };
-            last_heard = Instant::now();
             match msg {
                 Message::Ack {
                     received,
                     replayed_exit,
                 } => {
-                    reader_state.update(|c| {
-                        c.acked = c.acked.max(received.map_or(0, |s| s + 1));
-                    });
+                    // Output waits on this: release it before anything else.
+                    reader_state.acked(received.map_or(0, |s| s + 1), Instant::now());
                     reader_state.progress(replayed_exit);
                 }
                 Message::Heartbeat { replayed_exit } => reader_state.progress(replayed_exit),
@@ -1415,9 +1579,11 @@ pub(crate) async fn primary_io(
             }
         }
     };
+    let writer_state = state.clone();
     let writer = async move {
         let mut buf = Vec::new();
         let mut tick = tokio::time::interval(config.heartbeat);
+        let mut written = 0u64;
         loop {
             tokio::select! {
                 batch = batches.recv() => {
@@ -1435,6 +1601,8 @@ pub(crate) async fn primary_io(
                     }
                     finish_batch(&mut buf, count as u32);
                     write_bytes(&mut wr, &buf, PEER).await?;
+                    written += count;
+                    writer_state.batch_written(written, Instant::now());
                     tick.reset();
                 }
                 _ = tick.tick() => {
@@ -1466,6 +1634,10 @@ pub(crate) async fn primary_io(
     }
 }
 
+/// A message for the backup's writer, with when the batch it acknowledges
+/// was read (for [`LinkState::on_ack_sent`]).
+type Report = (Message, Option<Instant>);
+
 /// The backup's end: records arrive on a bounded queue; the vCPU thread
 /// takes them with [`BackupLink::recv`].
 pub struct BackupLink {
@@ -1474,7 +1646,7 @@ pub struct BackupLink {
     /// timeout ([`BackupLink::recv_timeout`]).
     waiter: tokio::runtime::Runtime,
     state: Arc<LinkState>,
-    reports: mpsc::Sender<Message>,
+    reports: mpsc::Sender<Report>,
     peer: Hello,
     _thread: JoinHandle<()>,
 }
@@ -1563,7 +1735,7 @@ impl BackupLink {
             c.acked = first_seq;
         });
         let (tx, rx) = mpsc::channel(config.backup_queue);
-        let (out_tx, out_rx) = mpsc::channel::<Message>(64);
+        let (out_tx, out_rx) = mpsc::channel::<Report>(64);
         let st = state.clone();
         let reports = out_tx.clone();
         let thread = std::thread::Builder::new()
@@ -1603,9 +1775,12 @@ impl BackupLink {
     /// that moment rather than at the next heartbeat).
     pub fn report_progress(&self, exit: u64) {
         self.state.set_replayed_exit(exit);
-        let _ = self.reports.try_send(Message::Heartbeat {
-            replayed_exit: exit,
-        });
+        let _ = self.reports.try_send((
+            Message::Heartbeat {
+                replayed_exit: exit,
+            },
+            None,
+        ));
     }
 
     /// The next record, blocking until one arrives. `Ok(None)`: the primary
@@ -1663,7 +1838,7 @@ pub(crate) async fn backup_io(
     mut rd: Reader,
     mut wr: Writer,
     records: mpsc::Sender<Record>,
-    (out_tx, mut out_rx): (mpsc::Sender<Message>, mpsc::Receiver<Message>),
+    (out_tx, mut out_rx): (mpsc::Sender<Report>, mpsc::Receiver<Report>),
     state: Arc<LinkState>,
     config: ChannelConfig,
     (mut offset, first_seq): (u64, u64),
@@ -1672,35 +1847,44 @@ pub(crate) async fn backup_io(
     let reader_state = state.clone();
     let reader = async move {
         let mut next_seq = first_seq;
-        let mut last_heard = Instant::now();
+        let mut decoded = Vec::new();
         loop {
-            let msg = match tokio::time::timeout(
-                config.timeout,
-                read_message(&mut rd, &mut offset, PEER),
+            let msg = read_message(
+                &mut rd,
+                &mut offset,
+                PEER,
+                Some(config.timeout),
+                &reader_state.watch,
             )
-            .await
-            {
-                Err(_) => {
-                    return Err(LinkFailure::PeerSilent {
-                        peer: PEER,
-                        for_ms: last_heard.elapsed().as_millis() as u64,
-                    })
-                }
-                Ok(Err(f)) => return Err(f),
-                Ok(Ok(m)) => m,
-            };
-            last_heard = Instant::now();
+            .await?;
             let msg = match msg {
                 Incoming::Batch(mut batch) => {
-                    let mut n = 0;
-                    while let Some(rec) = batch.next_record(&mut next_seq)? {
-                        n += 1;
-                        if records.send(rec).await.is_err() {
-                            return Ok(());
+                    let read_at = Instant::now();
+                    // Every record is checked before any is acknowledged;
+                    // then the ack goes out at once, before the records
+                    // join the replay queue: they are received (in this
+                    // process's memory, as they would be in the queue), and
+                    // the Output Rule waits on receipt, not on a queue that
+                    // may be full while the vCPU catches up.
+                    decoded.clear();
+                    loop {
+                        match batch.next_record(&mut next_seq) {
+                            Ok(Some(rec)) => decoded.push(rec),
+                            Ok(None) => break,
+                            Err(f) => {
+                                // The intact records before a bad one are
+                                // still delivered (never acknowledged).
+                                for rec in decoded.drain(..) {
+                                    if records.send(rec).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                return Err(f);
+                            }
                         }
                     }
                     reader_state.update(|c| {
-                        c.records += n;
+                        c.records += decoded.len() as u64;
                         c.record_bytes += batch.bytes();
                     });
                     let replayed_exit = reader_state.snapshot().replayed_exit;
@@ -1708,8 +1892,13 @@ pub(crate) async fn backup_io(
                         received: next_seq.checked_sub(1),
                         replayed_exit,
                     };
-                    if out_tx.send(ack).await.is_err() {
+                    if out_tx.send((ack, Some(read_at))).await.is_err() {
                         return Ok(());
+                    }
+                    for rec in decoded.drain(..) {
+                        if records.send(rec).await.is_err() {
+                            return Ok(());
+                        }
                     }
                     continue;
                 }
@@ -1718,7 +1907,7 @@ pub(crate) async fn backup_io(
             match msg {
                 Message::Heartbeat { .. } => {}
                 Message::Bye => {
-                    let _ = out_tx.send(Message::Bye).await;
+                    let _ = out_tx.send((Message::Bye, None)).await;
                     reader_state.update(|c| c.closed = true);
                     return Ok(());
                 }
@@ -1736,12 +1925,15 @@ pub(crate) async fn backup_io(
         let mut buf = Vec::new();
         let mut tick = tokio::time::interval(config.heartbeat);
         loop {
-            let msg = tokio::select! {
+            let (msg, read_at) = tokio::select! {
                 m = out_rx.recv() => match m { Some(m) => m, None => return Ok(()) },
-                _ = tick.tick() => Message::Heartbeat { replayed_exit: writer_state.snapshot().replayed_exit },
+                _ = tick.tick() => (Message::Heartbeat { replayed_exit: writer_state.snapshot().replayed_exit }, None),
             };
             let bye = msg == Message::Bye;
             write_message(&mut wr, &msg, &mut buf, PEER).await?;
+            if let Some(at) = read_at {
+                writer_state.ack_sent(at.elapsed());
+            }
             if bye {
                 let _ = wr.shutdown().await;
                 return Ok(());
@@ -1912,6 +2104,56 @@ mod tests {
         assert!(f.to_string().contains("silent"), "{f}");
     }
 
+    #[test]
+    fn a_batch_arriving_slowly_is_not_silence_and_then_silence_is() {
+        use std::io::Write;
+        let addr = free_addr();
+        let config = ChannelConfig {
+            heartbeat: Duration::from_secs(100),
+            timeout: Duration::from_millis(200),
+            ..ChannelConfig::default()
+        };
+        let backup = std::thread::spawn(move || {
+            BackupLink::accept(addr, hello(Role::Backup), config, |_| {}).unwrap()
+        });
+        let mut s = loop {
+            match std::net::TcpStream::connect(addr) {
+                Ok(s) => break s,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        fake_peer(Role::Primary, &mut s);
+        let mut link = backup.join().unwrap();
+        // One batch, in pieces 80 ms apart: 400 ms for the whole message,
+        // twice the limit, but never 200 ms without a byte.
+        let wire = batch_message(&frames(0, 5), 5);
+        for piece in wire.chunks(wire.len().div_ceil(5)) {
+            s.write_all(piece).unwrap();
+            std::thread::sleep(Duration::from_millis(80));
+        }
+        let mut got = Vec::new();
+        let err = loop {
+            match link.recv() {
+                Ok(Some(r)) => got.push(r.seq),
+                Ok(None) => panic!("clean end"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(got, (0..5).collect::<Vec<_>>());
+        // Then nothing: that is silence.
+        assert!(
+            matches!(
+                err.link_failure(),
+                Some(LinkFailure::PeerSilent {
+                    peer: Role::Primary,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        drop(s);
+    }
+
     /// A whole batch message holding `frames` (`count` records).
     fn batch_message(frames: &[u8], count: u32) -> Vec<u8> {
         let mut buf = Vec::new();
@@ -1948,7 +2190,13 @@ mod tests {
         let mut next_seq = 0;
         let mut got = Vec::new();
         while !input.is_empty() {
-            match rt.block_on(read_message(&mut input, &mut offset, Role::Primary)) {
+            match rt.block_on(read_message(
+                &mut input,
+                &mut offset,
+                Role::Primary,
+                None,
+                &Liveness::default(),
+            )) {
                 Ok(Incoming::Control(_)) => {}
                 Ok(Incoming::Batch(mut b)) => loop {
                     match b.next_record(&mut next_seq) {

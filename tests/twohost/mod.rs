@@ -129,6 +129,16 @@ pub fn wait_for_pong(
     }
 }
 
+/// The failure detector's timing a [`Pair`] runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timing {
+    /// `--timeout-ms 300 --heartbeat-ms 50`, what the tests were written
+    /// for.
+    Tests,
+    /// The binary's defaults (what the detection benchmark measures).
+    Defaults,
+}
+
 /// How a [`Solo`] netkv VM runs on host A.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SoloMode {
@@ -277,12 +287,30 @@ impl Pair {
     /// Builds the namespaces and starts the arbiter, the backup and the
     /// primary of `guest`.
     pub fn start_with(prefix: &str, guest: Guest) -> Pair {
-        Pair::start_on(prefix, guest, ArbiterKind::Tas)
+        Pair::start_full(prefix, guest, ArbiterKind::Tas, Timing::Tests)
     }
 
     /// Builds the namespaces and starts `arbiter`, the backup and the
     /// primary of `guest`.
     pub fn start_on(prefix: &str, guest: Guest, arbiter_kind: ArbiterKind) -> Pair {
+        Pair::start_full(prefix, guest, arbiter_kind, Timing::Tests)
+    }
+
+    /// [`Pair::start_with`] with the failure detector's `timing`. Each side
+    /// writes its events to `primary.events` or `backup.events` in the
+    /// pair's directory (see [`Pair::events`]) and serves `--metrics` on
+    /// its service address.
+    pub fn start_timed(prefix: &str, guest: Guest, timing: Timing) -> Pair {
+        Pair::start_full(prefix, guest, ArbiterKind::Tas, timing)
+    }
+
+    /// The pair of `guest` with `arbiter_kind` as arbiter and `timing`.
+    pub fn start_full(
+        prefix: &str,
+        guest: Guest,
+        arbiter_kind: ArbiterKind,
+        timing: Timing,
+    ) -> Pair {
         let tas_bin = (arbiter_kind == ArbiterKind::Tas).then(tas_server_bin);
         let topo = Topology::up(prefix).unwrap_or_else(|e| panic!("netns up: {e}"));
         // Started before anything else that could panic, so that it is
@@ -296,6 +324,7 @@ impl Pair {
         let dir = crate::common::tempdir(prefix);
         let duet = env!("CARGO_BIN_EXE_duet");
         let channel = SocketAddr::from((Host::B.log_ip().unwrap(), CHANNEL_PORT));
+        let events_dir = dir.path().to_path_buf();
         let pair_args = |role: &str| -> Vec<String> {
             let mut args: Vec<String> = [
                 role,
@@ -305,22 +334,23 @@ impl Pair {
                 VM_ID,
                 "--tas",
                 &tas,
-                "--timeout-ms",
-                "300",
-                "--heartbeat-ms",
-                "50",
             ]
             .map(str::to_string)
             .to_vec();
+            if timing == Timing::Tests {
+                args.extend(["--timeout-ms", "300", "--heartbeat-ms", "50"].map(str::to_string));
+            }
+            let events = events_dir.join(format!("{role}.events"));
+            args.extend(["--events".into(), events.display().to_string()]);
+            let host = if role == "primary" { Host::A } else { Host::B };
+            args.extend(["--metrics".into(), metrics_addr(host).to_string()]);
             match guest {
                 Guest::Kv => {
                     args.extend(["--serial".into(), format!("tcp:{}", Self::service_addr())]);
                 }
                 Guest::NetKv => {
-                    let host = if role == "primary" { Host::A } else { Host::B };
                     args.extend(netkv_args().iter().map(|a| a.to_string()));
                     args.extend(["--serial".into(), "none".into()]);
-                    args.extend(["--metrics".into(), metrics_addr(host).to_string()]);
                 }
             }
             args
@@ -384,10 +414,9 @@ impl Pair {
         self.guest.service_addr()
     }
 
-    /// The `--metrics` address of `side` (netkv pairs only), reachable
-    /// from the client namespace.
+    /// The `--metrics` address of `side`, reachable from the client
+    /// namespace.
     pub fn metrics_addr(&self, side: Side) -> SocketAddr {
-        assert_eq!(self.guest, Guest::NetKv, "only netkv pairs serve metrics");
         metrics_addr(match side {
             Side::Primary => Host::A,
             Side::Backup => Host::B,
@@ -402,6 +431,15 @@ impl Pair {
                 crate::common::metrics::scrape(addr, Duration::from_secs(2))
             })
             .map_err(anyhow::Error::from)?
+    }
+
+    /// `side`'s event log so far (JSON lines; see `vmm::ft::events`).
+    pub fn events(&self, side: Side) -> String {
+        let name = match side {
+            Side::Primary => "primary.events",
+            Side::Backup => "backup.events",
+        };
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
 
     /// Starts (or restarts) the arbiter on the same address and state file.

@@ -11,7 +11,9 @@
 //!  "solo_compute_wall_s":..,"ft_compute_wall_s":..,"compute_wall_ratio":..,
 //!  "solo_compute_guest_s":..,"ft_compute_guest_s":..,"compute_guest_ratio":..,
 //!  "kv_lag_p50_ms":..,"kv_lag_p99_ms":..,"compute_lag_p50_ms":..,..,"idle_lag_p99_ms":..,
-//!  "kv_log_mbit_s":..,"compute_log_mbit_s":..,"idle_log_mbit_s":..}
+//!  "kv_log_mbit_s":..,"compute_log_mbit_s":..,"idle_log_mbit_s":..,
+//!  "or_total_p50_us":..,"or_total_p99_us":..,"or_log_write_p50_us":..,..,
+//!  "or_ack_p50_us":..,..,"or_backup_turnaround_p50_us":..,..,"or_release_p50_us":..,..}
 //! ```
 //!
 //! - `*_kv_*_rps`: `redis-benchmark -c 1 -n 2000 -t set,get,incr` against
@@ -25,7 +27,18 @@
 //!   backup runs behind), scraped from `--metrics` at the end of each FT
 //!   workload: kv after redis-benchmark and the PINGs, compute just before
 //!   it powers off, idle after 3 s of an idle `kv`;
-//! - `*_log_mbit_s`: log bytes sent during the workload over its duration.
+//! - `*_log_mbit_s`: log bytes sent during the workload over its duration;
+//! - `or_*_us`: where an output's time under the Output Rule goes, from the
+//!   pair's own histograms over the PINGs (both sides' `--metrics`):
+//!   `total` from the vCPU producing it to the gate handing it to the
+//!   serial writer; `log_write` to the channel thread having written the
+//!   batch with its records; `ack` from that write to the ack read back,
+//!   of which `backup_turnaround` is the backup's own time (batch read to
+//!   ack written) and the rest the wire and the two channel threads'
+//!   wake-ups; `release` from the ack read to the hand-over. The last hop
+//!   (serial writer thread to the socket) is the same solo and under FT,
+//!   so `output_rule_added_*` (client-side) is to be compared with
+//!   `or_total_*`.
 //!
 //! Every child runs under a time limit and is killed if it overruns; a
 //! backup that does not finish with exit 0 (a digest mismatch) fails the
@@ -126,14 +139,44 @@ struct Pair {
     primary: Proc,
     backup: Proc,
     metrics: SocketAddr,
+    backup_metrics: SocketAddr,
+}
+
+/// The Output Rule stages: (JSON name, histogram, which side's metrics).
+const STAGES: [(&str, &str, bool); 5] = [
+    ("total", "duet_output_rule_seconds", false),
+    ("log_write", "duet_output_log_write_seconds", false),
+    ("ack", "duet_output_ack_seconds", false),
+    ("backup_turnaround", "duet_ack_turnaround_seconds", true),
+    ("release", "duet_output_release_seconds", false),
+];
+
+/// (p50, p99) in µs of each of [`STAGES`] between two scrapes of each
+/// side (primary, backup).
+fn stage_us(before: &(Metrics, Metrics), after: &(Metrics, Metrics)) -> Vec<(f64, f64)> {
+    STAGES
+        .iter()
+        .map(|(_, name, backup)| {
+            let (b, a) = if *backup {
+                (&before.1, &after.1)
+            } else {
+                (&before.0, &after.0)
+            };
+            let q = |q| a.quantile_since(b, name, q).unwrap_or(f64::NAN) * 1e6;
+            (q(0.5), q(0.99))
+        })
+        .collect()
 }
 
 impl Pair {
     /// Starts a backup and a primary of `image`; `serial` is the primary's
     /// `--serial` value.
     fn start(image: &str, serial: &str) -> Pair {
-        let (chan, metrics) = (free_addr(), free_addr());
-        let backup = launch(&mut backup_cmd(image, "bench", chan), false);
+        let (chan, metrics, backup_metrics) = (free_addr(), free_addr(), free_addr());
+        let backup = launch(
+            backup_cmd(image, "bench", chan).args(["--metrics", &backup_metrics.to_string()]),
+            false,
+        );
         let primary = launch(
             primary_cmd(image, "bench", chan)
                 .args(["--serial", serial])
@@ -144,6 +187,7 @@ impl Pair {
             primary,
             backup,
             metrics,
+            backup_metrics,
         }
     }
 
@@ -178,16 +222,22 @@ struct KvRun {
     pings: Vec<f64>,
 }
 
-fn kv_workload(addr: SocketAddr) -> anyhow::Result<KvRun> {
+/// `between_pings` runs after redis-benchmark and again after the PINGs.
+fn kv_workload(
+    addr: SocketAddr,
+    mut between_pings: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<KvRun> {
     let rps = redis_benchmark(addr, REDIS_REQUESTS, REDIS_LIMIT)?;
+    between_pings()?;
     let pings = ping_round_trips(addr)?;
+    between_pings()?;
     Ok(KvRun { rps, pings })
 }
 
 fn solo_kv() -> anyhow::Result<KvRun> {
     let addr = free_addr();
     let _vm = start_tcp_guest("kv", addr);
-    kv_workload(addr)
+    kv_workload(addr, || Ok(()))
 }
 
 /// FT kv: the workload, then 3 s idle.
@@ -197,6 +247,8 @@ struct FtKvRun {
     mbit: f64,
     idle_lag: (f64, f64),
     idle_mbit: f64,
+    /// (p50, p99) µs of each of [`STAGES`] over the PINGs.
+    stages: Vec<(f64, f64)>,
 }
 
 fn ft_kv() -> anyhow::Result<FtKvRun> {
@@ -205,7 +257,12 @@ fn ft_kv() -> anyhow::Result<FtKvRun> {
     wait_for_port(addr, Duration::from_secs(10));
     let start = scrape(pair.metrics)?;
     let (t0, b0) = (Instant::now(), start.require("duet_log_bytes_total")?);
-    let kv = kv_workload(addr)?;
+    let mut both = Vec::new();
+    let kv = kv_workload(addr, || {
+        both.push((scrape(pair.metrics)?, scrape(pair.backup_metrics)?));
+        Ok(())
+    })?;
+    let stages = stage_us(&both[0], &both[1]);
     let busy = scrape(pair.metrics)?;
     let (t1, b1) = (Instant::now(), busy.require("duet_log_bytes_total")?);
     std::thread::sleep(IDLE);
@@ -219,6 +276,7 @@ fn ft_kv() -> anyhow::Result<FtKvRun> {
         mbit: mbit(b1 - b0, t1 - t0),
         idle_lag: lag_ms(&busy, &idle)?,
         idle_mbit: mbit(b2 - b1, t2 - t1),
+        stages,
     })
 }
 
@@ -280,10 +338,14 @@ fn json_number(x: f64) -> String {
 
 /// Samples of every named quantity, one per round.
 #[derive(Default)]
-struct Samples(BTreeMap<&'static str, Vec<f64>>);
+struct Samples(BTreeMap<String, Vec<f64>>);
 
 impl Samples {
-    fn add(&mut self, name: &'static str, v: f64) {
+    fn add(&mut self, name: &str, v: f64) {
+        self.add_owned(name.to_string(), v);
+    }
+
+    fn add_owned(&mut self, name: String, v: f64) {
         self.0.entry(name).or_default().push(v);
     }
 
@@ -328,6 +390,10 @@ fn main() -> anyhow::Result<()> {
         s.add("idle_lag_p50_ms", ft.idle_lag.0);
         s.add("idle_lag_p99_ms", ft.idle_lag.1);
         s.add("idle_log_mbit_s", ft.idle_mbit);
+        for ((stage, _, _), (p50, p99)) in STAGES.iter().zip(&ft.stages) {
+            s.add_owned(format!("or_{stage}_p50_us"), *p50);
+            s.add_owned(format!("or_{stage}_p99_us"), *p99);
+        }
 
         eprintln!("ft bench: round {round}/{ROUNDS}: solo compute");
         let (wall, guest) = solo_compute()?;
@@ -381,6 +447,12 @@ fn main() -> anyhow::Result<()> {
         "idle_log_mbit_s",
     ] {
         pairs.push((k.to_string(), m(k)));
+    }
+    for (stage, _, _) in STAGES {
+        for q in ["p50", "p99"] {
+            let k = format!("or_{stage}_{q}_us");
+            pairs.push((k.clone(), m(&k)));
+        }
     }
     let body: Vec<String> = pairs
         .iter()

@@ -243,8 +243,9 @@ struct PairArgs {
     /// Heartbeat interval on the log channel, in milliseconds.
     #[arg(long, default_value_t = 50)]
     heartbeat_ms: u64,
-    /// Silence on the log channel longer than this is a failure (see
-    /// docs/ARCHITECTURE.md, "Failure detection", for why 500 ms).
+    /// Waiting longer than this for the peer's next bytes on the log
+    /// channel is a failure (see docs/ARCHITECTURE.md, "Failure detection",
+    /// for why 500 ms and when 150 ms is enough).
     #[arg(long, default_value_t = 500)]
     timeout_ms: u64,
     /// Serve status as Prometheus text over HTTP on this address.

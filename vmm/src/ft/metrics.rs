@@ -27,6 +27,12 @@
 //! | `duet_replayed_exits_total` | counter | the backup's executed position, in synchronous exits |
 //! | `duet_log_bytes_total` | counter | bytes of log records sent or received |
 //! | `duet_lag_seconds` | histogram | execution lag of the backup behind the primary |
+//! | `duet_output_rule_seconds` | histogram | primary: an output produced until the gate handed it to its backend |
+//! | `duet_output_log_write_seconds` | histogram | primary: an output produced until the batch with its records was written to the channel |
+//! | `duet_output_ack_seconds` | histogram | primary: that batch written until the ack covering it was read |
+//! | `duet_output_release_seconds` | histogram | primary: that ack read until the output was handed to its backend |
+//! | `duet_ack_turnaround_seconds` | histogram | backup: a batch's last byte read until its ack was written |
+//! | `duet_peer_silence_max_seconds` | gauge | the longest this side waited for the peer's next bytes (the failure timeout's margin) |
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -49,6 +55,70 @@ use prometheus_client::registry::{Registry, Unit};
 pub const LAG_BUCKETS: [f64; 13] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
+
+/// Upper bounds of the Output Rule stage histograms' buckets, in seconds:
+/// fine from 10 µs to a few ms, where the stages of a healthy pair fall,
+/// then coarse up to 1 s.
+pub const STAGE_BUCKETS: [f64; 22] = [
+    0.00001, 0.00002, 0.00003, 0.00004, 0.00005, 0.000075, 0.0001, 0.000125, 0.00015, 0.0002,
+    0.00025, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.1, 1.0,
+];
+
+/// The stages of an output's path under the Output Rule, each a histogram
+/// (see the module docs), so that the cost of each hand-off can be seen
+/// rather than guessed at.
+#[derive(Clone)]
+struct Stages {
+    total: Histogram,
+    log_write: Histogram,
+    ack: Histogram,
+    release: Histogram,
+    turnaround: Histogram,
+}
+
+impl Stages {
+    fn register(registry: &mut Registry) -> Stages {
+        let mut one = |name: &str, help: &str| {
+            let h = Histogram::new(STAGE_BUCKETS);
+            registry.register_with_unit(name, help, Unit::Seconds, h.clone());
+            h
+        };
+        Stages {
+            total: one(
+                "duet_output_rule",
+                "Primary: an output produced until the gate handed it to its backend",
+            ),
+            log_write: one(
+                "duet_output_log_write",
+                "Primary: an output produced until the batch with its records was written to the channel",
+            ),
+            ack: one(
+                "duet_output_ack",
+                "Primary: the batch with an output's records written until the ack covering it was read",
+            ),
+            release: one(
+                "duet_output_release",
+                "Primary: the ack covering an output read until the output was handed to its backend",
+            ),
+            turnaround: one(
+                "duet_ack_turnaround",
+                "Backup: a batch's last byte read until its ack was written",
+            ),
+        }
+    }
+}
+
+/// Where an output's time under the Output Rule went, for
+/// [`Metrics::record_output`].
+#[derive(Debug, Clone, Copy)]
+pub struct OutputStages {
+    /// Produced until the batch carrying its records was written.
+    pub log_write: Duration,
+    /// That write until the ack covering it was read.
+    pub ack: Duration,
+    /// That ack until the output was handed to its backend.
+    pub release: Duration,
+}
 
 /// `Content-Type` of the OpenMetrics text format.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -124,6 +194,7 @@ pub struct Metrics {
     join_seconds: Gauge<f64, AtomicU64>,
     join_bytes: Gauge,
     events: std::sync::OnceLock<super::events::EventLog>,
+    stages: Stages,
 }
 
 /// What the log channel counts, read at each scrape.
@@ -212,6 +283,19 @@ impl Collector for LinkCollector {
             None,
             mbit.metric_type(),
         )?)?;
+        let silence = self
+            .link
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0.0, |l| l.longest_wait().as_secs_f64());
+        let silence = ConstGauge::new(silence);
+        silence.encode(encoder.encode_descriptor(
+            "duet_peer_silence_max",
+            "The longest this side waited for the peer's next bytes, in seconds (the failure timeout's margin).",
+            Some(&Unit::Seconds),
+            silence.metric_type(),
+        )?)?;
         Ok(())
     }
 }
@@ -299,7 +383,9 @@ impl Metrics {
             Unit::Bytes,
             join_bytes.clone(),
         );
+        let stages = Stages::register(&mut registry);
         Arc::new(Metrics {
+            stages,
             registry,
             role: Mutex::new(role),
             roles,
@@ -351,6 +437,10 @@ impl Metrics {
     }
 
     pub fn set_link(&self, link: Arc<LinkState>) {
+        // The backup times its acks on its channel thread; the primary's
+        // stages are timed by its gate.
+        let turnaround = self.stages.turnaround.clone();
+        link.on_ack_sent(Box::new(move |d| turnaround.observe(d.as_secs_f64())));
         *self.link.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
     }
 
@@ -406,6 +496,22 @@ impl Metrics {
     /// Age of the oldest held output (zero when none is held).
     pub fn set_oldest_held(&self, age: Duration) {
         self.oldest_held.set(age.as_secs_f64());
+    }
+
+    /// Records how long one output was held, and where the time went when
+    /// the gate could tell (`stages`).
+    pub fn record_output(&self, total: Duration, stages: Option<OutputStages>) {
+        self.stages.total.observe(total.as_secs_f64());
+        if let Some(s) = stages {
+            self.stages.log_write.observe(s.log_write.as_secs_f64());
+            self.stages.ack.observe(s.ack.as_secs_f64());
+            self.stages.release.observe(s.release.as_secs_f64());
+        }
+    }
+
+    /// Records one ack's turnaround on the backup.
+    pub fn record_ack_turnaround(&self, d: Duration) {
+        self.stages.turnaround.observe(d.as_secs_f64());
     }
 
     /// Records one execution-lag sample.

@@ -9,7 +9,6 @@
 //! [`Paired`], so being alone is not a flag every method must remember to
 //! check.
 
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ use logchannel::{encode_frame, Event, Position, Record};
 
 use super::arbiter::Arbiter;
 use super::events::Event as StateEvent;
-use super::gate::{Gate, Held};
+use super::gate::{GateHandle, GateMsg, Held, SharedGate};
 use super::join::{self, JoinService, Request};
 use super::lag::LagTracker;
 use super::metrics::{ArbiterState, Metrics};
@@ -46,18 +45,6 @@ const MAX_AHEAD_EXITS: u64 = 3_000;
 /// makes a few thousand exits a second): the primary waits once the oldest
 /// position the backup has not reached was flushed this long ago.
 const MAX_LAG: Duration = Duration::from_millis(50);
-/// How often the primary logs its one-line status.
-const SUMMARY_EVERY: Duration = Duration::from_secs(5);
-
-/// What the gate thread is told.
-enum GateMsg {
-    Hold(Held),
-    /// The backup is gone and we won the arbiter: nothing waits any more.
-    Open,
-    /// A backup joined: outputs wait for this link's acknowledgements
-    /// again.
-    Pair(Arc<LinkState>),
-}
 
 /// With a backup: the link and what is on its way over it.
 struct Paired {
@@ -85,7 +72,7 @@ pub struct ChannelSink {
     metrics: Arc<Metrics>,
     next_seq: u64,
     lag: Arc<LagTracker>,
-    gate: Option<Sender<GateMsg>>,
+    gate: Option<GateHandle>,
     gate_thread: Option<JoinHandle<()>>,
     /// Who to ask when the backup is lost; without one, losing it halts.
     arbiter: Option<Arbiter>,
@@ -120,14 +107,11 @@ impl ChannelSink {
         arbiter: Option<Arbiter>,
         next_seq: u64,
     ) -> Result<Self, super::Error> {
-        let (gate_tx, gate_rx) = channel();
-        let gate_thread = {
-            let metrics = metrics.clone();
-            std::thread::Builder::new()
-                .name("output-gate".into())
-                .spawn(move || run_gate(gate_rx, metrics, outlet))
-                .map_err(|e| super::Error::Spawn("output-gate", e))?
-        };
+        let (gate_tx, gate_body) = SharedGate::start(None, metrics.clone(), outlet);
+        let gate_thread = std::thread::Builder::new()
+            .name("output-gate".into())
+            .spawn(gate_body)
+            .map_err(|e| super::Error::Spawn("output-gate", e))?;
         Ok(ChannelSink {
             mode: Mode::Alone,
             metrics,
@@ -428,68 +412,5 @@ impl LogSink for ChannelSink {
             let _ = t.join();
         }
         result
-    }
-}
-
-/// Drives the [`Gate`]: takes held outputs from the vCPU thread, and
-/// releases them in order as the backup's acknowledgements arrive.
-fn run_gate(rx: Receiver<GateMsg>, metrics: Arc<Metrics>, outlet: Outlet) {
-    // Open until a link is paired: a sink that starts alone holds nothing.
-    let mut gate = Gate::new();
-    gate.open();
-    let mut state = Arc::new(LinkState::default());
-    let mut closed = false;
-    let mut last_summary = Instant::now();
-    let take = |m: GateMsg, gate: &mut Gate, state: &mut Arc<LinkState>| match m {
-        GateMsg::Hold(h) => gate.hold(h),
-        GateMsg::Open => gate.open(),
-        GateMsg::Pair(link) => {
-            *state = link;
-            gate.close();
-        }
-    };
-    loop {
-        loop {
-            match rx.try_recv() {
-                Ok(m) => take(m, &mut gate, &mut state),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    closed = true;
-                    break;
-                }
-            }
-        }
-        let c = match gate.waiting_for() {
-            Some(needs) => state.wait_until(stop::SLICE, |c| c.acked >= needs),
-            None if gate.is_empty() && closed => return,
-            None if gate.is_empty() => {
-                match rx.recv_timeout(stop::SLICE) {
-                    Ok(m) => take(m, &mut gate, &mut state),
-                    Err(RecvTimeoutError::Disconnected) => closed = true,
-                    Err(RecvTimeoutError::Timeout) => {}
-                }
-                state.snapshot()
-            }
-            None => state.snapshot(),
-        };
-        while let Some(h) = gate.release(c.acked) {
-            metrics.outputs_held_dec();
-            if outlet.send(h.out).is_err() {
-                // The backend is gone (the process is ending): nothing
-                // more can be delivered.
-                return;
-            }
-        }
-        metrics.set_oldest_held(gate.oldest_age());
-        // Once the sink is done, stop when what is held can never be
-        // acknowledged (the link ended) and was not released by a won claim.
-        let link_over = c.failure.is_some() || c.closed;
-        if closed && link_over && gate.waiting_for().is_some() {
-            return;
-        }
-        if last_summary.elapsed() >= SUMMARY_EVERY {
-            last_summary = Instant::now();
-            tracing::info!("primary: {}", metrics.summary());
-        }
     }
 }

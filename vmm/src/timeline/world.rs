@@ -97,6 +97,38 @@ impl Outlet {
     }
 }
 
+/// Why [`Outlet::try_send`] did not hand an output over.
+#[derive(Debug)]
+pub enum TrySendError {
+    /// The backend is full: the output is given back, untouched, so that
+    /// its holder can keep it first in line.
+    Full(Outgoing),
+    /// The backend is gone.
+    Closed,
+}
+
+impl Outlet {
+    /// Like [`Outlet::send`] but never blocks, for threads that must not
+    /// wait on a slow client (the log channel's, which also reads
+    /// heartbeats).
+    pub fn try_send(&self, out: Outgoing) -> Result<(), TrySendError> {
+        use std::sync::mpsc::TrySendError as E;
+        match out.0 {
+            Addressed::Serial(chunk) => self.serial.try_send(chunk).map_err(|e| match e {
+                E::Full(chunk) => TrySendError::Full(Outgoing(Addressed::Serial(chunk))),
+                E::Disconnected(_) => TrySendError::Closed,
+            }),
+            Addressed::Net(frame) => match &self.net {
+                Some(net) => net.try_send(frame).map_err(|e| match e {
+                    E::Full(frame) => TrySendError::Full(Outgoing(Addressed::Net(frame))),
+                    E::Disconnected(_) => TrySendError::Closed,
+                }),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
 /// The live world: see the module documentation.
 pub struct World {
     boot: Instant,
