@@ -283,9 +283,13 @@ impl SharedGate {
         }
         while let Some(h) = inner.gate.release(inner.acked) {
             let (needs, since, open) = (h.needs, h.since, inner.gate.is_open());
+            // Counted out before it leaves: a client that has the output
+            // must never see it still counted as held.
+            self.metrics.outputs_held_dec();
             match self.outlet.try_send(h.out) {
                 Ok(()) => self.released(inner, needs, since, open),
                 Err(TrySendError::Full(out)) => {
+                    self.metrics.outputs_held_inc();
                     inner.gate.unrelease(Held { needs, out, since });
                     self.wake.notify_all();
                     break;
@@ -300,10 +304,9 @@ impl SharedGate {
         self.forget_acks(inner);
     }
 
-    /// Counts an output handed over, and times its stages while the Output
-    /// Rule applied to it.
+    /// Times an output's stages once handed over, while the Output Rule
+    /// applied to it.
     fn released(&self, inner: &Inner, needs: u64, since: Instant, open: bool) {
-        self.metrics.outputs_held_dec();
         if open {
             return;
         }
@@ -357,6 +360,7 @@ impl SharedGate {
                 let (needs, since, open) = (h.needs, h.since, inner.gate.is_open());
                 inner.sending = true;
                 drop(inner);
+                self.metrics.outputs_held_dec();
                 let sent = self.outlet.send(h.out);
                 inner = self.lock();
                 inner.sending = false;
