@@ -358,6 +358,20 @@ impl Joiner {
         })
     }
 
+    /// Tells the survivor we are alive (a heartbeat), while we restore:
+    /// its link counts silence from the handover on.
+    pub fn keepalive(&mut self) -> Result<(), Error> {
+        let (wr, mut buf) = (&mut self.wr, Vec::new());
+        self.rt
+            .block_on(write_message(
+                wr,
+                &Message::Heartbeat { replayed_exit: 0 },
+                &mut buf,
+                Role::Primary,
+            ))
+            .map_err(Error::Failed)
+    }
+
     /// After the handover: the link that carries the log, whose first
     /// record must be `first_seq`. Reading (and acknowledging) starts now,
     /// so a joiner calls this only once its state is restored and checked.

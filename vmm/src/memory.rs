@@ -119,6 +119,13 @@ impl DirtyPages {
         self.words.iter().all(|w| *w == 0)
     }
 
+    /// The page indices in the set within `start..end`, in increasing
+    /// order.
+    pub fn iter_range(&self, start: u64, end: u64) -> impl Iterator<Item = u64> + '_ {
+        let end = end.min(self.pages);
+        (start..end).filter(move |&p| self.contains(p))
+    }
+
     /// The page indices in the set, in increasing order.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
         self.words.iter().enumerate().flat_map(|(i, word)| {
@@ -185,10 +192,94 @@ pub fn copy_pages(
     Ok(())
 }
 
+/// CRC-32 of one page's bytes: the unit of the handover digest.
+pub fn page_crc(page: &[u8]) -> u32 {
+    crc32fast::hash(page)
+}
+
+/// The handover digest of memory whose pages have these CRCs (page 0
+/// first): a CRC-32 over the page CRCs. A survivor keeps the CRC of every
+/// page as it sends it during pre-copy, so at the pause it hashes only the
+/// last dirty pages and this array, not all of memory (about 1.5 ms per
+/// 64 MiB here, 20-60 ms at 512 MiB under load); the joiner computes the
+/// same from its memory with [`page_digest`].
+pub fn digest_of_page_crcs(crcs: &[u32]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for c in crcs {
+        h.update(&c.to_le_bytes());
+    }
+    h.finalize()
+}
+
+/// The CRC of every page of `mem`, read now.
+pub fn page_crcs(mem: &GuestMem) -> Result<Vec<u32>, vm_memory::GuestMemoryError> {
+    use vm_memory::{Bytes, GuestAddress};
+    let pages = mem_size(mem) / PAGE_SIZE;
+    let mut buf = [0u8; PAGE_SIZE as usize];
+    let mut out = Vec::with_capacity(pages as usize);
+    for page in 0..pages {
+        mem.read_slice(&mut buf, GuestAddress(page * PAGE_SIZE))?;
+        out.push(page_crc(&buf));
+    }
+    Ok(out)
+}
+
+/// The handover digest of `mem` as it is now (see [`digest_of_page_crcs`]).
+pub fn page_digest(mem: &GuestMem) -> Result<u32, vm_memory::GuestMemoryError> {
+    Ok(digest_of_page_crcs(&page_crcs(mem)?))
+}
+
+/// [`page_digest`] of a memory whose pages outside `written` are known to
+/// be zero (a fresh machine's: nothing but the VMM has written it, and
+/// vm-memory's bitmap saw every such write). Reading an untouched page
+/// costs a page fault, about 10 µs here: a joiner of a 512 MiB guest that
+/// read them all would take over a second.
+pub fn page_digest_of_written(
+    mem: &GuestMem,
+    written: &DirtyPages,
+) -> Result<u32, vm_memory::GuestMemoryError> {
+    use vm_memory::{Bytes, GuestAddress};
+    let pages = mem_size(mem) / PAGE_SIZE;
+    let mut buf = [0u8; PAGE_SIZE as usize];
+    let zero = page_crc(&buf);
+    let mut crcs = vec![zero; pages as usize];
+    for page in written.iter() {
+        if let Some(c) = crcs.get_mut(page as usize) {
+            mem.read_slice(&mut buf, GuestAddress(page * PAGE_SIZE))?;
+            *c = page_crc(&buf);
+        }
+    }
+    Ok(digest_of_page_crcs(&crcs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn the_page_digest_follows_every_page() {
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let zero = page_digest(&mem).unwrap();
+        let mut crcs = page_crcs(&mem).unwrap();
+        assert_eq!(digest_of_page_crcs(&crcs), zero);
+        mem.write_obj(1u8, GuestAddress(0x5000)).unwrap();
+        assert_ne!(page_digest(&mem).unwrap(), zero);
+        // Updating only the written page's CRC gives the same digest.
+        let mut page = [0u8; PAGE_SIZE as usize];
+        mem.read_slice(&mut page, GuestAddress(0x5000)).unwrap();
+        crcs[5] = page_crc(&page);
+        assert_eq!(digest_of_page_crcs(&crcs), page_digest(&mem).unwrap());
+        // A fresh memory: only the written pages need reading.
+        let fresh = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        clear_vmm_writes(&fresh);
+        fresh.write_obj(1u8, GuestAddress(0x5000)).unwrap();
+        let written = take_vmm_writes(&fresh);
+        assert_eq!(
+            page_digest_of_written(&fresh, &written).unwrap(),
+            page_digest(&mem).unwrap()
+        );
+    }
 
     #[test]
     fn pages_set_count_and_iterate() {

@@ -363,13 +363,18 @@ impl Vcpu {
     /// hash the same registers), and of all memory. Tagged as a periodic
     /// digest.
     pub fn state_digest(&mut self) -> Result<StateDigest, Error> {
-        self.vm.complete_pending()?;
-        let (regs, _) = self.vm.full_regs()?;
         Ok(StateDigest {
-            regs_crc: regs_crc(&regs),
+            regs_crc: self.full_regs_crc()?,
             mem_crc: memory_crc(&self.mem),
             tag: PERIODIC_DIGEST_TAG,
         })
+    }
+
+    /// The register half of [`Vcpu::state_digest`].
+    pub fn full_regs_crc(&mut self) -> Result<u32, Error> {
+        self.vm.complete_pending()?;
+        let (regs, _) = self.vm.full_regs()?;
+        Ok(regs_crc(&regs))
     }
 
     /// Starts tracking written pages: KVM logs the guest's writes, and the
@@ -413,6 +418,9 @@ impl Vcpu {
 pub trait MachineAccess {
     fn save(&mut self) -> Result<MachineState, Error>;
     fn state_digest(&mut self) -> Result<StateDigest, Error>;
+    /// The CRC of the full registers after the pending exit completed,
+    /// the register half of [`Vcpu::state_digest`].
+    fn regs_crc(&mut self) -> Result<u32, Error>;
     fn memory(&self) -> &GuestMem;
     fn start_dirty_tracking(&mut self) -> Result<(), Error>;
     fn take_dirty(&mut self) -> Result<DirtyPages, Error>;
@@ -425,6 +433,9 @@ impl MachineAccess for Vcpu {
     }
     fn state_digest(&mut self) -> Result<StateDigest, Error> {
         Vcpu::state_digest(self)
+    }
+    fn regs_crc(&mut self) -> Result<u32, Error> {
+        Vcpu::full_regs_crc(self)
     }
     fn memory(&self) -> &GuestMem {
         Vcpu::memory(self)

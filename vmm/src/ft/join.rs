@@ -27,7 +27,9 @@ use super::arbiter::Arbiter;
 use super::events::Event;
 use super::metrics::Metrics;
 use crate::doorbell::Doorbell;
-use crate::memory::{DirtyPages, GuestMem};
+use crate::memory::{self, DirtyPages, GuestMem};
+use crate::timeline::record::PERIODIC_DIGEST_TAG;
+use crate::timeline::StateDigest;
 use crate::stop;
 use crate::vcpu::MachineAccess;
 
@@ -94,6 +96,8 @@ pub struct Handover {
     pub started: Instant,
     pub rounds: u32,
     pub pages: u64,
+    /// Every page's CRC as last sent (see [`memory::digest_of_page_crcs`]).
+    pub crcs: Vec<u32>,
     pub reply: SyncSender<Result<JoinReport, String>>,
 }
 
@@ -312,10 +316,13 @@ fn transfer(
     let total_pages = page_count(mem);
     let mut pages = 0;
     let mut buf = Vec::with_capacity(PAGES_PER_MESSAGE * PAGE_SIZE);
+    // The CRC of every page as sent, for the handover digest.
+    let zero_crc = memory::page_crc(&[0u8; PAGE_SIZE]);
+    let mut crcs = vec![zero_crc; total_pages as usize];
     // Round 0: everything, zero pages as runs.
     let mut zero_run: Option<(u64, u64)> = None;
+    let mut data = vec![0u8; PAGE_SIZE];
     for page in 0..total_pages {
-        let mut data = vec![0u8; PAGE_SIZE];
         read_page(mem, page, &mut data)?;
         if data.iter().all(|&b| b == 0) {
             flush_pages(&mut session, &mut buf, page).map_err(err)?;
@@ -328,6 +335,7 @@ fn transfer(
         if let Some((first, n)) = zero_run.take() {
             session.send_zeros(first, n).map_err(err)?;
         }
+        crcs[page as usize] = memory::page_crc(&data);
         append_page(&mut session, &mut buf, page, &data).map_err(err)?;
         pages += 1;
         if stop::requested() {
@@ -344,7 +352,7 @@ fn transfer(
         round += 1;
         let dirty = desk.call(Request::TakeDirty)?;
         let n = dirty.count();
-        send_dirty(&mut session, mem, &dirty).map_err(err)?;
+        send_dirty(&mut session, mem, &dirty, &mut crcs).map_err(err)?;
         session.send_round(round, n).map_err(err)?;
         pages += n;
         if n <= CONVERGED_PAGES || round >= MAX_ROUNDS {
@@ -362,6 +370,7 @@ fn transfer(
         started,
         rounds: round + 1,
         pages,
+        crcs,
         reply: tx,
     })));
     wait_reply(&rx)
@@ -411,11 +420,13 @@ fn flush_pages(
     session.send_pages(end - n, data)
 }
 
-/// Sends every page in `dirty`, as runs of consecutive pages.
+/// Sends every page in `dirty`, as runs of consecutive pages, and keeps
+/// each page's CRC as sent in `crcs`.
 pub fn send_dirty(
     session: &mut JoinSession,
     mem: &GuestMem,
     dirty: &DirtyPages,
+    crcs: &mut [u32],
 ) -> Result<(), logchannel::channel::Error> {
     let mut buf = Vec::with_capacity(PAGES_PER_MESSAGE * PAGE_SIZE);
     let mut next: Option<u64> = None;
@@ -426,10 +437,14 @@ pub fn send_dirty(
                 flush_pages(session, &mut buf, end)?;
             }
         }
-        if read_page(mem, page, &mut page_buf).is_err() {
+        let Some(crc) = crcs.get_mut(page as usize) else {
             // A dirty bit beyond memory: nothing to send.
             continue;
+        };
+        if read_page(mem, page, &mut page_buf).is_err() {
+            continue;
         }
+        *crc = memory::page_crc(&page_buf);
         if buf.len() / PAGE_SIZE == PAGES_PER_MESSAGE {
             flush_pages(session, &mut buf, page)?;
         }
@@ -459,18 +474,26 @@ pub fn hand_over(
         started,
         rounds,
         pages,
+        mut crcs,
         ..
     } = job;
     let state = machine.save().map_err(|e| error_chain(&e))?;
     let dirty = machine.take_dirty().map_err(|e| error_chain(&e))?;
     let last = dirty.count();
     let saved = paused.elapsed();
-    send_dirty(&mut session, machine.memory(), &dirty).map_err(|e| error_chain(&e))?;
+    let mem = machine.memory().clone();
+    send_dirty(&mut session, &mem, &dirty, &mut crcs).map_err(|e| error_chain(&e))?;
     let sent = paused.elapsed();
-    // The digest hashes all of guest memory, so this part of the pause
-    // grows with the memory size whatever the guest does: it is logged
-    // apart so that a long pause can be told from a slow link.
-    let digest = machine.state_digest().map_err(|e| error_chain(&e))?;
+    // The memory digest is over the pages' CRCs as sent, kept up to date
+    // through pre-copy: the pause hashes only the last pages, whatever the
+    // memory size. It shows that the joiner holds what was sent; that what
+    // was sent is all of memory (the dirty tracking) is checked by the full
+    // digest the sink logs right after pairing, which the joiner replays.
+    let digest = StateDigest {
+        regs_crc: machine.regs_crc().map_err(|e| error_chain(&e))?,
+        mem_crc: memory::digest_of_page_crcs(&crcs),
+        tag: PERIODIC_DIGEST_TAG,
+    };
     let hashed = paused.elapsed();
     let _ = machine.stop_dirty_tracking();
     let encoded = postcard::to_allocvec(&state).map_err(|e| e.to_string())?;

@@ -78,6 +78,8 @@ pub struct ChannelSink {
     arbiter: Option<Arbiter>,
     /// Lets a new backup join while we run alone (re-protection).
     join: Option<JoinService>,
+    /// A backup just joined: log a full state digest at the next exit.
+    digest_soon: bool,
 }
 
 impl ChannelSink {
@@ -121,6 +123,7 @@ impl ChannelSink {
             gate_thread: Some(gate_thread),
             arbiter,
             join: None,
+            digest_soon: false,
         })
     }
 
@@ -195,6 +198,10 @@ impl ChannelSink {
                 match join::hand_over(*job, machine, self.next_seq, world.clock_ns()) {
                     Ok((link, report)) => {
                         self.pair(link, report.exit)?;
+                        // The handover digest covers what was sent; this
+                        // one, on all of memory, also checks that the dirty
+                        // tracking sent everything.
+                        self.digest_soon = true;
                         if let Some(a) = self.arbiter.as_mut() {
                             a.epoch = report.epoch;
                         }
@@ -373,6 +380,10 @@ impl LogSink for ChannelSink {
 
     fn is_logging(&self) -> bool {
         matches!(self.mode, Mode::Paired(_))
+    }
+
+    fn take_digest_request(&mut self) -> bool {
+        std::mem::take(&mut self.digest_soon)
     }
 
     fn wants_machine(&self) -> bool {

@@ -53,6 +53,12 @@ pub trait LogSink {
     fn is_logging(&self) -> bool {
         true
     }
+    /// True once when the sink wants a state digest logged now, whatever
+    /// the period (a backup just joined: the first full digest checks what
+    /// it was given).
+    fn take_digest_request(&mut self) -> bool {
+        false
+    }
     /// See [`Timeline::wants_machine`].
     fn wants_machine(&self) -> bool {
         false
@@ -179,6 +185,9 @@ impl<S: LogSink> Timeline for Record<S> {
     fn wants_digest(&mut self, _at: &Position, requested: bool) -> bool {
         if !self.sink.is_logging() {
             return false;
+        }
+        if self.sink.take_digest_request() {
+            return true;
         }
         let Some(every) = self.digest_every else {
             return requested;
