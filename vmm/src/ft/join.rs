@@ -28,9 +28,9 @@ use super::events::Event;
 use super::metrics::Metrics;
 use crate::doorbell::Doorbell;
 use crate::memory::{self, DirtyPages, GuestMem};
+use crate::stop;
 use crate::timeline::record::PERIODIC_DIGEST_TAG;
 use crate::timeline::StateDigest;
-use crate::stop;
 use crate::vcpu::MachineAccess;
 
 /// Pre-copy ends once a round leaves this few dirty pages (1 MiB): the
