@@ -1729,11 +1729,9 @@ impl BackupLink {
         config: ChannelConfig,
         first_seq: u64,
     ) -> Result<BackupLink, Error> {
+        // The backup's counters count this link's records (they are its
+        // metrics); only the sequence check starts at `first_seq`.
         let state = Arc::new(LinkState::default());
-        state.update(|c| {
-            c.records = first_seq;
-            c.acked = first_seq;
-        });
         let (tx, rx) = mpsc::channel(config.backup_queue);
         let (out_tx, out_rx) = mpsc::channel::<Report>(64);
         let st = state.clone();

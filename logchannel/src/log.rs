@@ -51,8 +51,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-/// The format version this build writes and the newest it reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version this build writes and the only one it reads.
+/// 2: a periodic or requested digest's memory CRC is a CRC over the CRCs
+/// of the pages (kept current through the dirty log), not one over all
+/// of memory; a version 1 log's digests would all differ.
+pub const FORMAT_VERSION: u16 = 2;
 
 /// The bytes every log starts with.
 pub const MAGIC: [u8; 8] = *b"DUETLOG\0";
@@ -77,6 +80,15 @@ pub enum Error {
     /// The log was written by a newer Duet than this one.
     #[error("log format version {found} is newer than the {supported} this build reads")]
     NewerVersion {
+        /// Version in the log's header.
+        found: u16,
+        /// [`FORMAT_VERSION`] of this build.
+        supported: u16,
+    },
+    /// The log was written by an older Duet, whose digests this build
+    /// computes differently.
+    #[error("log format version {found} is older than the {supported} this build reads (its state digests are computed differently): record it again")]
+    OlderVersion {
         /// Version in the log's header.
         found: u16,
         /// [`FORMAT_VERSION`] of this build.
@@ -485,6 +497,12 @@ fn decode_header(crc: u32, payload: &[u8], offset: u64) -> Result<Header> {
     if header.version == 0 {
         return Err(Error::UnknownVersion {
             found: header.version,
+        });
+    }
+    if header.version < FORMAT_VERSION {
+        return Err(Error::OlderVersion {
+            found: header.version,
+            supported: FORMAT_VERSION,
         });
     }
     Ok(header)
@@ -1010,6 +1028,7 @@ mod tests {
                         | Error::Truncated { .. }
                         | Error::TooLarge { .. }
                         | Error::NewerVersion { .. }
+                        | Error::OlderVersion { .. }
                 ),
                 "bit {bit}: {err:?}"
             );
@@ -1067,13 +1086,13 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            "log format version 2 is newer than the 1 this build reads"
+            "log format version 3 is newer than the 2 this build reads"
         );
 
         // A future header whose later fields we cannot decode, with a good or
         // a bad CRC (a newer format might checksum differently), and a huge
         // version that postcard writes as a three-byte varint.
-        for (version, good) in [(2, true), (2, false), (u16::MAX, true)] {
+        for (version, good) in [(3, true), (3, false), (u16::MAX, true)] {
             let bytes = header_frame(version, &[0xff, 0xff, 0xff], good);
             let err = LogReader::open(&bytes[..]).unwrap_err();
             assert!(
@@ -1083,6 +1102,25 @@ mod tests {
             let err = decode_header_frame(&bytes[8..]).unwrap_err();
             assert!(matches!(err, Error::NewerVersion { .. }), "{err:?}");
         }
+    }
+
+    #[test]
+    fn a_version_1_log_is_refused_as_older() {
+        let mut h = header();
+        h.version = 1;
+        let bytes = LogWriter::new(Vec::new(), &h).unwrap().into_inner();
+        let err = LogReader::open(&bytes[..]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::OlderVersion {
+                    found: 1,
+                    supported: 2
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("record it again"), "{err}");
     }
 
     #[test]

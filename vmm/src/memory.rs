@@ -238,6 +238,14 @@ pub fn page_digest_of_written(
     mem: &GuestMem,
     written: &DirtyPages,
 ) -> Result<u32, vm_memory::GuestMemoryError> {
+    Ok(digest_of_page_crcs(&page_crcs_of_written(mem, written)?))
+}
+
+/// The page CRCs behind [`page_digest_of_written`].
+pub fn page_crcs_of_written(
+    mem: &GuestMem,
+    written: &DirtyPages,
+) -> Result<Vec<u32>, vm_memory::GuestMemoryError> {
     use vm_memory::{Bytes, GuestAddress};
     let pages = mem_size(mem) / PAGE_SIZE;
     let mut buf = [0u8; PAGE_SIZE as usize];
@@ -249,7 +257,7 @@ pub fn page_digest_of_written(
             *c = page_crc(&buf);
         }
     }
-    Ok(digest_of_page_crcs(&crcs))
+    Ok(crcs)
 }
 
 #[cfg(test)]

@@ -135,11 +135,12 @@ pub fn join(
     let state: MachineState = postcard::from_bytes(&handover.machine).map_err(Error::State)?;
     vcpu.restore(&state)
         .map_err(|e| Error::Restore(Box::new(e)))?;
+    let crcs = memory::page_crcs_of_written(&mem, written).map_err(Error::Memory)?;
     let digest = StateDigest {
         regs_crc: vcpu
             .full_regs_crc()
             .map_err(|e| Error::Restore(Box::new(e)))?,
-        mem_crc: memory::page_digest_of_written(&mem, written).map_err(Error::Memory)?,
+        mem_crc: memory::digest_of_page_crcs(&crcs),
         tag: PERIODIC_DIGEST_TAG,
     };
     let theirs = StateDigest {
@@ -154,6 +155,10 @@ pub fn join(
             theirs,
         });
     }
+    // The digests go on from these CRCs: the first one after the join
+    // need not read all of memory.
+    vcpu.seed_page_crcs(crcs)
+        .map_err(|e| Error::Restore(Box::new(e)))?;
     let bytes = joiner.received_bytes();
     let link = joiner
         .into_link(config, handover.first_seq)
