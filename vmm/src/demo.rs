@@ -637,18 +637,18 @@ fn run_in(
             .args(["--metrics", &s.metrics.to_string()])
             .env("DUET_LOG", "info");
         match Proc::logged("spare", &mut cmd, &dir.join("spare.log")) {
-            Ok(mut p) if p.wait_for_log("spare: standing by", Duration::from_secs(10)) => {
-                println!(
-                    "standby spare on host A watching the backup ({}) and the primary ({}), to join whichever runs alone",
-                    a.channel, s.primary_join
-                );
-                spare = Some(p);
-            }
-            Ok(p) => {
-                spare_problem = Some(format!(
-                    "the spare did not start (see {})",
-                    dir.join("spare.log").display()
-                ));
+            Ok(mut p) => {
+                if p.wait_for_log("spare: standing by", Duration::from_secs(10)) {
+                    println!(
+                        "standby spare on host A watching the backup ({}) and the primary ({}), to join whichever runs alone",
+                        a.channel, s.primary_join
+                    );
+                } else {
+                    spare_problem = Some(format!(
+                        "the spare did not start (see {})",
+                        dir.join("spare.log").display()
+                    ));
+                }
                 spare = Some(p);
             }
             Err(e) => spare_problem = Some(format!("cannot start the spare: {e:#}")),
@@ -699,7 +699,7 @@ fn run_in(
             let done = match &protected {
                 Some(p) => now_unix - p.ts >= AFTER_PROTECTED.as_secs_f64(),
                 None => {
-                    killed_at.is_some_and(|k| k.elapsed() >= REPROTECT_LIMIT)
+                    killed_at.is_some_and(|k: Instant| k.elapsed() >= REPROTECT_LIMIT)
                         || spare.as_mut().is_some_and(|p| p.status().is_some())
                 }
             };
@@ -1045,5 +1045,60 @@ fn run_in(
             println!("OK: nothing the clients were told had happened was lost");
             Ok(0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An event log as a survivor that went live and took a spare writes
+    /// it (the lines `ft::events` writes, one torn at the end).
+    fn survivor_events() -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            file.path(),
+            concat!(
+                r#"{"ts":100.0,"role":"backup","event":"peer_lost","peer":"primary","failure":"silent"}"#,
+                "\n",
+                r#"{"ts":100.5,"role":"backup","event":"live","exit":7}"#,
+                "\n",
+                r#"{"ts":101.0,"role":"primary","event":"join_failed","why":"the joiner went away"}"#,
+                "\n",
+                r#"{"ts":101.9,"role":"primary","event":"protected","epoch":4,"exit":99,"blackout_us":1800,"total_ms":420,"bytes":70000000}"#,
+                "\n",
+                r#"{"ts":102.0,"role":"prim"#,
+            ),
+        )
+        .unwrap();
+        file
+    }
+
+    #[test]
+    fn the_survivors_protected_event_gives_the_figures_and_a_mark_after_go_live() {
+        let file = survivor_events();
+        let p = read_protection(file.path()).unwrap();
+        assert_eq!(
+            p,
+            Protection {
+                ts: 101.9,
+                epoch: 4,
+                blackout_us: 1800,
+                total_ms: 420,
+                bytes: 70_000_000,
+            }
+        );
+        assert_eq!(join_failures(file.path()), ["the joiner went away"]);
+        let marks = failover_marks(2.0, 98.0, &read_events(file.path()));
+        let labels: Vec<&str> = marks.iter().map(|m| m.label.as_str()).collect();
+        assert_eq!(labels, ["kill", "detected", "go-live", "protected"]);
+        assert!((marks[3].t - 3.9).abs() < 1e-9 && marks[3].t > marks[2].t);
+    }
+
+    #[test]
+    fn no_protected_event_is_none() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        assert_eq!(read_protection(file.path()), None);
+        assert!(join_failures(Path::new("/nonexistent/events")).is_empty());
     }
 }
