@@ -183,8 +183,6 @@ fn chained_failover_with_a_joined_backup_keeps_client_connections_and_writes() {
     let c_events = pair.dir.path().join("c.events");
     let c_log = pair.dir.path().join("c.log");
     let mut clients = Clients::open(&mut pair);
-    // Declared after the pair, so dropped (killed) before its namespaces.
-    let mut c: Option<Proc> = None;
     let logs = |pair: &Pair, c: &Option<Proc>| {
         let mut all = pair.logs();
         if let Some(c) = c {
@@ -223,7 +221,8 @@ fn chained_failover_with_a_joined_backup_keeps_client_connections_and_writes() {
         .args(["--serial", "none"])
         .env("DUET_LOG", "info");
     let join_started = Instant::now();
-    c = Some(
+    // Declared after the pair, so dropped (killed) before its namespaces.
+    let mut c = Some(
         Proc::logged("joiner C", &mut pair.topo.exec(Host::A, &cmd), &c_log)
             .unwrap_or_else(|e| panic!("{e:#}")),
     );
@@ -337,6 +336,17 @@ fn chained_failover_with_a_joined_backup_keeps_client_connections_and_writes() {
         c.as_mut().unwrap().status().is_none(),
         "C exited after going live\n{}",
         logs(&pair, &c)
+    );
+    let line = |text: &str, needle: &str| {
+        text.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_default()
+            .to_string()
+    };
+    eprintln!(
+        "B: {}\nC: {}",
+        line(&pair.backup.log_text(), "protected again"),
+        line(&c_text, "joined the VM at")
     );
     eprintln!(
         "chained failover on two hosts: handover at exit {} with digest {theirs}; test took {:?}",
