@@ -169,6 +169,23 @@ fn events(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Seconds since the Unix epoch, the clock of the event logs.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Milliseconds from `since` (Unix seconds) to the first `name` event in
+/// a side's event log; NaN if there is none.
+fn event_ms_after(text: &str, name: &str, since: f64) -> f64 {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == name)
+        .and_then(|v| v["ts"].as_f64())
+        .map_or(f64::NAN, |ts| (ts - since) * 1e3)
+}
+
 #[test]
 fn chained_failover_with_a_joined_backup_keeps_client_connections_and_writes() {
     if !kvm_available("chained_failover_with_a_joined_backup_keeps_client_connections_and_writes")
@@ -192,19 +209,31 @@ fn chained_failover_with_a_joined_backup_keeps_client_connections_and_writes() {
     };
 
     // A and B paired; the kill lands while a SET is in flight.
+    let (mut killed_a, mut killed_b) = (0.0, 0.0);
     clients.write(&pair.topo, "ab", 40, &|| pair.logs());
     {
         let primary = &mut pair.primary;
         let topo = &pair.topo;
-        clients.set(topo, "kill-a", || primary.kill(), &String::new);
+        let killed = &mut killed_a;
+        clients.set(
+            topo,
+            "kill-a",
+            || {
+                primary.kill();
+                *killed = unix_now();
+            },
+            &String::new,
+        );
     }
-    let killed_a = Instant::now();
     assert!(
         pair.backup.wait_for_log("backup: going live", LIMIT),
         "B never went live\n{}",
         pair.logs()
     );
-    eprintln!("B went live (seen {:?} after the kill)", killed_a.elapsed());
+    eprintln!(
+        "B went live {:.0} ms after the kill (its live event)",
+        event_ms_after(&pair.events(twohost::Side::Backup), "live", killed_a)
+    );
     clients.write(&pair.topo, "b-alone", 40, &|| pair.logs());
 
     // C joins B from host A, with the pair's NIC flags: it opens host A's
@@ -259,16 +288,31 @@ fn chained_failover_with_a_joined_backup_keeps_client_connections_and_writes() {
     {
         let backup = &mut pair.backup;
         let topo = &pair.topo;
-        clients.set(topo, "kill-b", || backup.kill(), &String::new);
+        let killed = &mut killed_b;
+        clients.set(
+            topo,
+            "kill-b",
+            || {
+                backup.kill();
+                *killed = unix_now();
+            },
+            &String::new,
+        );
     }
-    let killed_b = Instant::now();
     let cp = c.as_mut().unwrap();
     assert!(
         cp.wait_for_log("backup: going live", LIMIT),
         "C never went live\n{}",
         logs(&pair, &c)
     );
-    eprintln!("C went live (seen {:?} after the kill)", killed_b.elapsed());
+    eprintln!(
+        "C went live {:.0} ms after the kill (its live event)",
+        event_ms_after(
+            &std::fs::read_to_string(&c_events).unwrap_or_default(),
+            "live",
+            killed_b
+        )
+    );
     clients.write(&pair.topo, "c", 40, &|| logs(&pair, &c));
 
     // Every acknowledged write, on the connection that wrote it.
