@@ -1,7 +1,9 @@
 //! `duet demo` (the network demo, across namespaces it makes itself) keeps
-//! every client connection open through the SIGKILL, and its failover chart
-//! marks the kill, the detection, the claim and the go-live, in that order:
-//! on the time axis and in the SVG.
+//! every client connection open through the SIGKILL, its standby spare
+//! joins the backup gone live without an operator, and its chart marks the
+//! kill, the detection, the claim, the go-live and the re-protection
+//! ("protected", from the survivor's event), in that order: on the time
+//! axis and in the SVG.
 
 mod common;
 
@@ -50,6 +52,35 @@ fn the_demo_keeps_connections_and_charts_its_failover() {
         "{text}"
     );
     assert!(text.contains("backup went live      1 time(s)"), "{text}");
+    // The re-protection's figures, from the survivor's `protected` event.
+    assert!(
+        text.contains("re-protection         the spare on host A joined the new primary"),
+        "{text}"
+    );
+    for figure in [
+        "  guest paused        ",
+        "  time to protected   ",
+        "  bytes sent          ",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(figure))
+            .unwrap_or_else(|| panic!("no {figure:?} line:\n{text}"));
+        let value: u64 = line[figure.len()..]
+            .split(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no figure in {line:?}"));
+        assert!(value > 0, "{line}");
+    }
+    assert!(text.contains("the VM is protected again"), "{text}");
+    eprintln!(
+        "{}",
+        text.lines()
+            .filter(|l| l.starts_with("re-protection") || l.starts_with("  ") && !l.contains(" s  "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 
     let svg = std::fs::read_to_string(out.path().join("duet-demo-failover.svg")).unwrap();
     let png = std::fs::read(out.path().join("duet-demo-failover.png")).unwrap();
@@ -66,6 +97,7 @@ fn the_demo_keeps_connections_and_charts_its_failover() {
         find("detected +"),
         find("claim +"),
         find("go-live +"),
+        find("protected +"),
     ];
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{texts:?}");
     let xs: Vec<f64> = order.iter().map(|&i| texts[i].0).collect();

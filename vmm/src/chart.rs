@@ -1,7 +1,8 @@
 //! The failover timeline chart of `duet demo`: client throughput and reply
 //! latency over time, with the moments that make up a failover marked on
 //! both (the SIGKILL, the backup noticing, its claim, the grant, going
-//! live), drawn with plotters as SVG and PNG.
+//! live, and, when a spare joins the survivor, the moment it is protected
+//! again), drawn with plotters as SVG and PNG.
 //!
 //! The marks of a fast failover lie within a few milliseconds of each
 //! other, closer than a pixel on a chart several seconds wide, so their
@@ -27,7 +28,8 @@ pub enum Error {
 pub struct Mark {
     /// Seconds since the run started.
     pub t: f64,
-    /// Short name: "kill", "detected", "claim", "granted", "go-live".
+    /// Short name: "kill", "detected", "claim", "granted", "go-live",
+    /// "protected".
     pub label: String,
 }
 

@@ -5,8 +5,13 @@
 //! connections; it kills the primary with SIGKILL in the middle, keeps the
 //! same connections going against the backup gone live, and verifies that
 //! nothing the clients were told had happened was lost and that no
-//! connection had to be made again. It prints its progress, an account,
-//! and a chart of the failover (SVG and PNG).
+//! connection had to be made again. A standby spare (`duet spare`) waits on
+//! host A from the start, so that the failover is followed by
+//! re-protection without an operator: the spare joins the backup gone live
+//! while the clients write, and the demo reports the join's pause, time
+//! and bytes from the survivor's `protected` event. It prints its
+//! progress, an account, and a chart of the failover and the re-protection
+//! (SVG and PNG).
 //!
 //! Where it cannot make namespaces (not root, no iproute2), it says why and
 //! runs the serial demo instead: `kv` on a serial line over loopback, whose
@@ -70,6 +75,19 @@ struct Addrs {
     service: SocketAddr,
     m_primary: SocketAddr,
     m_backup: SocketAddr,
+    /// The standby spare's addresses (the network demo only).
+    spare: Option<SpareAddrs>,
+}
+
+/// Where the standby spare and the primary's join service listen, all on
+/// host A: the spare joins whichever side runs alone, and once it is a
+/// backup it must be reachable on A's logging link.
+struct SpareAddrs {
+    /// The primary's `--join-listen` (used only if the backup died first).
+    primary_join: SocketAddr,
+    /// The spare's own `--listen`: where joiners reach it once it is live.
+    listen: SocketAddr,
+    metrics: SocketAddr,
 }
 
 impl Net {
@@ -81,16 +99,23 @@ impl Net {
                 service: ports::loopback()?,
                 m_primary: ports::loopback()?,
                 m_backup: ports::loopback()?,
+                spare: None,
             },
             Net::Netns(_) => {
                 let ip = |h: Host| std::net::IpAddr::V4(h.service_ip());
                 let log_b = Host::B.log_ip().map(std::net::IpAddr::V4);
+                let log_a = std::net::IpAddr::V4(Host::A.log_ip().unwrap_or(Host::A.service_ip()));
                 Addrs {
                     tas: SocketAddr::new(ip(Host::Arbiter), 7000),
                     channel: SocketAddr::new(log_b.unwrap_or(ip(Host::B)), 7001),
                     service: SocketAddr::new(std::net::IpAddr::V4(netns::VIP), 6380),
                     m_primary: SocketAddr::new(ip(Host::A), 9100),
                     m_backup: SocketAddr::new(ip(Host::B), 9100),
+                    spare: Some(SpareAddrs {
+                        primary_join: SocketAddr::new(log_a, 7002),
+                        listen: SocketAddr::new(log_a, 7003),
+                        metrics: SocketAddr::new(ip(Host::A), 9101),
+                    }),
                 }
             }
         })
@@ -266,19 +291,74 @@ fn call(
     }
 }
 
-/// The events (`--events`) a side wrote, as (Unix time, event name).
-fn read_events(path: &Path) -> Vec<(f64, String)> {
+/// The events (`--events`) a side wrote, each line as JSON; a line being
+/// written (or torn) is skipped.
+fn event_lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            Some((v["ts"].as_f64()?, v["event"].as_str()?.to_string()))
-        })
+        .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
 
-/// The failover's moments: the kill, then what the backup's events say.
+/// The events a side wrote, as (Unix time, event name).
+fn read_events(path: &Path) -> Vec<(f64, String)> {
+    event_lines(path)
+        .iter()
+        .filter_map(|v| Some((v["ts"].as_f64()?, v["event"].as_str()?.to_string())))
+        .collect()
+}
+
+/// What the survivor reported of a finished join (its `protected` event):
+/// the demo's figures come from the side that paused its guest, not from
+/// the joiner, which cannot see the pause.
+#[derive(Debug, Clone, PartialEq)]
+struct Protection {
+    /// Unix time of the event.
+    ts: f64,
+    epoch: u64,
+    blackout_us: u64,
+    total_ms: u64,
+    bytes: u64,
+}
+
+/// The first `protected` event in a side's events, if any.
+fn read_protection(path: &Path) -> Option<Protection> {
+    event_lines(path)
+        .iter()
+        .find(|v| v["event"] == "protected")
+        .and_then(|v| {
+            Some(Protection {
+                ts: v["ts"].as_f64()?,
+                epoch: v["epoch"].as_u64()?,
+                blackout_us: v["blackout_us"].as_u64()?,
+                total_ms: v["total_ms"].as_u64()?,
+                bytes: v["bytes"].as_u64()?,
+            })
+        })
+}
+
+/// Why each join the survivor gave up failed (its `join_failed` events).
+fn join_failures(path: &Path) -> Vec<String> {
+    event_lines(path)
+        .iter()
+        .filter(|v| v["event"] == "join_failed")
+        .map(|v| v["why"].as_str().unwrap_or("no reason given").to_string())
+        .collect()
+}
+
+/// How long the network demo waits after the kill for the spare to
+/// protect the VM again before it calls re-protection failed. A join of
+/// the demo's 64 MiB guest takes about a second; this only bounds it.
+const REPROTECT_LIMIT: Duration = Duration::from_secs(30);
+
+/// How long the workload goes on after the survivor is protected again,
+/// so that the chart shows the traffic on both sides of the join (and
+/// room for the mark's label).
+const AFTER_PROTECTED: Duration = Duration::from_secs(1);
+
+/// The failover's moments: the kill, then what the backup's events say
+/// (up to and including its re-protection).
 fn failover_marks(kill_t: f64, t0_unix: f64, backup_events: &[(f64, String)]) -> Vec<Mark> {
     let mut marks = vec![Mark {
         t: kill_t,
@@ -290,6 +370,7 @@ fn failover_marks(kill_t: f64, t0_unix: f64, backup_events: &[(f64, String)]) ->
             "claim_sent" => "claim",
             "claim_granted" => "granted",
             "live" => "go-live",
+            "protected" => "protected",
             _ => continue,
         };
         marks.push(Mark {
@@ -531,12 +612,51 @@ fn run_in(
     if network {
         primary_cmd.args(["--serial", "none"]);
     }
+    if let Some(s) = &a.spare {
+        // Should the backup die instead, the primary takes the spare.
+        primary_cmd.args(["--join-listen", &s.primary_join.to_string()]);
+    }
     let mut primary = Proc::logged("primary", &mut primary_cmd, &dir.join("primary.log"))?;
     wait_for_port(net, a.service, Duration::from_secs(20), &mut primary)?;
     println!(
         "primary serving on {} from host A; backup replaying on host B; arbiter on {}",
         a.service, a.tas
     );
+    // The standby spare, on host A with the pair's NIC flags: it opens
+    // A's TAP only if it ever goes live, so it can wait beside the primary.
+    // A spare that cannot start fails the re-protection, not the demo's
+    // failover, which still runs and reports.
+    let mut spare = None;
+    let mut spare_problem = None;
+    if let Some(s) = &a.spare {
+        let mut cmd = net.command(Host::A, duet);
+        cmd.args(pair("spare"))
+            .args(["--serial", "none"])
+            .args(["--listen", &s.listen.to_string()])
+            .args(["--join", &format!("{},{}", a.channel, s.primary_join)])
+            .args(["--metrics", &s.metrics.to_string()])
+            .env("DUET_LOG", "info");
+        match Proc::logged("spare", &mut cmd, &dir.join("spare.log")) {
+            Ok(mut p) => {
+                if p.wait_for_log("spare: standing by", Duration::from_secs(10)) {
+                    println!(
+                        "standby spare on host A watching the backup ({}) and the primary ({}), to join whichever runs alone",
+                        a.channel, s.primary_join
+                    );
+                } else {
+                    spare_problem = Some(format!(
+                        "the spare did not start (see {})",
+                        dir.join("spare.log").display()
+                    ));
+                }
+                spare = Some(p);
+            }
+            Err(e) => spare_problem = Some(format!("cannot start the spare: {e:#}")),
+        }
+        if let Some(why) = &spare_problem {
+            println!("re-protection: {why}; the failover goes on without it");
+        }
+    }
     let (service, m_primary, tas) = (a.service, a.m_primary, a.tas);
     let backup_events = dir.join("backup.events");
 
@@ -556,7 +676,37 @@ fn run_in(
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
     let mut progress = (Instant::now(), 0usize);
-    for i in 0..plan.ops {
+    // With a spare, the workload runs on past `ops` until the survivor is
+    // protected again (and a little after), or the spare gave up, or
+    // [`REPROTECT_LIMIT`] after the kill: the chart then shows the clients
+    // through the join's pause.
+    let waiting_for_spare = spare.is_some() && spare_problem.is_none();
+    let mut protected: Option<Protection> = None;
+    let mut last_poll = Instant::now();
+    let mut i = 0u64;
+    loop {
+        if i >= plan.ops {
+            if !waiting_for_spare {
+                break;
+            }
+            if last_poll.elapsed() >= Duration::from_millis(50) {
+                last_poll = Instant::now();
+                protected = protected.or_else(|| read_protection(&backup_events));
+            }
+            let now_unix = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            let done = match &protected {
+                Some(p) => now_unix - p.ts >= AFTER_PROTECTED.as_secs_f64(),
+                None => {
+                    killed_at.is_some_and(|k: Instant| k.elapsed() >= REPROTECT_LIMIT)
+                        || spare.as_mut().is_some_and(|p| p.status().is_some())
+                }
+            };
+            if done {
+                break;
+            }
+        }
         if plan.rate > 0 {
             let due = started + Duration::from_secs_f64(i as f64 / plan.rate as f64);
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
@@ -571,7 +721,12 @@ fn run_in(
             );
         }
         if progress.0.elapsed() >= Duration::from_secs(1) {
-            let who = if read_events(&backup_events).iter().any(|(_, e)| e == "live") {
+            let events = read_events(&backup_events);
+            let who = if events.iter().any(|(_, e)| e == "protected") {
+                "host B, protected again by the spare on host A"
+            } else if events.iter().any(|(_, e)| e == "join_started") {
+                "host B (the backup went live); the spare is joining"
+            } else if events.iter().any(|(_, e)| e == "live") {
                 "host B (the backup went live)"
             } else {
                 "host A"
@@ -608,7 +763,9 @@ fn run_in(
             Err(CallError::Lost) => {}
             Err(CallError::Unreachable(e)) => bail!(e),
         }
+        i += 1;
     }
+    let ops_done = i;
     let elapsed = started.elapsed();
     // The chart shows the workload, not the check that follows.
     let workload_replies = ledger.replies.clone();
@@ -681,10 +838,44 @@ fn run_in(
 
     let kill_t = killed_at.map_or(0.0, |k| (k - started).as_secs_f64());
     let marks = failover_marks(kill_t, t0_unix, &read_events(&backup_events));
+    let reprotection = a.spare.is_some().then(|| {
+        let protected = protected
+            .clone()
+            .or_else(|| read_protection(&backup_events));
+        let failures = join_failures(&backup_events);
+        match (protected, &spare_problem) {
+            (Some(p), _) => Ok(p),
+            (None, Some(why)) => Err(why.clone()),
+            (None, None) => {
+                let exited = spare.as_mut().and_then(|sp| sp.status());
+                let mut why = match exited {
+                    Some(st) => format!("the spare exited ({st})"),
+                    None => format!(
+                        "the new primary was not protected again within {} s of the kill",
+                        REPROTECT_LIMIT.as_secs()
+                    ),
+                };
+                if !failures.is_empty() {
+                    why.push_str(&format!("; joins given up: {}", failures.join("; ")));
+                }
+                why.push_str(&format!(
+                    " (see {} and {})",
+                    dir.join("spare.log").display(),
+                    dir.join("backup.log").display()
+                ));
+                Err(why)
+            }
+        }
+    });
     let timeline = Timeline {
         title: format!(
-            "duet demo: {} clients across a SIGKILL of the primary",
-            if network { "TCP" } else { "serial" }
+            "duet demo: {} clients across a SIGKILL of the primary{}",
+            if network { "TCP" } else { "serial" },
+            if reprotection.is_some() {
+                ", then re-protection by a spare"
+            } else {
+                ""
+            }
         ),
         replies: workload_replies,
         marks: marks.clone(),
@@ -695,11 +886,19 @@ fn run_in(
     println!();
     println!("=== duet demo: what the clients saw ===");
     println!(
-        "operations            {} SET + {} INCR in {:.1} s over {} connection(s)",
-        plan.ops,
+        "operations            {} SET + {} INCR in {:.1} s over {} connection(s){}",
+        ops_done,
         ledger.sent_incrs,
         elapsed.as_secs_f64(),
-        plan.connections
+        plan.connections,
+        if ops_done > plan.ops {
+            format!(
+                " ({} more than --ops, while the spare joined)",
+                ops_done - plan.ops
+            )
+        } else {
+            String::new()
+        }
     );
     if network {
         println!(
@@ -747,6 +946,36 @@ fn run_in(
         );
     }
     println!("backup went live      {went_live} time(s)");
+    match &reprotection {
+        Some(Ok(p)) => {
+            let live_ts = read_events(&backup_events)
+                .iter()
+                .find(|(_, e)| e == "live")
+                .map(|(ts, _)| *ts);
+            let after_live = live_ts
+                .map(|l| format!(" {:.0} ms after go-live", (p.ts - l) * 1e3))
+                .unwrap_or_default();
+            println!(
+                "re-protection         the spare on host A joined the new primary without an operator:{after_live}, epoch {}",
+                p.epoch
+            );
+            println!(
+                "  guest paused        {} µs (the last dirty pages and the machine state)",
+                p.blackout_us
+            );
+            println!(
+                "  time to protected   {} ms from the spare's arrival",
+                p.total_ms
+            );
+            println!(
+                "  bytes sent          {} ({:.1} MiB, pre-copy rounds and the handover)",
+                p.bytes,
+                p.bytes as f64 / (1024.0 * 1024.0)
+            );
+        }
+        Some(Err(why)) => println!("re-protection         FAILED: {why}"),
+        None => {}
+    }
     if ledger.refused_after_reconnect > 0 {
         println!(
             "cut mid-request       {} request(s) after the reconnect got a protocol error (a request the old primary had half-delivered); not counted as writes",
@@ -778,8 +1007,13 @@ fn run_in(
         Err(e) => println!("chart                 not written: {e}"),
     }
 
-    // The new primary stops cleanly; the arbiter is done.
+    // The spare first (a backup whose primary stops would go live), then
+    // the new primary stops cleanly; the arbiter is done.
     drop(slots);
+    if let Some(p) = spare.as_mut() {
+        let _ = p.terminate();
+        let _ = p.wait_timeout(Duration::from_secs(10));
+    }
     let _ = backup.terminate();
     let _ = backup.wait_timeout(Duration::from_secs(10));
     let _ = arbiter.terminate();
@@ -794,6 +1028,77 @@ fn run_in(
         );
         return Ok(1);
     }
-    println!("OK: nothing the clients were told had happened was lost");
-    Ok(0)
+    match &reprotection {
+        Some(Err(why)) => {
+            println!(
+                "FAILED: re-protection: {why}; the failover itself lost nothing the clients were told had happened"
+            );
+            Ok(1)
+        }
+        Some(Ok(_)) => {
+            println!(
+                "OK: nothing the clients were told had happened was lost, and the VM is protected again (the spare on host A is its backup)"
+            );
+            Ok(0)
+        }
+        None => {
+            println!("OK: nothing the clients were told had happened was lost");
+            Ok(0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An event log as a survivor that went live and took a spare writes
+    /// it (the lines `ft::events` writes, one torn at the end).
+    fn survivor_events() -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            file.path(),
+            concat!(
+                r#"{"ts":100.0,"role":"backup","event":"peer_lost","peer":"primary","failure":"silent"}"#,
+                "\n",
+                r#"{"ts":100.5,"role":"backup","event":"live","exit":7}"#,
+                "\n",
+                r#"{"ts":101.0,"role":"primary","event":"join_failed","why":"the joiner went away"}"#,
+                "\n",
+                r#"{"ts":101.9,"role":"primary","event":"protected","epoch":4,"exit":99,"blackout_us":1800,"total_ms":420,"bytes":70000000}"#,
+                "\n",
+                r#"{"ts":102.0,"role":"prim"#,
+            ),
+        )
+        .unwrap();
+        file
+    }
+
+    #[test]
+    fn the_survivors_protected_event_gives_the_figures_and_a_mark_after_go_live() {
+        let file = survivor_events();
+        let p = read_protection(file.path()).unwrap();
+        assert_eq!(
+            p,
+            Protection {
+                ts: 101.9,
+                epoch: 4,
+                blackout_us: 1800,
+                total_ms: 420,
+                bytes: 70_000_000,
+            }
+        );
+        assert_eq!(join_failures(file.path()), ["the joiner went away"]);
+        let marks = failover_marks(2.0, 98.0, &read_events(file.path()));
+        let labels: Vec<&str> = marks.iter().map(|m| m.label.as_str()).collect();
+        assert_eq!(labels, ["kill", "detected", "go-live", "protected"]);
+        assert!((marks[3].t - 3.9).abs() < 1e-9 && marks[3].t > marks[2].t);
+    }
+
+    #[test]
+    fn no_protected_event_is_none() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        assert_eq!(read_protection(file.path()), None);
+        assert!(join_failures(Path::new("/nonexistent/events")).is_empty());
+    }
 }
