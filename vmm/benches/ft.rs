@@ -10,6 +10,7 @@
 //!  "solo_ping_p50_us":..,"ft_ping_p50_us":..,"output_rule_added_p50_us":.., (also p99)
 //!  "solo_compute_wall_s":..,"ft_compute_wall_s":..,"compute_wall_ratio":..,
 //!  "solo_compute_guest_s":..,"ft_compute_guest_s":..,"compute_guest_ratio":..,
+//!  "ft_compute_digest50_wall_s":..,"compute_digest50_wall_ratio":..,  (also guest)
 //!  "kv_lag_p50_ms":..,"kv_lag_p99_ms":..,"compute_lag_p50_ms":..,..,"idle_lag_p99_ms":..,
 //!  "kv_log_mbit_s":..,"compute_log_mbit_s":..,"idle_log_mbit_s":..,
 //!  "or_total_p50_us":..,"or_total_p99_us":..,"or_log_write_p50_us":..,..,
@@ -22,7 +23,9 @@
 //!   TCP connection; `output_rule_added_*` is FT minus solo, what holding
 //!   output until the backup acknowledges costs a client;
 //! - `*_compute_wall_s`: the whole `compute` run as the host saw it;
-//!   `*_compute_guest_s`: the guest's own `elapsed_ns`;
+//!   `*_compute_guest_s`: the guest's own `elapsed_ns`; `*_digest50_*`:
+//!   the FT run with a state digest every 50 ms (`--digest-interval-ms
+//!   50`) instead of the default, against the same solo runs;
 //! - `*_lag_*_ms`: the primary's execution lag percentiles (how far the
 //!   backup runs behind), scraped from `--metrics` at the end of each FT
 //!   workload: kv after redis-benchmark and the PINGs, compute just before
@@ -172,6 +175,11 @@ impl Pair {
     /// Starts a backup and a primary of `image`; `serial` is the primary's
     /// `--serial` value.
     fn start(image: &str, serial: &str) -> Pair {
+        Pair::start_with(image, serial, &[])
+    }
+
+    /// [`Pair::start`] with more flags for the primary.
+    fn start_with(image: &str, serial: &str, primary_args: &[&str]) -> Pair {
         let (chan, metrics, backup_metrics) = (free_addr(), free_addr(), free_addr());
         let backup = launch(
             backup_cmd(image, "bench", chan).args(["--metrics", &backup_metrics.to_string()]),
@@ -180,7 +188,8 @@ impl Pair {
         let primary = launch(
             primary_cmd(image, "bench", chan)
                 .args(["--serial", serial])
-                .args(["--metrics", &metrics.to_string()]),
+                .args(["--metrics", &metrics.to_string()])
+                .args(primary_args),
             false,
         );
         Pair {
@@ -292,9 +301,9 @@ fn solo_compute() -> anyhow::Result<(f64, f64)> {
 /// `compute` under FT: (wall s, guest s, lag ms, log Mbit/s). The
 /// primary's metrics are scraped every 100 ms while it runs; the last
 /// scrape stands for the end of the workload.
-fn ft_compute() -> anyhow::Result<(f64, f64, (f64, f64), f64)> {
+fn ft_compute(primary_args: &[&str]) -> anyhow::Result<(f64, f64, (f64, f64), f64)> {
     let start = Instant::now();
-    let pair = Pair::start("compute", "stdio");
+    let pair = Pair::start_with("compute", "stdio", primary_args);
     let last: Arc<Mutex<Option<(Metrics, Instant)>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
     let scraper = {
@@ -400,12 +409,18 @@ fn main() -> anyhow::Result<()> {
         s.add("solo_compute_wall_s", wall);
         s.add("solo_compute_guest_s", guest);
         eprintln!("ft bench: round {round}/{ROUNDS}: FT compute");
-        let (wall, guest, lag, mbit) = ft_compute()?;
+        let (wall, guest, lag, mbit) = ft_compute(&[])?;
         s.add("ft_compute_wall_s", wall);
         s.add("ft_compute_guest_s", guest);
         s.add("compute_lag_p50_ms", lag.0);
         s.add("compute_lag_p99_ms", lag.1);
         s.add("compute_log_mbit_s", mbit);
+        // The cost of frequent digests: the same, with one every 50 ms of
+        // run time instead of the default.
+        eprintln!("ft bench: round {round}/{ROUNDS}: FT compute, a digest every 50 ms");
+        let (wall, guest, _, _) = ft_compute(&["--digest-interval-ms", "50"])?;
+        s.add("ft_compute_digest50_wall_s", wall);
+        s.add("ft_compute_digest50_guest_s", guest);
     }
     eprintln!("ft bench: {:?} in all", bench_start.elapsed());
 
@@ -434,6 +449,9 @@ fn main() -> anyhow::Result<()> {
         pairs.push((format!("solo_compute_{what}_s"), solo));
         pairs.push((format!("ft_compute_{what}_s"), ft));
         pairs.push((format!("compute_{what}_ratio"), ft / solo));
+        let d50 = m(&format!("ft_compute_digest50_{what}_s"));
+        pairs.push((format!("ft_compute_digest50_{what}_s"), d50));
+        pairs.push((format!("compute_digest50_{what}_ratio"), d50 / solo));
     }
     for k in [
         "kv_lag_p50_ms",
