@@ -487,8 +487,9 @@ pub fn hand_over(
     // The memory digest is over the pages' CRCs as sent, kept up to date
     // through pre-copy: the pause hashes only the last pages, whatever the
     // memory size. It shows that the joiner holds what was sent; that what
-    // was sent is all of memory (the dirty tracking) is checked by the full
-    // digest the sink logs right after pairing, which the joiner replays.
+    // was sent is all that changed is checked by the digest the sink logs
+    // right after pairing, from the page CRCs its own digests keep, which
+    // the joiner replays against its memory.
     let digest = StateDigest {
         regs_crc: machine.regs_crc().map_err(|e| error_chain(&e))?,
         mem_crc: memory::digest_of_page_crcs(&crcs),

@@ -78,7 +78,7 @@ pub struct ChannelSink {
     arbiter: Option<Arbiter>,
     /// Lets a new backup join while we run alone (re-protection).
     join: Option<JoinService>,
-    /// A backup just joined: log a full state digest at the next exit.
+    /// A backup just joined: log a state digest at the next exit.
     digest_soon: bool,
 }
 
@@ -199,8 +199,8 @@ impl ChannelSink {
                     Ok((link, report)) => {
                         self.pair(link, report.exit)?;
                         // The handover digest covers what was sent; this
-                        // one, on all of memory, also checks that the dirty
-                        // tracking sent everything.
+                        // one, from our own page CRCs, also checks that
+                        // the pre-copy sent everything that changed.
                         self.digest_soon = true;
                         if let Some(a) = self.arbiter.as_mut() {
                             a.epoch = report.epoch;
