@@ -360,7 +360,15 @@ impl<O: Write> BackupTimeline<O> {
         )?;
         if let Some(plan) = self.takeover.join.take() {
             let epoch = metrics.epoch();
-            sink = sink.with_join(JoinService::start(plan, bell, metrics, epoch, false)?);
+            // Serving comes first: a join address that cannot be bound
+            // leaves the VM unprotected, not down.
+            match JoinService::start(plan, bell, metrics, epoch, false) {
+                Ok(join) => sink = sink.with_join(join),
+                Err(e) => tracing::warn!(
+                    "backup: going live, but no new backup can join: {}",
+                    logchannel::channel::error_chain(&e)
+                ),
+            }
         }
         self.replay.source_mut().promote();
         self.live = Some(record::Record::new(world, sink, self.takeover.digest_every));
