@@ -58,7 +58,8 @@ use virtio_dev::virtio_mmio::{INT_VRING, QUEUE_MAX};
 use virtio_dev::virtio_net::{
     NetCounters, VirtioNet, VirtioNetState, MAX_FRAME, MIN_FRAME, NET_HDR_LEN, TX_QUEUE,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use virtio_dev::GuestMem;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 #[global_allocator]
 static ALLOC: common::Counting = common::Counting;
@@ -118,13 +119,13 @@ struct Outcome {
     memory: u64,
 }
 
-fn memory(layout: u8) -> GuestMemoryMmap {
+fn memory(layout: u8) -> GuestMem {
     let size = (64usize << 10) << (layout & 3);
     let mut ranges = vec![(GuestAddress(0), size)];
     if layout & 4 != 0 {
         ranges.push((GuestAddress(2 * size as u64), size));
     }
-    GuestMemoryMmap::from_ranges(&ranges).expect("a small guest memory")
+    GuestMem::from_ranges(&ranges).expect("a small guest memory")
 }
 
 fn write32(dev: &mut VirtioNet, reg: u32, v: u32) {
@@ -206,7 +207,9 @@ fn run(data: &[u8], transfer: bool) -> Outcome {
         }
         if transfer {
             let state = dev.state();
-            dev = VirtioNet::from_state(&state, mem.clone());
+            // A state the device itself gave must always restore.
+            dev = VirtioNet::from_state(&state, mem.clone())
+                .expect("the device's own state() did not restore");
             assert_eq!(dev.state(), state, "state() of a restored device differs");
         }
         let before = dev.counters();
