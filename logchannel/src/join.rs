@@ -419,23 +419,28 @@ mod tests {
         }
     }
 
+    /// The survivor's side of one join: waits for the joiner's handshake.
+    fn accept_one(listener: &JoinListener) -> JoinSession {
+        loop {
+            if let Some(s) = listener
+                .accept(
+                    &hello(Role::Primary),
+                    &Security::Plaintext,
+                    Duration::from_secs(5),
+                )
+                .unwrap()
+            {
+                return s;
+            }
+        }
+    }
+
     #[test]
     fn a_join_transfers_state_then_the_log_resumes_at_its_sequence_number() {
         let listener = JoinListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr();
         let survivor = std::thread::spawn(move || {
-            let mut s = loop {
-                if let Some(s) = listener
-                    .accept(
-                        &hello(Role::Primary),
-                        &Security::Plaintext,
-                        Duration::from_secs(5),
-                    )
-                    .unwrap()
-                {
-                    break s;
-                }
-            };
+            let mut s = accept_one(&listener);
             s.offer(5).unwrap();
             s.send_pages(3, vec![1; 2 * PAGE_SIZE]).unwrap();
             s.send_zeros(5, 10).unwrap();
@@ -554,18 +559,7 @@ mod tests {
         let listener = JoinListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr();
         let survivor = std::thread::spawn(move || {
-            let mut s = loop {
-                if let Some(s) = listener
-                    .accept(
-                        &hello(Role::Primary),
-                        &Security::Plaintext,
-                        Duration::from_secs(5),
-                    )
-                    .unwrap()
-                {
-                    break s;
-                }
-            };
+            let mut s = accept_one(&listener);
             s.offer(5).unwrap();
             s.send_pages(0, vec![1; PAGE_SIZE]).unwrap();
             // Dies here: the connection closes without a handover.

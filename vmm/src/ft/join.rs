@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use logchannel::channel::{error_chain, ChannelConfig, Hello, Security};
 use logchannel::join::{JoinListener, JoinSession, PAGES_PER_MESSAGE, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::arbiter::Arbiter;
 use super::events::Event;
@@ -378,11 +378,7 @@ fn transfer(
 
 /// The guest's pages, counted from guest-physical 0.
 pub fn page_count(mem: &GuestMem) -> u64 {
-    mem.iter()
-        .map(|r| r.start_addr().0 + r.len())
-        .max()
-        .unwrap_or(0)
-        / PAGE_SIZE as u64
+    memory::mem_size(mem) / PAGE_SIZE as u64
 }
 
 fn read_page(mem: &GuestMem, page: u64, out: &mut [u8]) -> Result<(), String> {
