@@ -1446,7 +1446,10 @@ impl PrimaryLink {
         let st = state.clone();
         let thread = std::thread::Builder::new()
             .name("logchannel-primary".into())
-            .spawn(move || rt.block_on(primary_io(rd, wr, rx, st, config, offset)))?;
+            .spawn(move || {
+                crate::sched::promote_current_thread();
+                rt.block_on(primary_io(rd, wr, rx, st, config, offset))
+            })?;
         Ok(PrimaryLink {
             batches: Some(tx),
             state,
@@ -1739,6 +1742,7 @@ impl BackupLink {
         let thread = std::thread::Builder::new()
             .name("logchannel-backup".into())
             .spawn(move || {
+                crate::sched::promote_current_thread();
                 rt.block_on(backup_io(
                     rd,
                     wr,

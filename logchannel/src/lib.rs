@@ -7,10 +7,13 @@
 //!   control).
 //! - [`tls`]: mutual TLS credentials and the name conventions that the
 //!   channel and the arbiter share, and the issuing of certificates.
+//! - [`sched`]: real-time scheduling of the channel threads, which carry
+//!   liveness and acknowledgements.
 
 pub mod channel;
 pub mod join;
 pub mod log;
+pub mod sched;
 pub mod tls;
 
 pub use log::{

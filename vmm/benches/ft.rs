@@ -12,6 +12,7 @@
 //!  "solo_compute_guest_s":..,"ft_compute_guest_s":..,"compute_guest_ratio":..,
 //!  "ft_compute_digest50_wall_s":..,"compute_digest50_wall_ratio":..,  (also guest)
 //!  "kv_lag_p50_ms":..,"kv_lag_p99_ms":..,"compute_lag_p50_ms":..,..,"idle_lag_p99_ms":..,
+//!  "compute_throttle_ms":..,
 //!  "kv_log_mbit_s":..,"compute_log_mbit_s":..,"idle_log_mbit_s":..,
 //!  "or_total_p50_us":..,"or_total_p99_us":..,"or_log_write_p50_us":..,..,
 //!  "or_ack_p50_us":..,..,"or_backup_turnaround_p50_us":..,..,"or_release_p50_us":..,..}
@@ -30,6 +31,9 @@
 //!   backup runs behind), scraped from `--metrics` at the end of each FT
 //!   workload: kv after redis-benchmark and the PINGs, compute just before
 //!   it powers off, idle after 3 s of an idle `kv`;
+//! - `compute_throttle_ms`: how long the FT compute primary's guest waited
+//!   for the backup to catch up (`duet_throttle_seconds_total`), the price
+//!   of the execution-lag bound;
 //! - `*_log_mbit_s`: log bytes sent during the workload over its duration;
 //! - `or_*_us`: where an output's time under the Output Rule goes, from the
 //!   pair's own histograms over the PINGs (both sides' `--metrics`):
@@ -298,10 +302,20 @@ fn solo_compute() -> anyhow::Result<(f64, f64)> {
     Ok((wall, compute_guest_s(&stdout(&o))?))
 }
 
-/// `compute` under FT: (wall s, guest s, lag ms, log Mbit/s). The
-/// primary's metrics are scraped every 100 ms while it runs; the last
-/// scrape stands for the end of the workload.
-fn ft_compute(primary_args: &[&str]) -> anyhow::Result<(f64, f64, (f64, f64), f64)> {
+/// What one FT `compute` run measured.
+struct FtCompute {
+    wall_s: f64,
+    guest_s: f64,
+    /// Execution lag (p50, p99), ms.
+    lag_ms: (f64, f64),
+    log_mbit_s: f64,
+    /// How long the primary's guest waited for the backup (the lag bound).
+    throttle_ms: f64,
+}
+
+/// `compute` under FT. The primary's metrics are scraped every 100 ms
+/// while it runs; the last scrape stands for the end of the workload.
+fn ft_compute(primary_args: &[&str]) -> anyhow::Result<FtCompute> {
     let start = Instant::now();
     let pair = Pair::start_with("compute", "stdio", primary_args);
     let last: Arc<Mutex<Option<(Metrics, Instant)>>> = Arc::default();
@@ -328,12 +342,13 @@ fn ft_compute(primary_args: &[&str]) -> anyhow::Result<(f64, f64, (f64, f64), f6
         .context("the FT compute primary's metrics never answered")?;
     let bytes = m.require("duet_log_bytes_total")?;
     let mbit = bytes * 8.0 / 1e6 / (at - start).as_secs_f64();
-    Ok((
-        wall,
-        compute_guest_s(&stdout(&o))?,
-        lag_ms(&Metrics::default(), &m)?,
-        mbit,
-    ))
+    Ok(FtCompute {
+        wall_s: wall,
+        guest_s: compute_guest_s(&stdout(&o))?,
+        lag_ms: lag_ms(&Metrics::default(), &m)?,
+        log_mbit_s: mbit,
+        throttle_ms: m.require("duet_throttle_seconds_total")? * 1e3,
+    })
 }
 
 /// A JSON number: finite, three decimals.
@@ -409,18 +424,19 @@ fn main() -> anyhow::Result<()> {
         s.add("solo_compute_wall_s", wall);
         s.add("solo_compute_guest_s", guest);
         eprintln!("ft bench: round {round}/{ROUNDS}: FT compute");
-        let (wall, guest, lag, mbit) = ft_compute(&[])?;
-        s.add("ft_compute_wall_s", wall);
-        s.add("ft_compute_guest_s", guest);
-        s.add("compute_lag_p50_ms", lag.0);
-        s.add("compute_lag_p99_ms", lag.1);
-        s.add("compute_log_mbit_s", mbit);
+        let c = ft_compute(&[])?;
+        s.add("ft_compute_wall_s", c.wall_s);
+        s.add("ft_compute_guest_s", c.guest_s);
+        s.add("compute_lag_p50_ms", c.lag_ms.0);
+        s.add("compute_lag_p99_ms", c.lag_ms.1);
+        s.add("compute_log_mbit_s", c.log_mbit_s);
+        s.add("compute_throttle_ms", c.throttle_ms);
         // The cost of frequent digests: the same, with one every 50 ms of
         // run time instead of the default.
         eprintln!("ft bench: round {round}/{ROUNDS}: FT compute, a digest every 50 ms");
-        let (wall, guest, _, _) = ft_compute(&["--digest-interval-ms", "50"])?;
-        s.add("ft_compute_digest50_wall_s", wall);
-        s.add("ft_compute_digest50_guest_s", guest);
+        let c = ft_compute(&["--digest-interval-ms", "50"])?;
+        s.add("ft_compute_digest50_wall_s", c.wall_s);
+        s.add("ft_compute_digest50_guest_s", c.guest_s);
     }
     eprintln!("ft bench: {:?} in all", bench_start.elapsed());
 
@@ -458,6 +474,7 @@ fn main() -> anyhow::Result<()> {
         "kv_lag_p99_ms",
         "compute_lag_p50_ms",
         "compute_lag_p99_ms",
+        "compute_throttle_ms",
         "idle_lag_p50_ms",
         "idle_lag_p99_ms",
         "kv_log_mbit_s",

@@ -224,6 +224,8 @@ pub struct PairOptions {
     pub node: Option<String>,
     pub heartbeat_ms: u64,
     pub timeout_ms: u64,
+    /// Run the channel and gate threads under SCHED_FIFO if permitted.
+    pub realtime: bool,
     /// Serve Prometheus text here, if given.
     pub metrics: Option<SocketAddr>,
     /// The event log (JSON lines), if given.
@@ -255,6 +257,22 @@ impl PairOptions {
         if self.tls.is_none() {
             tracing::warn!(
                 "{role}: the log channel is unauthenticated and unencrypted (no --tls-ca, --tls-cert, --tls-key; see `duet certs`)"
+            );
+        }
+    }
+
+    /// Sets how the channel and gate threads are scheduled, before any is
+    /// started (see [`logchannel::sched`]). Not being allowed real-time
+    /// scheduling is a warning: the pair works, only its failure detection
+    /// and output latency suffer on a loaded host.
+    fn schedule(&self) {
+        if !self.realtime {
+            logchannel::sched::disable_realtime();
+            return;
+        }
+        if let Err(e) = logchannel::sched::enable_realtime() {
+            tracing::warn!(
+                "the log channel threads run at normal priority: SCHED_FIFO is not allowed here ({e}); heartbeats and acks may be delayed on a loaded host"
             );
         }
     }
@@ -360,6 +378,7 @@ pub struct PrimaryOptions {
 /// output leaves only once the backup has acknowledged the log up to it.
 pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
     let config = machine_config(&opts.run)?;
+    opts.pair.schedule();
     let node = format!("primary@{}", std::process::id());
     let tls = opts.pair.arbiter_tls()?;
     let epoch = match (opts.pair.epoch, opts.pair.arbiter(0, node.clone(), &tls)) {
@@ -482,6 +501,7 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
         kvm_path: opts.kvm_path.clone(),
         net: opts.net.as_ref().map(|n| n.config),
     };
+    opts.pair.schedule();
     let tls = opts.pair.arbiter_tls()?;
     let metrics = opts
         .pair

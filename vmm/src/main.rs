@@ -241,13 +241,21 @@ struct PairArgs {
     #[arg(long)]
     node: Option<String>,
     /// Heartbeat interval on the log channel, in milliseconds.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 20)]
     heartbeat_ms: u64,
     /// Waiting longer than this for the peer's next bytes on the log
     /// channel is a failure (see docs/ARCHITECTURE.md, "Failure detection",
-    /// for why 500 ms and when 150 ms is enough).
-    #[arg(long, default_value_t = 500)]
+    /// for why 150 ms is safe on a loaded host with real-time channel
+    /// threads, and why 500 ms is needed without them).
+    #[arg(long, default_value_t = 150)]
     timeout_ms: u64,
+    /// Run the log channel and output gate threads at normal priority.
+    /// By default they run under SCHED_FIFO when the process may (root or
+    /// CAP_SYS_NICE), so that a loaded host delays neither heartbeats nor
+    /// the acks that release output (see docs/ARCHITECTURE.md, "Failure
+    /// detection").
+    #[arg(long)]
+    no_realtime: bool,
     /// Serve status as Prometheus text over HTTP on this address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -291,6 +299,7 @@ impl PairArgs {
             node: self.node,
             heartbeat_ms: self.heartbeat_ms,
             timeout_ms: self.timeout_ms,
+            realtime: !self.no_realtime,
             metrics: self.metrics,
             events: self.events,
             tls,

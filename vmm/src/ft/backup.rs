@@ -484,16 +484,19 @@ impl<O: Write> Timeline for BackupTimeline<O> {
         self.replay.output(at, output)
     }
 
+    /// The guest runs on to its next exit without waiting for the primary
+    /// to get there: what happens between two exits depends only on the
+    /// state at the first, and everything the log says happens at an exit
+    /// is applied at that exit, so the backup executes in parallel with the
+    /// primary instead of a step behind it. It waits for the log at the
+    /// exit ([`Timeline::stop_here`], the first thing the loop asks there).
+    /// Before, it waited here until the primary had finished the next exit,
+    /// so a guest that exits rarely was always at least one exit's worth
+    /// of execution behind.
     fn before_run(&mut self, next_exit: u64) -> Result<(), Error> {
-        if let Some(l) = self.live_now() {
-            return l.before_run(next_exit);
-        }
-        if self.live.is_some() {
-            return Ok(());
-        }
-        match self.replay.source_mut().wait_horizon(next_exit)? {
-            Horizon::Covered => Ok(()),
-            Horizon::PeerLost(failure) => self.go_live(next_exit, failure),
+        match self.live_now() {
+            Some(l) => l.before_run(next_exit),
+            None => Ok(()),
         }
     }
 
@@ -501,9 +504,19 @@ impl<O: Write> Timeline for BackupTimeline<O> {
         if let Some(l) = self.live_now() {
             return l.stop_here(at);
         }
-        if self.live.is_none() && stop::requested() {
-            self.stopped = true;
-            return Ok(true);
+        if self.live.is_none() {
+            if stop::requested() {
+                self.stopped = true;
+                return Ok(true);
+            }
+            if let Horizon::PeerLost(failure) = self.replay.source_mut().wait_horizon(at.exit)? {
+                // The primary never finished this exit: we go live before
+                // handling it, with what arrived of it replayed first.
+                self.go_live(at.exit, failure)?;
+                if let Some(l) = self.live_now() {
+                    return l.stop_here(at);
+                }
+            }
         }
         self.replay.stop_here(at)
     }

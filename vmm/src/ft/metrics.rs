@@ -32,6 +32,7 @@
 //! | `duet_output_ack_seconds` | histogram | primary: that batch written until the ack covering it was read |
 //! | `duet_output_release_seconds` | histogram | primary: that ack read until the output was handed to its backend |
 //! | `duet_ack_turnaround_seconds` | histogram | backup: a batch's last byte read until its ack was written |
+//! | `duet_throttle_seconds_total` | counter | primary: time the guest waited for the backup to catch up (the lag bound) |
 //! | `duet_peer_silence_max_seconds` | gauge | the longest this side waited for the peer's next bytes (the failure timeout's margin) |
 
 use std::fmt::Write as _;
@@ -190,6 +191,7 @@ pub struct Metrics {
     link: Arc<LinkCollector>,
     digest_matched: Gauge<f64, AtomicU64>,
     joins: Counter,
+    throttle: Counter<f64, AtomicU64>,
     join_blackout: Gauge<f64, AtomicU64>,
     join_seconds: Gauge<f64, AtomicU64>,
     join_bytes: Gauge,
@@ -362,6 +364,13 @@ impl Metrics {
             "Backups that joined this running VM (re-protection)",
             joins.clone(),
         );
+        let throttle = Counter::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "duet_throttle",
+            "Primary: time the guest waited for the backup's replay to catch up (the execution-lag bound)",
+            Unit::Seconds,
+            throttle.clone(),
+        );
         let join_blackout = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit(
             "duet_join_blackout",
@@ -399,6 +408,7 @@ impl Metrics {
             link,
             digest_matched,
             joins,
+            throttle,
             join_blackout,
             join_seconds,
             join_bytes,
@@ -477,6 +487,11 @@ impl Metrics {
     /// The backup replayed one more record.
     pub fn replayed_inc(&self) {
         self.replayed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The primary's guest waited `waited` for the backup to catch up.
+    pub fn throttled(&self, waited: Duration) {
+        self.throttle.inc_by(waited.as_secs_f64());
     }
 
     /// One more output waits for the backup's acknowledgement.
