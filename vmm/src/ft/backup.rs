@@ -35,6 +35,10 @@ const PROGRESS_EVERY: u64 = 1;
 /// ... and at most this often, so a fast replay does not flood the
 /// channel: a small heartbeat every 500 µs at most.
 const PROGRESS_PERIOD: Duration = Duration::from_micros(500);
+/// A backup that caught up and has waited this long for the next horizon
+/// reports its progress in a message of its own (see
+/// [`StreamSource::wait_horizon`]); about one timer tick here.
+const REPORT_AFTER: Duration = Duration::from_millis(1);
 /// How often the backup logs its one-line status.
 const SUMMARY_EVERY: Duration = Duration::from_secs(5);
 /// Network frames the backup produced while replaying records that arrived
@@ -186,8 +190,14 @@ impl RecordSource for StreamSource {
             }
             return Ok(Horizon::Covered);
         }
-        // Caught up: say so now, so the primary measures lag at this moment.
-        self.link.report_progress(exit - 1);
+        // Caught up. The ack of the batch that brings the horizon carries
+        // this position to the primary anyway (acks say how far we
+        // executed); a report of its own goes only if that batch is slow to
+        // come, since the primary may be waiting on us (its lag bound).
+        // Reporting at once on every catch-up cost a message, and a wake-up
+        // of both channel threads (which preempt a vCPU), per exit.
+        self.link.state().set_replayed_exit(exit - 1);
+        let mut reported = false;
         while self.known_exit < exit {
             if let Some(failure) = &self.failed {
                 return Ok(Horizon::PeerLost(failure.clone()));
@@ -195,9 +205,15 @@ impl RecordSource for StreamSource {
             if stop::requested() {
                 return Err(Error::Interrupted);
             }
-            match self.link.recv_timeout(stop::SLICE) {
+            let slice = if reported { stop::SLICE } else { REPORT_AFTER };
+            match self.link.recv_timeout(slice) {
                 Ok(Some(rec)) => self.take(rec),
                 Ok(None) if self.link.is_finished() => self.known_exit = u64::MAX,
+                Ok(None) if !reported => {
+                    self.last_report = Instant::now();
+                    self.link.report_progress(exit - 1);
+                    reported = true;
+                }
                 Ok(None) => {}
                 Err(e) => self.failed = Some(super::failure_of(&e, Role::Primary)),
             }
