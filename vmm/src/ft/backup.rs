@@ -48,6 +48,11 @@ const SUMMARY_EVERY: Duration = Duration::from_secs(5);
 const RESEND_MARGIN: Duration = Duration::from_millis(10);
 /// At most this many frames are kept for that.
 const RESEND_MAX: usize = 1024;
+/// How long a backup whose primary verifies outputs waits, once its replay
+/// ended, for the primary to take its last progress report and close.
+const FINAL_REPORT_WAIT: Duration = Duration::from_secs(5);
+/// How long a diverged backup waits for its last word to be written.
+const DIVERGED_REPORT_WAIT: Duration = Duration::from_secs(1);
 
 /// Records received but not yet replayed, and how far they reach.
 pub struct StreamSource {
@@ -65,6 +70,12 @@ pub struct StreamSource {
     last_summary: Instant,
     /// When the last record (of any kind) arrived.
     last_record_at: Option<Instant>,
+    /// An output check was consumed since the last progress report: the
+    /// primary holds that output until it hears, so the next report is
+    /// not rate-limited.
+    report_now: bool,
+    /// The log has output checks: the primary verifies outputs.
+    verified: bool,
 }
 
 impl StreamSource {
@@ -81,6 +92,8 @@ impl StreamSource {
             last_report: Instant::now(),
             last_summary: Instant::now(),
             last_record_at: None,
+            report_now: false,
+            verified: false,
         }
     }
 
@@ -164,6 +177,10 @@ impl RecordSource for StreamSource {
             if matches!(r.event, Event::Digest { .. }) {
                 self.metrics.digest_matched();
             }
+            if matches!(r.event, Event::OutputCheck { .. }) {
+                self.report_now = true;
+                self.verified = true;
+            }
             self.last_seq = Some(r.seq);
             self.metrics.replayed_inc();
         }
@@ -174,12 +191,14 @@ impl RecordSource for StreamSource {
             self.last_summary = Instant::now();
             tracing::info!("backup: {}", self.metrics.summary());
         }
+        // A verified output waits on this report: not rate-limited.
+        let urgent = std::mem::take(&mut self.report_now);
         if self.known_exit >= exit {
             // Running behind: still tell the primary now and then, since it
             // throttles itself on our progress (bounded execution lag).
             if exit.is_multiple_of(PROGRESS_EVERY)
                 && !self.promoted
-                && self.last_report.elapsed() >= PROGRESS_PERIOD
+                && (urgent || self.last_report.elapsed() >= PROGRESS_PERIOD)
             {
                 self.last_report = Instant::now();
                 self.link.report_progress(exit - 1);
@@ -229,6 +248,8 @@ pub struct Takeover {
     pub join: Option<JoinPlan>,
     /// Periodic digests once a joined backup receives our log.
     pub digest_every: Option<Duration>,
+    /// Once live, verify outputs with the backup that joins.
+    pub verify_outputs: bool,
 }
 
 /// The timeline of a backup that went live: a recording one with no
@@ -357,7 +378,8 @@ impl<O: Write> BackupTimeline<O> {
             outlet,
             self.takeover.arbiter.clone(),
             next_seq,
-        )?;
+        )?
+        .verify_outputs(self.takeover.verify_outputs);
         if let Some(plan) = self.takeover.join.take() {
             let epoch = metrics.epoch();
             // Serving comes first: a join address that cannot be bound
@@ -491,6 +513,7 @@ impl<O: Write> Timeline for BackupTimeline<O> {
         if self.live.is_some() {
             return Ok(());
         }
+        self.replay.check_left_behind(next_exit)?;
         match self.replay.source_mut().wait_horizon(next_exit)? {
             Horizon::Covered => Ok(()),
             Horizon::PeerLost(failure) => self.go_live(next_exit, failure),
@@ -526,7 +549,38 @@ impl<O: Write> Timeline for BackupTimeline<O> {
         match self.live.as_mut() {
             Some(l) => l.finish(at, ending, digest),
             None if self.stopped => self.replay.flush_output(),
-            None => self.replay.finish(at, ending, digest),
+            None => {
+                self.replay.finish(at, ending, digest)?;
+                let source = self.replay.source();
+                if source.verified {
+                    // An output at this last exit is released on this
+                    // report, which no next exit will carry: send it, and
+                    // stay until the primary has closed (or is gone).
+                    source.link.report_progress(at.exit);
+                    source
+                        .link
+                        .state()
+                        .wait_until(FINAL_REPORT_WAIT, |c| c.closed);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn run_failed(&mut self, error: &Error) {
+        let Error::Divergence { at, .. } = error else {
+            return;
+        };
+        if self.live.is_some() {
+            return;
+        }
+        let told = self.replay.source().link.report_divergence(
+            at.exit,
+            &error.to_string(),
+            DIVERGED_REPORT_WAIT,
+        );
+        if !told {
+            tracing::warn!("backup: could not tell the primary that replay diverged");
         }
     }
 }

@@ -4,6 +4,15 @@
 //! (the Output Rule). The guest keeps running while output waits; only the
 //! output is held.
 //!
+//! With `--verify-outputs` ([`ChannelSink::verify_outputs`]) an output is
+//! also logged, as an `OutputCheck` (its length and CRC) at its position,
+//! followed by a state digest at the same exit; it leaves only once the
+//! backup reports that it replayed that exit, which it does only after
+//! both matched (see [`super::gate`]). A backup that says it diverged
+//! ([`LinkFailure::Diverged`]) then halts this primary with every held
+//! output unreleased, whatever the arbiter would say: going on alone would
+//! release output of an execution that nobody could reproduce.
+//!
 //! The sink is [`Mode::Paired`] or [`Mode::Alone`]. Everything that only
 //! makes sense with a backup (the link, the batch, the horizon) lives in
 //! [`Paired`], so being alone is not a flag every method must remember to
@@ -14,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use logchannel::channel::{self, LinkCounters, LinkState, PrimaryLink};
-use logchannel::{encode_frame, Event, Position, Record};
+use logchannel::{encode_frame, Event, OutputKind, Position, Record};
 
 use super::arbiter::Arbiter;
 use super::events::Event as StateEvent;
@@ -78,8 +87,18 @@ pub struct ChannelSink {
     arbiter: Option<Arbiter>,
     /// Lets a new backup join while we run alone (re-protection).
     join: Option<JoinService>,
-    /// A backup just joined: log a state digest at the next exit.
+    /// A backup just joined, or an output was verified: log a state
+    /// digest at the next exit (for an output, the vCPU loop takes it at
+    /// the output's own exit, since outputs come before the digest).
     digest_soon: bool,
+    /// Verified-output mode (see the module docs).
+    verify: bool,
+    /// An output waits for the digest that follows its check: the batch
+    /// goes out once that digest is appended.
+    flush_at_digest: bool,
+    /// The exit of the last output held for verification: a finishing
+    /// primary waits until the backup has replayed it.
+    verify_through: u64,
 }
 
 impl ChannelSink {
@@ -124,7 +143,16 @@ impl ChannelSink {
             arbiter,
             join: None,
             digest_soon: false,
+            verify: false,
+            flush_at_digest: false,
+            verify_through: 0,
         })
+    }
+
+    /// Verified-output mode: see the module docs.
+    pub fn verify_outputs(mut self, on: bool) -> Self {
+        self.verify = on;
+        self
     }
 
     /// Lets backups join through `join` whenever this sink runs alone.
@@ -143,9 +171,14 @@ impl ChannelSink {
         self.lag = Arc::new(LagTracker::new());
         {
             let (lag, metrics) = (self.lag.clone(), self.metrics.clone());
+            // The link has one progress hook: lag, then verified output.
+            let gate = self.gate.as_ref().map(|g| g.progress_hook());
             state.on_progress(Box::new(move |exit| {
                 if let Some(sample) = lag.replayed(exit, Instant::now()) {
                     metrics.record_lag(sample);
+                }
+                if let Some(release) = &gate {
+                    release(exit);
                 }
             }));
         }
@@ -225,6 +258,21 @@ impl ChannelSink {
     /// The link failed: claim the pair at the arbiter; win and go on alone
     /// (held output is released at once), or lose and halt.
     fn lost_backup(&mut self, failure: LinkFailure) -> Result<(), Error> {
+        if let (true, LinkFailure::Diverged { exit, what }) = (self.verify, &failure) {
+            // Nothing held may leave, and nobody may go on: the gate
+            // thread ends with the failed link, dropping what it holds.
+            let held = self.gate.as_ref().map_or(0, |g| g.held());
+            self.metrics.event(StateEvent::PeerLost {
+                peer: Peer::Backup.to_string(),
+                failure: failure.to_string(),
+            });
+            return Err(super::Error::BackupDiverged {
+                exit: *exit,
+                what: what.clone(),
+                held,
+            }
+            .into());
+        }
         let Some(arbiter) = &self.arbiter else {
             return Err(super::Error::PeerLost {
                 peer: Peer::Backup,
@@ -319,26 +367,42 @@ impl LogSink for ChannelSink {
         let Mode::Paired(p) = &mut self.mode else {
             return Ok(());
         };
+        let digest = matches!(event, Event::Digest { .. });
         Self::push(p, &mut self.next_seq, *pos, event)?;
         self.metrics.set_seq(self.next_seq);
-        if p.batch.len() >= BATCH_BYTES {
+        if p.batch.len() >= BATCH_BYTES || (digest && std::mem::take(&mut self.flush_at_digest)) {
             self.send_batch()?;
         }
         Ok(())
     }
 
-    fn output(&mut self, _pos: &Position, output: Output, world: &mut World) -> Result<(), Error> {
-        let needs = match self.mode {
-            Mode::Paired(_) => self.next_seq,
-            Mode::Alone => 0,
-        };
+    fn output(&mut self, pos: &Position, output: Output, world: &mut World) -> Result<(), Error> {
+        let paired = matches!(self.mode, Mode::Paired(_));
+        let verify_at = (self.verify && paired).then_some(pos.exit);
+        if verify_at.is_some() {
+            let check = match &output {
+                Output::Serial(b) => Event::output_check(OutputKind::Serial, b),
+                Output::Net(b) => Event::output_check(OutputKind::Net, b),
+            };
+            self.append(pos, check)?;
+            self.digest_soon = true;
+            self.verify_through = pos.exit;
+        }
+        let needs = if paired { self.next_seq } else { 0 };
         let held = Held {
             needs,
+            verify_at,
             out: world.address(output)?,
             since: Instant::now(),
         };
         self.metrics.outputs_held_inc();
         self.send_gate(GateMsg::Hold(held))?;
+        if verify_at.is_some() {
+            // The digest of the state after it is appended at this same
+            // exit; the batch goes out with it.
+            self.flush_at_digest = true;
+            return Ok(());
+        }
         // An output is waiting: the log goes out at once.
         self.send_batch()
     }
@@ -410,6 +474,14 @@ impl LogSink for ChannelSink {
 
     fn finish(&mut self) -> Result<(), Error> {
         self.send_batch()?;
+        if self.verify {
+            // Verified output leaves on the backup's progress, not on acks:
+            // the link stays open until the backup has replayed the last
+            // output (its final report comes after its own end checked).
+            let through = self.verify_through;
+            self.wait_for_backup(|c| c.replayed_exit >= through)?;
+            self.attend()?;
+        }
         let result = match std::mem::replace(&mut self.mode, Mode::Alone) {
             Mode::Paired(p) => p
                 .link
