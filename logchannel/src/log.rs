@@ -1139,13 +1139,13 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            "log format version 3 is newer than the 2 this build reads"
+            "log format version 4 is newer than the 3 this build reads"
         );
 
         // A future header whose later fields we cannot decode, with a good or
         // a bad CRC (a newer format might checksum differently), and a huge
         // version that postcard writes as a three-byte varint.
-        for (version, good) in [(3, true), (3, false), (u16::MAX, true)] {
+        for (version, good) in [(4, true), (4, false), (u16::MAX, true)] {
             let bytes = header_frame(version, &[0xff, 0xff, 0xff], good);
             let err = LogReader::open(&bytes[..]).unwrap_err();
             assert!(
