@@ -50,7 +50,8 @@ fn read_serial(addr: SocketAddr, limit: Duration) -> Vec<u8> {
     // the newest one, which output produced before any input goes to.
     std::thread::sleep(Duration::from_millis(100));
     s.write_all(b"g").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let (mut got, end) = (Vec::new(), Instant::now() + limit);
     let mut buf = [0u8; 4096];
     while Instant::now() < end {
@@ -125,10 +126,21 @@ fn verified_output_holds_back_what_the_backup_cannot_reproduce() {
         String::from_utf8_lossy(&r.backup_printed)
     );
     // In practice the first value differs, so no line reaches the client.
-    assert!(!client.contains('\n'), "the client got a whole line: {client:?}");
-    assert_eq!(r.backup.status.code(), Some(EXIT_DIVERGENCE), "backup: {berr}");
+    assert!(
+        !client.contains('\n'),
+        "the client got a whole line: {client:?}"
+    );
+    assert_eq!(
+        r.backup.status.code(),
+        Some(EXIT_DIVERGENCE),
+        "backup: {berr}"
+    );
     assert!(berr.contains("diverged from the primary"), "{berr}");
-    assert_eq!(r.primary.status.code(), Some(EXIT_DIVERGENCE), "primary: {perr}");
+    assert_eq!(
+        r.primary.status.code(),
+        Some(EXIT_DIVERGENCE),
+        "primary: {perr}"
+    );
     assert!(
         perr.contains("the backup could not reproduce the execution at exit")
             && perr.contains("held outputs were not released"),

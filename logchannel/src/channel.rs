@@ -2995,7 +2995,10 @@ mod tests {
             .wait_until(Duration::from_secs(5), |c| c.failure.is_some());
         match c.failure {
             Some(LinkFailure::Diverged { exit: 17, what }) => {
-                assert!(what.len() <= MAX_DIVERGED_TEXT && what.starts_with('é'), "{what}");
+                assert!(
+                    what.len() <= MAX_DIVERGED_TEXT && what.starts_with('é'),
+                    "{what}"
+                );
             }
             other => panic!("{other:?}"),
         }

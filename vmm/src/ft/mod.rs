@@ -122,5 +122,9 @@ pub enum Error {
     /// the state after it), so the outputs held were never released and
     /// this primary halts rather than go on alone.
     #[error("the backup could not reproduce the execution at exit {exit} ({what}): {held} held outputs were not released")]
-    BackupDiverged { exit: u64, what: String, held: usize },
+    BackupDiverged {
+        exit: u64,
+        what: String,
+        held: usize,
+    },
 }
