@@ -41,12 +41,32 @@ fn arbiter(dir: &Path) -> (Proc, SocketAddr) {
     (p, addr)
 }
 
+/// Waits until `p` (a primary) serves its serial line at `addr`; if it
+/// ends or does not within `limit`, panics with what it said.
+fn wait_for_serial(mut p: Proc, addr: SocketAddr, limit: Duration) -> Proc {
+    let end = Instant::now() + limit;
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return p;
+        }
+        if p.status().is_some() || Instant::now() >= end {
+            p.kill();
+            let o = finish(p, LIMIT);
+            panic!(
+                "the primary did not serve {addr}: {:?}: {}",
+                o.status,
+                stderr(&o)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Connects to the guest's serial line, starts `tscecho` with one byte,
 /// and reads until the primary closes the line (or `limit`).
 fn read_serial(addr: SocketAddr, limit: Duration) -> Vec<u8> {
-    wait_for_port(addr, limit);
     let mut s = TcpStream::connect(addr).expect("connect to the serial line");
-    // wait_for_port's own probe connection was the first client; ours is
+    // wait_for_serial's probe connection was the first client; ours is
     // the newest one, which output produced before any input goes to.
     std::thread::sleep(Duration::from_millis(100));
     s.write_all(b"g").unwrap();
@@ -95,7 +115,7 @@ fn tscecho_pair(name: &str, verify: bool) -> Run {
     if verify {
         cmd.arg("--verify-outputs");
     }
-    let primary = launch(&mut cmd, false);
+    let primary = wait_for_serial(launch(&mut cmd, false), serial, LIMIT);
     let client = read_serial(serial, LIMIT);
     let primary = finish(primary, LIMIT);
     let backup = finish(backup, LIMIT);
@@ -206,13 +226,13 @@ fn a_deterministic_guest_runs_normally_with_verified_output() {
     // kv: request and reply, with serial input in the log.
     let (chan, serial) = (free_addr(), free_addr());
     let backup = launch(&mut backup_cmd("kv", "verify-kv", chan), false);
-    let mut primary = launch(
+    let primary = launch(
         primary_cmd("kv", "verify-kv", chan)
             .args(["--serial", &format!("tcp:{serial}")])
             .arg("--verify-outputs"),
         false,
     );
-    wait_for_port(serial, LIMIT);
+    let mut primary = wait_for_serial(primary, serial, LIMIT);
     let mut c = connect(serial, LIMIT);
     let limit = Duration::from_secs(10);
     for i in 0..20 {
@@ -232,4 +252,45 @@ fn a_deterministic_guest_runs_normally_with_verified_output() {
     assert_eq!(p.status.code(), Some(0), "primary: {}", stderr(&p));
     assert_eq!(b.status.code(), Some(0), "backup: {}", stderr(&b));
     assert_eq!(final_state(&p), final_state(&b));
+}
+
+/// A backup that is lost (killed), not diverged, is handled as without the
+/// flag: the primary wins the arbiter, goes on alone, and what it held
+/// leaves.
+#[test]
+fn a_lost_backup_still_lets_a_verifying_primary_go_on_alone() {
+    if !kvm_available("a_lost_backup_still_lets_a_verifying_primary_go_on_alone") {
+        return;
+    }
+    let dir = tempdir("verify-kill-backup");
+    let (_tas, tas) = arbiter(dir.path());
+    let (chan, serial) = (free_addr(), free_addr());
+    let mut backup = launch(
+        backup_cmd("kv", "verify-kb", chan).args(["--tas", &tas.to_string()]),
+        false,
+    );
+    let primary = launch(
+        primary_cmd("kv", "verify-kb", chan)
+            .args(["--tas", &tas.to_string()])
+            .args(["--serial", &format!("tcp:{serial}")])
+            .arg("--verify-outputs"),
+        false,
+    );
+    let mut primary = wait_for_serial(primary, serial, LIMIT);
+    let mut c = connect(serial, LIMIT);
+    let limit = Duration::from_secs(10);
+    assert!(c.call(&["SET", "before", "1"], limit).unwrap().is_ok());
+    backup.signal(libc::SIGKILL).unwrap();
+    for i in 0..10 {
+        let k = format!("after{i}");
+        assert!(c.call(&["SET", &k, "2"], limit).unwrap().is_ok(), "{k}");
+    }
+    assert_eq!(c.call(&["GET", "before"], limit).unwrap(), Reply::bulk("1"));
+    drop(c);
+    primary.terminate().unwrap();
+    let p = finish(primary, LIMIT);
+    let err = stderr(&p);
+    assert_eq!(p.status.code(), Some(0), "primary: {err}");
+    assert!(err.contains("continuing alone"), "{err}");
+    let _ = finish(backup, LIMIT);
 }

@@ -1663,15 +1663,32 @@ pub(crate) async fn primary_io(
             .await?;
         }
     };
+    tokio::pin!(reader);
+    tokio::pin!(writer);
     let result: Result<(), LinkFailure> = tokio::select! {
-        r = reader => r,
-        r = writer => r,
+        r = &mut reader => r,
+        r = &mut writer => match r {
+            // A backup that diverged sends Diverged and ends: a write of
+            // ours may fail on its closed socket before the reader got to
+            // that last message, which is still there to read. It must
+            // win, since a verifying primary halts on it instead of going
+            // on alone.
+            Err(why) => match tokio::time::timeout(LAST_WORDS, &mut reader).await {
+                Ok(Err(f @ LinkFailure::Diverged { .. })) => Err(f),
+                _ => Err(why),
+            },
+            Ok(()) => Ok(()),
+        },
     };
     match result {
         Ok(()) => state.update(|c| c.closed = true),
         Err(why) => state.fail(why),
     }
 }
+
+/// How long a primary whose write failed still reads, for a backup's
+/// [`Message::Diverged`] sent just before it closed.
+const LAST_WORDS: Duration = Duration::from_millis(200);
 
 /// A message for the backup's writer, with when the batch it acknowledges
 /// was read (for [`LinkState::on_ack_sent`]).

@@ -499,7 +499,11 @@ impl<O: Write> Timeline for BackupTimeline<O> {
                 // Promoted, replaying what was received: these frames come
                 // from the primary's very last records, which it is the
                 // likeliest to have died holding (see resend_recent_frames).
-                Some(l) => return l.output(at, output),
+                // A verifying primary's check of it is still in the log.
+                Some(l) => {
+                    self.replay.check_output(at, &output)?;
+                    return l.output(at, output);
+                }
                 None => self.remember(frame),
             }
         }

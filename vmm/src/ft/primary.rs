@@ -93,9 +93,10 @@ pub struct ChannelSink {
     digest_soon: bool,
     /// Verified-output mode (see the module docs).
     verify: bool,
-    /// An output waits for the digest that follows its check: the batch
-    /// goes out once that digest is appended.
-    flush_at_digest: bool,
+    /// An output waits for verification: the backup can replay its exit
+    /// only once a horizon covers it, so the batch and the horizon go out
+    /// as soon as the exit is complete, not at the next periodic flush.
+    horizon_soon: bool,
     /// The exit of the last output held for verification: a finishing
     /// primary waits until the backup has replayed it.
     verify_through: u64,
@@ -144,7 +145,7 @@ impl ChannelSink {
             join: None,
             digest_soon: false,
             verify: false,
-            flush_at_digest: false,
+            horizon_soon: false,
             verify_through: 0,
         })
     }
@@ -367,10 +368,9 @@ impl LogSink for ChannelSink {
         let Mode::Paired(p) = &mut self.mode else {
             return Ok(());
         };
-        let digest = matches!(event, Event::Digest { .. });
         Self::push(p, &mut self.next_seq, *pos, event)?;
         self.metrics.set_seq(self.next_seq);
-        if p.batch.len() >= BATCH_BYTES || (digest && std::mem::take(&mut self.flush_at_digest)) {
+        if p.batch.len() >= BATCH_BYTES {
             self.send_batch()?;
         }
         Ok(())
@@ -398,9 +398,10 @@ impl LogSink for ChannelSink {
         self.metrics.outputs_held_inc();
         self.send_gate(GateMsg::Hold(held))?;
         if verify_at.is_some() {
-            // The digest of the state after it is appended at this same
-            // exit; the batch goes out with it.
-            self.flush_at_digest = true;
+            // The digest of the state after it (and maybe inputs) are still
+            // to be logged at this exit: everything goes out with the
+            // horizon once the exit is complete (complete_through).
+            self.horizon_soon = true;
             return Ok(());
         }
         // An output is waiting: the log goes out at once.
@@ -416,7 +417,7 @@ impl LogSink for ChannelSink {
             return Ok(());
         };
         p.horizon = exit;
-        if p.last_flush.elapsed() >= FLUSH_EVERY {
+        if p.last_flush.elapsed() >= FLUSH_EVERY || std::mem::take(&mut self.horizon_soon) {
             self.send_batch()?;
         }
         let Mode::Paired(p) = &self.mode else {

@@ -227,6 +227,19 @@ impl<S: RecordSource, O: Write> Replay<S, O> {
         })
     }
 
+    /// If the log has an output check here (the primary verifies outputs),
+    /// compares `output` with it and consumes it.
+    pub fn check_output(&mut self, at: &Position, output: &Output) -> Result<(), Error> {
+        if let Some(Event::OutputCheck { .. }) = self.due_here(at)? {
+            let seen = match output {
+                Output::Serial(b) => Event::output_check(OutputKind::Serial, b),
+                Output::Net(b) => Event::output_check(OutputKind::Net, b),
+            };
+            self.expect(at, &describe_event(&seen), |e| *e == seen)?;
+        }
+        Ok(())
+    }
+
     /// The next record's exit, if it is at `at.exit` (and so due now).
     fn due_here(&mut self, at: &Position) -> Result<Option<&Event>, Error> {
         Ok(self
@@ -321,13 +334,7 @@ impl<S: RecordSource, O: Write> Timeline for Replay<S, O> {
     }
 
     fn output(&mut self, at: &Position, output: Output) -> Result<(), Error> {
-        if let Some(Event::OutputCheck { .. }) = self.due_here(at)? {
-            let seen = match &output {
-                Output::Serial(b) => Event::output_check(OutputKind::Serial, b),
-                Output::Net(b) => Event::output_check(OutputKind::Net, b),
-            };
-            self.expect(at, &describe_event(&seen), |e| *e == seen)?;
-        }
+        self.check_output(at, &output)?;
         match output {
             Output::Serial(bytes) => self.output.write_all(&bytes).map_err(Error::Transcript),
             // A replay touches no outside device: a frame is dropped.
