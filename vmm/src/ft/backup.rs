@@ -693,6 +693,26 @@ mod tests {
         ));
     }
 
+    /// A verified output waits on the backup's progress report: once its
+    /// check is consumed, the next report is not held back by the rate
+    /// limit that applies while the backup is behind.
+    #[test]
+    fn a_consumed_output_check_is_reported_at_once() {
+        let (primary, mut source) = pair(Duration::from_millis(20));
+        let check = Event::output_check(logchannel::OutputKind::Serial, b"x");
+        send(&primary, &[(0, 2, check), (1, 9, Event::TimerTick)]);
+        // Behind (the record at exit 9 covers 8): this report may go out,
+        // and it restarts the rate limit.
+        assert!(matches!(source.wait_horizon(2).unwrap(), Horizon::Covered));
+        source.peek().unwrap();
+        source.advance();
+        // Within the rate limit, yet reported: exit 2 was replayed.
+        assert!(matches!(source.wait_horizon(3).unwrap(), Horizon::Covered));
+        let state = primary.state();
+        let c = state.wait_until(Duration::from_secs(2), |c| c.replayed_exit >= 2);
+        assert_eq!(c.replayed_exit, 2, "{c:?}");
+    }
+
     #[test]
     fn a_silent_primary_is_lost_after_what_it_sent_is_replayed() {
         let (primary, mut source) = pair(Duration::from_secs(60));
