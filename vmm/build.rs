@@ -16,7 +16,7 @@ use std::process::Command;
 
 /// The image crates (binaries) of the guest workspace.
 const IMAGES: &[&str] = &[
-    "hello", "ticker", "kv", "compute", "bench", "netkv", "rdtsc",
+    "hello", "ticker", "kv", "compute", "bench", "netkv", "rdtsc", "tscecho",
 ];
 
 /// The guest workspace's target triple (set in its .cargo/config.toml).

@@ -105,8 +105,13 @@ impl Security {
 /// 2: record batches are raw record frames with a count, not a
 /// checksummed `Records` message. 3: a Hello says whether it joins a
 /// running VM, and the state-transfer messages of a join exist
-/// ([`crate::join`]); a link may start at any sequence number.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// ([`crate::join`]); a link may start at any sequence number. 4: a backup
+/// that diverged says so ([`Message::Diverged`]) before it ends, and
+/// records may carry `OutputCheck` (log format 3).
+pub const PROTOCOL_VERSION: u16 = 4;
+/// The longest description a [`Message::Diverged`] carries; longer ones are
+/// cut (at a character boundary) by the sender and by the receiver.
+pub const MAX_DIVERGED_TEXT: usize = 1024;
 /// Once a batch on the wire holds this many bytes of record frames, the
 /// primary stops merging queued batches into it.
 const MAX_BATCH: usize = 1 << 20;
@@ -279,6 +284,15 @@ pub enum LinkFailure {
     /// without recording another failure).
     #[error("the log channel is closed")]
     Closed,
+    /// The backup said it could not reproduce the primary's execution: its
+    /// replay diverged at this exit (it ends right after saying so).
+    #[error("the backup diverged at exit {exit}: {what}")]
+    Diverged {
+        /// The exit at which the backup's replay parted from the log.
+        exit: u64,
+        /// The backup's description of the divergence.
+        what: String,
+    },
     /// Reading or writing the socket failed in a way not covered above.
     #[error("log channel I/O")]
     Io(#[source] Arc<io::Error>),
@@ -526,6 +540,23 @@ pub(crate) enum Message {
     },
     /// The last dirty pages were sent: this is the state to resume from.
     Handover(crate::join::Handover),
+    /// Backup to primary, its last message: replay diverged at `exit`
+    /// (`what`, at most [`MAX_DIVERGED_TEXT`] bytes). A primary that
+    /// verifies outputs must then release none of those it holds.
+    Diverged {
+        exit: u64,
+        what: String,
+    },
+}
+
+/// `text` cut to at most [`MAX_DIVERGED_TEXT`] bytes, at a character
+/// boundary.
+fn bounded_text(text: &str) -> String {
+    let mut end = text.len().min(MAX_DIVERGED_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }
 
 /// Timing and buffer limits of a link.
@@ -574,6 +605,8 @@ pub struct LinkState {
     written: Mutex<std::collections::VecDeque<(u64, Instant)>>,
     /// The longest wait for the peer's bytes so far.
     watch: Liveness,
+    /// The backup's writer has written its [`Message::Diverged`].
+    told_diverged: AtomicBool,
 }
 
 /// See [`LinkState::on_progress`].
@@ -1573,6 +1606,12 @@ pub(crate) async fn primary_io(
                 }
                 Message::Heartbeat { replayed_exit } => reader_state.progress(replayed_exit),
                 Message::Bye => return Ok(()),
+                Message::Diverged { exit, what } => {
+                    return Err(LinkFailure::Diverged {
+                        exit,
+                        what: bounded_text(&what),
+                    })
+                }
                 other => {
                     return Err(LinkFailure::Unexpected {
                         from: PEER,
@@ -1627,15 +1666,32 @@ pub(crate) async fn primary_io(
             .await?;
         }
     };
+    tokio::pin!(reader);
+    tokio::pin!(writer);
     let result: Result<(), LinkFailure> = tokio::select! {
-        r = reader => r,
-        r = writer => r,
+        r = &mut reader => r,
+        r = &mut writer => match r {
+            // A backup that diverged sends Diverged and ends: a write of
+            // ours may fail on its closed socket before the reader got to
+            // that last message, which is still there to read. It must
+            // win, since a verifying primary halts on it instead of going
+            // on alone.
+            Err(why) => match tokio::time::timeout(LAST_WORDS, &mut reader).await {
+                Ok(Err(f @ LinkFailure::Diverged { .. })) => Err(f),
+                _ => Err(why),
+            },
+            Ok(()) => Ok(()),
+        },
     };
     match result {
         Ok(()) => state.update(|c| c.closed = true),
         Err(why) => state.fail(why),
     }
 }
+
+/// How long a primary whose write failed still reads, for a backup's
+/// [`Message::Diverged`] sent just before it closed.
+const LAST_WORDS: Duration = Duration::from_millis(200);
 
 /// A message for the backup's writer, with when the batch it acknowledges
 /// was read (for [`LinkState::on_ack_sent`]).
@@ -1785,6 +1841,27 @@ impl BackupLink {
         ));
     }
 
+    /// Tells the primary that this backup's replay diverged at `exit`
+    /// (`what` is cut to [`MAX_DIVERGED_TEXT`] bytes), and waits up to
+    /// `limit` until the message is written to the socket, since the backup
+    /// ends right after. True if it was written; false if the link had
+    /// failed already or the time ran out.
+    pub fn report_divergence(&self, exit: u64, what: &str, limit: Duration) -> bool {
+        let msg = Message::Diverged {
+            exit,
+            what: bounded_text(what),
+        };
+        if self.reports.try_send((msg, None)).is_err() {
+            return false;
+        }
+        let told = &self.state.told_diverged;
+        // An atomic, not a counter under the lock: wait_until's predicate
+        // must not take the state's lock again.
+        self.state
+            .wait_until(limit, |_| told.load(Ordering::SeqCst));
+        told.load(Ordering::SeqCst)
+    }
+
     /// The next record, blocking until one arrives. `Ok(None)`: the primary
     /// said Bye and everything was delivered. An error: the link failed;
     /// every record that arrived intact before the failure was delivered
@@ -1932,7 +2009,13 @@ pub(crate) async fn backup_io(
                 _ = tick.tick() => (Message::Heartbeat { replayed_exit: writer_state.snapshot().replayed_exit }, None),
             };
             let bye = msg == Message::Bye;
+            let diverged = matches!(msg, Message::Diverged { .. });
             write_message(&mut wr, &msg, &mut buf, PEER).await?;
+            if diverged {
+                writer_state.told_diverged.store(true, Ordering::SeqCst);
+                // Wakes report_divergence, which waits on the counters.
+                writer_state.update(|_| {});
+            }
             if let Some(at) = read_at {
                 writer_state.ack_sent(at.elapsed());
             }
@@ -2483,6 +2566,12 @@ mod tests {
         ];
         // A batch of two records and what follows it; and the same with
         // every CRC zeroed and mode bit 0 set, for the target to write them.
+        // A backup's last word.
+        let mut diverged = vec![0];
+        diverged.extend(control(&Message::Diverged {
+            exit: 42,
+            what: "expected interrupt 0x20, saw a clock read".into(),
+        }));
         let mut batch = vec![0];
         let mut fix = vec![1];
         batch.extend(batch_message(&frames(0, 2), 2));
@@ -2508,6 +2597,7 @@ mod tests {
             ("channel", "seed-batch", batch),
             ("channel", "seed-batch-fix-crcs", fix),
             ("channel", "seed-join", join),
+            ("channel", "seed-diverged", diverged),
         ]
     }
 
@@ -2586,6 +2676,10 @@ mod tests {
             },
             Message::Heartbeat { replayed_exit: 3 },
             Message::Bye,
+            Message::Diverged {
+                exit: 3,
+                what: "x".into(),
+            },
         ] {
             assert_ne!(control(&m)[FRAME_PREFIX], RECORDS_TAG, "{m:?}");
         }
@@ -2883,6 +2977,53 @@ mod tests {
             drop(backup);
         }
         (primary, refusal)
+    }
+
+    /// A backup's divergence reaches the primary as its link's failure,
+    /// with the exit and a bounded description.
+    #[test]
+    fn a_backups_divergence_reaches_the_primary() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let backup = std::thread::spawn(move || {
+            let link = BackupLink::accept_on_with(
+                listener,
+                hello(Role::Backup),
+                ChannelConfig::default(),
+                &Security::Plaintext,
+                |_| {},
+            )
+            .unwrap();
+            let long = "é".repeat(MAX_DIVERGED_TEXT);
+            let told = link.report_divergence(17, &long, Duration::from_secs(5));
+            tx.send(told).unwrap();
+            // The backup process would end here; keep the link open a
+            // moment so that the primary sees the message, not a close.
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        let primary = PrimaryLink::connect_with(
+            addr,
+            hello(Role::Primary),
+            ChannelConfig::default(),
+            Duration::from_secs(5),
+            &Security::Plaintext,
+        )
+        .unwrap();
+        assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+        let c = primary
+            .state()
+            .wait_until(Duration::from_secs(5), |c| c.failure.is_some());
+        match c.failure {
+            Some(LinkFailure::Diverged { exit: 17, what }) => {
+                assert!(
+                    what.len() <= MAX_DIVERGED_TEXT && what.starts_with('é'),
+                    "{what}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        backup.join().unwrap();
     }
 
     #[test]

@@ -18,6 +18,6 @@ pub mod tls;
 
 pub use log::{
     decode_frame, decode_header_frame, decode_record_frame, encode_frame, frame_len, image_hash,
-    Error, Event, Header, LogReader, LogWriter, Position, Record, Result, FORMAT_VERSION,
-    FRAME_PREFIX, MAGIC, MAX_FRAME,
+    Error, Event, Header, LogReader, LogWriter, OutputKind, Position, Record, Result,
+    FORMAT_VERSION, FRAME_PREFIX, MAGIC, MAX_FRAME,
 };

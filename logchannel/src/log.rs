@@ -55,7 +55,12 @@ use sha2::{Digest as _, Sha256};
 /// 2: a periodic or requested digest's memory CRC is a CRC over the CRCs
 /// of the pages (kept current through the dirty log), not one over all
 /// of memory; a version 1 log's digests would all differ.
-pub const FORMAT_VERSION: u16 = 2;
+/// 3: [`Event::OutputCheck`] exists (verified-output mode). A version 2
+/// log is still read: it has no such record, and its digests are the same.
+pub const FORMAT_VERSION: u16 = 3;
+
+/// The oldest format this build reads (see [`FORMAT_VERSION`]).
+pub const OLDEST_READABLE_VERSION: u16 = 2;
 
 /// The bytes every log starts with.
 pub const MAGIC: [u8; 8] = *b"DUETLOG\0";
@@ -91,7 +96,7 @@ pub enum Error {
     OlderVersion {
         /// Version in the log's header.
         found: u16,
-        /// [`FORMAT_VERSION`] of this build.
+        /// [`OLDEST_READABLE_VERSION`] of this build.
         supported: u16,
     },
     /// The header names a version that never existed (0).
@@ -264,6 +269,48 @@ pub enum Event {
     /// The serial line changed hands: one client left and another's bytes
     /// come next (the guest sees delta-DCD).
     SerialHangup,
+    /// Verified-output mode only (`duet primary --verify-outputs`): the
+    /// primary's device produced this output here. The backup, replaying,
+    /// compares its own output at this position, and a digest of the state
+    /// after it follows at the same exit; the primary releases the output
+    /// only once the backup reports it replayed past both.
+    OutputCheck {
+        /// Which device produced it.
+        kind: OutputKind,
+        /// Its length in bytes.
+        len: u32,
+        /// CRC-32 of its bytes.
+        crc: u32,
+    },
+}
+
+/// The device an [`Event::OutputCheck`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutputKind {
+    /// Bytes COM1 transmitted.
+    Serial,
+    /// One Ethernet frame the NIC transmitted.
+    Net,
+}
+
+impl fmt::Display for OutputKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OutputKind::Serial => "serial output",
+            OutputKind::Net => "network frame out",
+        })
+    }
+}
+
+impl Event {
+    /// The [`Event::OutputCheck`] that stands for `bytes` of output of `kind`.
+    pub fn output_check(kind: OutputKind, bytes: &[u8]) -> Event {
+        Event::OutputCheck {
+            kind,
+            len: u32::try_from(bytes.len()).unwrap_or(u32::MAX),
+            crc: crc32fast::hash(bytes),
+        }
+    }
 }
 
 impl Event {
@@ -283,6 +330,7 @@ impl Event {
             Event::Horizon => "horizon",
             Event::Digest { .. } => "digest",
             Event::PowerOff { .. } => "power off",
+            Event::OutputCheck { .. } => "output check",
         }
     }
 }
@@ -499,10 +547,10 @@ fn decode_header(crc: u32, payload: &[u8], offset: u64) -> Result<Header> {
             found: header.version,
         });
     }
-    if header.version < FORMAT_VERSION {
+    if header.version < OLDEST_READABLE_VERSION {
         return Err(Error::OlderVersion {
             found: header.version,
-            supported: FORMAT_VERSION,
+            supported: OLDEST_READABLE_VERSION,
         });
     }
     Ok(header)
@@ -754,6 +802,11 @@ mod tests {
             Event::PowerOff { code: 7 },
             Event::Stop,
             Event::SerialHangup,
+            Event::OutputCheck {
+                kind: OutputKind::Net,
+                len: 60,
+                crc: 0xfeed_f00d,
+            },
         ]
     }
 
@@ -1086,13 +1139,13 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            "log format version 3 is newer than the 2 this build reads"
+            "log format version 4 is newer than the 3 this build reads"
         );
 
         // A future header whose later fields we cannot decode, with a good or
         // a bad CRC (a newer format might checksum differently), and a huge
         // version that postcard writes as a three-byte varint.
-        for (version, good) in [(3, true), (3, false), (u16::MAX, true)] {
+        for (version, good) in [(4, true), (4, false), (u16::MAX, true)] {
             let bytes = header_frame(version, &[0xff, 0xff, 0xff], good);
             let err = LogReader::open(&bytes[..]).unwrap_err();
             assert!(
@@ -1102,6 +1155,19 @@ mod tests {
             let err = decode_header_frame(&bytes[8..]).unwrap_err();
             assert!(matches!(err, Error::NewerVersion { .. }), "{err:?}");
         }
+    }
+
+    /// Version 3 only added a record kind that a version 2 log never has.
+    #[test]
+    fn a_version_2_log_is_still_read() {
+        let mut h = header();
+        h.version = 2;
+        let mut w = LogWriter::new(Vec::new(), &h).unwrap();
+        w.append(pos(1), Event::TimerTick).unwrap();
+        let bytes = w.into_inner();
+        let (mut r, got) = LogReader::open(&bytes[..]).unwrap();
+        assert_eq!(got.version, 2);
+        assert_eq!(r.next_record().unwrap().unwrap().event, Event::TimerTick);
     }
 
     #[test]

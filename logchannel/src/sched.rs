@@ -107,7 +107,11 @@ mod tests {
         } else {
             assert_eq!(policy, libc::SCHED_OTHER);
         }
-        assert_eq!(current_policy(), libc::SCHED_OTHER, "the caller is untouched");
+        assert_eq!(
+            current_policy(),
+            libc::SCHED_OTHER,
+            "the caller is untouched"
+        );
         disable_realtime();
         let policy = std::thread::spawn(|| {
             promote_current_thread();

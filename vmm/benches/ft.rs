@@ -8,6 +8,8 @@
 //! {"rounds":..,
 //!  "solo_kv_set_rps":..,"ft_kv_set_rps":..,"kv_set_ratio":..,  (also get, incr)
 //!  "solo_ping_p50_us":..,"ft_ping_p50_us":..,"output_rule_added_p50_us":.., (also p99)
+//!  "ft_verify_ping_p50_us":..,"ft_verify_ping_p99_us":..,"verify_added_p50_us":..,
+//!  "verify_added_p99_us":..,
 //!  "solo_compute_wall_s":..,"ft_compute_wall_s":..,"compute_wall_ratio":..,
 //!  "solo_compute_guest_s":..,"ft_compute_guest_s":..,"compute_guest_ratio":..,
 //!  "ft_compute_digest50_wall_s":..,"compute_digest50_wall_ratio":..,  (also guest)
@@ -23,6 +25,10 @@
 //! - `*_ping_*_us`: round trips of 500 sequential inline PINGs over one raw
 //!   TCP connection; `output_rule_added_*` is FT minus solo, what holding
 //!   output until the backup acknowledges costs a client;
+//!   `ft_verify_ping_*` are the same PINGs against a pair with
+//!   `--verify-outputs` (each reply byte waits for the backup to replay its
+//!   exit and check it and the digest after it), and `verify_added_*` is
+//!   that minus solo: what verified output costs a client in all;
 //! - `*_compute_wall_s`: the whole `compute` run as the host saw it;
 //!   `*_compute_guest_s`: the guest's own `elapsed_ns`; `*_digest50_*`:
 //!   the FT run with a state digest every 50 ms (`--digest-interval-ms
@@ -293,6 +299,16 @@ fn ft_kv() -> anyhow::Result<FtKvRun> {
     })
 }
 
+/// PING round trips against an FT kv pair with `--verify-outputs`.
+fn ft_verify_pings() -> anyhow::Result<Vec<f64>> {
+    let addr = free_addr();
+    let pair = Pair::start_with("kv", &format!("tcp:{addr}"), &["--verify-outputs"]);
+    wait_for_port(addr, Duration::from_secs(10));
+    let pings = ping_round_trips(addr)?;
+    pair.finish(true)?;
+    Ok(pings)
+}
+
 /// `compute` solo: (wall s, guest s).
 fn solo_compute() -> anyhow::Result<(f64, f64)> {
     let start = Instant::now();
@@ -408,6 +424,10 @@ fn main() -> anyhow::Result<()> {
         s.add("solo_ping_p99_us", quantile(&solo.pings, 0.99));
         s.add("ft_ping_p50_us", quantile(&ft.kv.pings, 0.5));
         s.add("ft_ping_p99_us", quantile(&ft.kv.pings, 0.99));
+        eprintln!("ft bench: round {round}/{ROUNDS}: FT kv PINGs with --verify-outputs");
+        let verify = ft_verify_pings()?;
+        s.add("ft_verify_ping_p50_us", quantile(&verify, 0.5));
+        s.add("ft_verify_ping_p99_us", quantile(&verify, 0.99));
         s.add("kv_lag_p50_ms", ft.lag.0);
         s.add("kv_lag_p99_ms", ft.lag.1);
         s.add("kv_log_mbit_s", ft.mbit);
@@ -456,6 +476,9 @@ fn main() -> anyhow::Result<()> {
         pairs.push((format!("solo_ping_{q}_us"), solo));
         pairs.push((format!("ft_ping_{q}_us"), ft));
         pairs.push((format!("output_rule_added_{q}_us"), ft - solo));
+        let verify = m(&format!("ft_verify_ping_{q}_us"));
+        pairs.push((format!("ft_verify_ping_{q}_us"), verify));
+        pairs.push((format!("verify_added_{q}_us"), verify - solo));
     }
     for what in ["wall", "guest"] {
         let (solo, ft) = (

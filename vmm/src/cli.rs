@@ -372,6 +372,8 @@ pub struct PrimaryOptions {
     pub connect_timeout_ms: u64,
     /// Where new backups may join once this primary runs alone.
     pub join_listen: Option<SocketAddr>,
+    /// Verified-output mode (see [`ChannelSink::verify_outputs`]).
+    pub verify_outputs: bool,
 }
 
 /// `duet primary`: runs the guest live and streams its log to the backup;
@@ -409,7 +411,8 @@ pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
     let every =
         (opts.digest_interval_ms > 0).then(|| Duration::from_millis(opts.digest_interval_ms));
     let arbiter = opts.pair.arbiter(epoch, node, &tls);
-    let mut sink = ChannelSink::new(link, metrics.clone(), outlet, arbiter.clone())?;
+    let mut sink = ChannelSink::new(link, metrics.clone(), outlet, arbiter.clone())?
+        .verify_outputs(opts.verify_outputs);
     if let Some(listen) = opts.join_listen {
         let plan = opts.pair.join_plan(listen, &config, arbiter);
         sink = sink.with_join(JoinService::start(
@@ -444,7 +447,11 @@ fn ft_outcome(
         Ok(o) => format!("{o:?}"),
         Err(e) => error_chain(e),
     };
-    if let Err(Timeline(e @ timeline::Error::Divergence { .. })) = &outcome {
+    if let Err(Timeline(
+        e @ (timeline::Error::Divergence { .. }
+        | timeline::Error::Ft(ft::Error::BackupDiverged { .. })),
+    )) = &outcome
+    {
         metrics.event(Event::Diverged {
             detail: e.to_string(),
         });
@@ -454,6 +461,10 @@ fn ft_outcome(
         Ok(o) => Ok(report(&o)),
         Err(Timeline(e @ timeline::Error::Divergence { .. })) => {
             eprintln!("duet: diverged from the primary: {e}");
+            Ok(EXIT_DIVERGENCE)
+        }
+        Err(Timeline(timeline::Error::Ft(e @ ft::Error::BackupDiverged { .. }))) => {
+            eprintln!("duet: {e}");
             Ok(EXIT_DIVERGENCE)
         }
         Err(Timeline(timeline::Error::Ft(e @ ft::Error::LostArbitration { .. }))) => {
@@ -489,6 +500,8 @@ pub struct BackupOptions {
     pub go_live_exec: Option<String>,
     /// The NIC; its TAP is opened at go-live, never before.
     pub net: Option<NetOptions>,
+    /// Once live, verify outputs with a backup that joins.
+    pub verify_outputs: bool,
 }
 
 /// `duet backup`: boots the same image and replays the primary's stream,
@@ -606,6 +619,7 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
     let takeover = Takeover {
         join: Some(opts.pair.join_plan(opts.listen, &config, arbiter.clone())),
         digest_every: Some(Duration::from_millis(500)),
+        verify_outputs: opts.verify_outputs,
         arbiter,
         metrics: metrics.clone(),
         open_world: Box::new(move || {

@@ -11,10 +11,11 @@
 //! | `bench` | exit, MMIO and interrupt-injection costs, timed by the guest |
 //! | `netkv` | the `kv` server on TCP port 6379 over virtio-net (smoltcp) |
 //! | `rdtsc` | not replayable on purpose: the TSC picks its exits (divergence tests) |
+//! | `tscecho` | not replayable on purpose: prints TSC values, same exits (verified-output tests) |
 
 /// Names accepted by [`by_name`].
 pub const NAMES: &[&str] = &[
-    "hello", "ticker", "kv", "compute", "bench", "netkv", "rdtsc",
+    "hello", "ticker", "kv", "compute", "bench", "netkv", "rdtsc", "tscecho",
 ];
 
 /// The ELF of the image called `name`.
@@ -27,6 +28,7 @@ pub fn by_name(name: &str) -> Option<&'static [u8]> {
         "bench" => include_bytes!(concat!(env!("OUT_DIR"), "/images/bench.elf")),
         "netkv" => include_bytes!(concat!(env!("OUT_DIR"), "/images/netkv.elf")),
         "rdtsc" => include_bytes!(concat!(env!("OUT_DIR"), "/images/rdtsc.elf")),
+        "tscecho" => include_bytes!(concat!(env!("OUT_DIR"), "/images/tscecho.elf")),
         _ => return None,
     };
     Some(elf)

@@ -330,6 +330,12 @@ struct PrimaryArgs {
     /// refused while the pair is whole.
     #[arg(long)]
     join_listen: Option<SocketAddr>,
+    /// Release an output only once the backup has replayed up to it and
+    /// found its own output there the same bytes and its state digest
+    /// equal; if it cannot, halt (exit 4) with those outputs unreleased,
+    /// even with an arbiter. Costs latency (see the ft bench).
+    #[arg(long)]
+    verify_outputs: bool,
 }
 
 #[derive(Args)]
@@ -369,6 +375,11 @@ struct BackupArgs {
     /// The NIC; its TAP is opened only when this backup goes live.
     #[command(flatten)]
     net: NetArgs,
+    /// Once live, verify outputs with the next backup that joins, as
+    /// `duet primary --verify-outputs` does. (Replay checks a verifying
+    /// primary's outputs with or without this flag.)
+    #[arg(long)]
+    verify_outputs: bool,
 }
 
 #[derive(Args)]
@@ -459,6 +470,7 @@ fn main() -> ExitCode {
                 digest_interval_ms: a.digest_interval_ms,
                 connect_timeout_ms: a.connect_timeout_ms,
                 join_listen: a.join_listen,
+                verify_outputs: a.verify_outputs,
             })
         }),
         Command::Spare(a) if a.join.is_empty() => Err(anyhow::anyhow!(
@@ -477,6 +489,7 @@ fn main() -> ExitCode {
                 serial: a.serial,
                 go_live_exec: a.go_live_exec,
                 net,
+                verify_outputs: a.verify_outputs,
             })
         }),
         Command::Demo(a) => vmm::demo::run(&vmm::demo::DemoOptions {

@@ -3,9 +3,13 @@
 //!
 //! Every synchronous exit is a position. At each, in this order and always
 //! on this thread with the vCPU stopped: the access is handled, output is
-//! handed to the timeline, the timeline's inputs are applied, and a pending
-//! interrupt is injected if the guest can take it. The order is part of the
-//! replay contract: record and replay both follow it.
+//! handed to the timeline, a state digest is taken if one is due, the
+//! timeline's inputs are applied, and a pending interrupt is injected if
+//! the guest can take it. The order is part of the replay contract: record
+//! and replay both follow it. Output comes before the digest so that, in
+//! verified-output mode, the digest logged at an output's exit checks the
+//! state after that output (handing output over does not touch guest
+//! memory, so the digest's value does not depend on the order).
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -132,10 +136,19 @@ impl Vcpu {
             None => State::Running,
         };
         loop {
-            state = match state {
-                State::Running => self.step()?,
-                State::Idle(at) => self.idle(&at)?,
+            let next = match state {
+                State::Running => self.step(),
+                State::Idle(at) => self.idle(&at),
                 State::Stopped(outcome) => return Ok(outcome),
+            };
+            state = match next {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Error::Timeline(t) = &e {
+                        self.timeline.run_failed(t);
+                    }
+                    return Err(e);
+                }
             };
         }
     }
@@ -170,7 +183,7 @@ impl Vcpu {
             .devices
             .handle_exit(&exit, &at, self.timeline.as_mut())?;
         let mut idle = false;
-        let requested_digest = matches!(action, Action::Digest(_));
+        let mut requested_digest = None;
         match action {
             Action::Continue => {}
             Action::Read(bytes) => self.vm.complete_read(&bytes),
@@ -180,7 +193,7 @@ impl Vcpu {
                 idle = exit == Exit::Hlt || !self.woke;
                 self.woke = false;
             }
-            Action::Digest(tag) => self.digest(&at, tag, true)?,
+            Action::Digest(tag) => requested_digest = Some(tag),
             Action::PowerOff(code) => {
                 self.flush_output(&at)?;
                 return self.finish(&at, Ending::PowerOff(code));
@@ -192,10 +205,11 @@ impl Vcpu {
                 }))
             }
         }
-        if !requested_digest {
-            self.digest(&at, u64::MAX, false)?;
-        }
         self.flush_output(&at)?;
+        match requested_digest {
+            Some(tag) => self.digest(&at, tag, true)?,
+            None => self.digest(&at, PERIODIC_DIGEST_TAG, false)?,
+        }
         self.devices.latch_irqs();
         // An interrupt injected here ends the wait before it starts. Replay
         // depends on this: it applies all of a position's inputs in the

@@ -52,6 +52,11 @@ const SUMMARY_EVERY: Duration = Duration::from_secs(5);
 const RESEND_MARGIN: Duration = Duration::from_millis(10);
 /// At most this many frames are kept for that.
 const RESEND_MAX: usize = 1024;
+/// How long a backup whose primary verifies outputs waits, once its replay
+/// ended, for the primary to take its last progress report and close.
+const FINAL_REPORT_WAIT: Duration = Duration::from_secs(5);
+/// How long a diverged backup waits for its last word to be written.
+const DIVERGED_REPORT_WAIT: Duration = Duration::from_secs(1);
 
 /// Records received but not yet replayed, and how far they reach.
 pub struct StreamSource {
@@ -69,6 +74,12 @@ pub struct StreamSource {
     last_summary: Instant,
     /// When the last record (of any kind) arrived.
     last_record_at: Option<Instant>,
+    /// An output check was consumed since the last progress report: the
+    /// primary holds that output until it hears, so the next report is
+    /// not rate-limited.
+    report_now: bool,
+    /// The log has output checks: the primary verifies outputs.
+    verified: bool,
 }
 
 impl StreamSource {
@@ -85,6 +96,8 @@ impl StreamSource {
             last_report: Instant::now(),
             last_summary: Instant::now(),
             last_record_at: None,
+            report_now: false,
+            verified: false,
         }
     }
 
@@ -114,6 +127,16 @@ impl StreamSource {
     /// Records replayed so far.
     pub fn replayed(&self) -> u64 {
         self.last_seq.map_or(0, |s| s + 1)
+    }
+
+    /// Exit `done` was handled: if it consumed an output check, the
+    /// primary holds that output until it hears so, so say it now, before
+    /// the guest runs on (the next exit may be far off).
+    fn report_verified(&mut self, done: u64) {
+        if std::mem::take(&mut self.report_now) && !self.promoted {
+            self.last_report = Instant::now();
+            self.link.report_progress(done);
+        }
     }
 
     fn take(&mut self, rec: Record) {
@@ -168,6 +191,10 @@ impl RecordSource for StreamSource {
             if matches!(r.event, Event::Digest { .. }) {
                 self.metrics.digest_matched();
             }
+            if matches!(r.event, Event::OutputCheck { .. }) {
+                self.report_now = true;
+                self.verified = true;
+            }
             self.last_seq = Some(r.seq);
             self.metrics.replayed_inc();
         }
@@ -178,12 +205,14 @@ impl RecordSource for StreamSource {
             self.last_summary = Instant::now();
             tracing::info!("backup: {}", self.metrics.summary());
         }
+        // A verified output waits on this report: not rate-limited.
+        let urgent = std::mem::take(&mut self.report_now);
         if self.known_exit >= exit {
             // Running behind: still tell the primary now and then, since it
             // throttles itself on our progress (bounded execution lag).
             if exit.is_multiple_of(PROGRESS_EVERY)
                 && !self.promoted
-                && self.last_report.elapsed() >= PROGRESS_PERIOD
+                && (urgent || self.last_report.elapsed() >= PROGRESS_PERIOD)
             {
                 self.last_report = Instant::now();
                 self.link.report_progress(exit - 1);
@@ -197,7 +226,11 @@ impl RecordSource for StreamSource {
         // Reporting at once on every catch-up cost a message, and a wake-up
         // of both channel threads (which preempt a vCPU), per exit.
         self.link.state().set_replayed_exit(exit - 1);
-        let mut reported = false;
+        let mut reported = urgent;
+        if urgent {
+            self.last_report = Instant::now();
+            self.link.report_progress(exit - 1);
+        }
         while self.known_exit < exit {
             if let Some(failure) = &self.failed {
                 return Ok(Horizon::PeerLost(failure.clone()));
@@ -245,6 +278,8 @@ pub struct Takeover {
     pub join: Option<JoinPlan>,
     /// Periodic digests once a joined backup receives our log.
     pub digest_every: Option<Duration>,
+    /// Once live, verify outputs with the backup that joins.
+    pub verify_outputs: bool,
 }
 
 /// The timeline of a backup that went live: a recording one with no
@@ -373,7 +408,8 @@ impl<O: Write> BackupTimeline<O> {
             outlet,
             self.takeover.arbiter.clone(),
             next_seq,
-        )?;
+        )?
+        .verify_outputs(self.takeover.verify_outputs);
         if let Some(plan) = self.takeover.join.take() {
             let epoch = metrics.epoch();
             // Serving comes first: a join address that cannot be bound
@@ -493,7 +529,11 @@ impl<O: Write> Timeline for BackupTimeline<O> {
                 // Promoted, replaying what was received: these frames come
                 // from the primary's very last records, which it is the
                 // likeliest to have died holding (see resend_recent_frames).
-                Some(l) => return l.output(at, output),
+                // A verifying primary's check of it is still in the log.
+                Some(l) => {
+                    self.replay.check_output(at, &output)?;
+                    return l.output(at, output);
+                }
                 None => self.remember(frame),
             }
         }
@@ -510,10 +550,14 @@ impl<O: Write> Timeline for BackupTimeline<O> {
     /// so a guest that exits rarely was always at least one exit's worth
     /// of execution behind.
     fn before_run(&mut self, next_exit: u64) -> Result<(), Error> {
-        match self.live_now() {
-            Some(l) => l.before_run(next_exit),
-            None => Ok(()),
+        if let Some(l) = self.live_now() {
+            return l.before_run(next_exit);
         }
+        if self.live.is_none() {
+            self.replay.check_left_behind(next_exit)?;
+            self.replay.source_mut().report_verified(next_exit - 1);
+        }
+        Ok(())
     }
 
     fn stop_here(&mut self, at: &Position) -> Result<bool, Error> {
@@ -555,7 +599,38 @@ impl<O: Write> Timeline for BackupTimeline<O> {
         match self.live.as_mut() {
             Some(l) => l.finish(at, ending, digest),
             None if self.stopped => self.replay.flush_output(),
-            None => self.replay.finish(at, ending, digest),
+            None => {
+                self.replay.finish(at, ending, digest)?;
+                let source = self.replay.source();
+                if source.verified {
+                    // An output at this last exit is released on this
+                    // report, which no next exit will carry: send it, and
+                    // stay until the primary has closed (or is gone).
+                    source.link.report_progress(at.exit);
+                    source
+                        .link
+                        .state()
+                        .wait_until(FINAL_REPORT_WAIT, |c| c.closed);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn run_failed(&mut self, error: &Error) {
+        let Error::Divergence { at, .. } = error else {
+            return;
+        };
+        if self.live.is_some() {
+            return;
+        }
+        let told = self.replay.source().link.report_divergence(
+            at.exit,
+            &error.to_string(),
+            DIVERGED_REPORT_WAIT,
+        );
+        if !told {
+            tracing::warn!("backup: could not tell the primary that replay diverged");
         }
     }
 }
@@ -662,6 +737,26 @@ mod tests {
             source.wait_horizon(1000).unwrap(),
             Horizon::Covered
         ));
+    }
+
+    /// A verified output waits on the backup's progress report: once its
+    /// check is consumed, the next report is not held back by the rate
+    /// limit that applies while the backup is behind.
+    #[test]
+    fn a_consumed_output_check_is_reported_at_once() {
+        let (primary, mut source) = pair(Duration::from_millis(20));
+        let check = Event::output_check(logchannel::OutputKind::Serial, b"x");
+        send(&primary, &[(0, 2, check), (1, 9, Event::TimerTick)]);
+        // Behind (the record at exit 9 covers 8): this report may go out,
+        // and it restarts the rate limit.
+        assert!(matches!(source.wait_horizon(2).unwrap(), Horizon::Covered));
+        source.peek().unwrap();
+        source.advance();
+        // Within the rate limit, yet reported: exit 2 was replayed.
+        assert!(matches!(source.wait_horizon(3).unwrap(), Horizon::Covered));
+        let state = primary.state();
+        let c = state.wait_until(Duration::from_secs(2), |c| c.replayed_exit >= 2);
+        assert_eq!(c.replayed_exit, 2, "{c:?}");
     }
 
     #[test]

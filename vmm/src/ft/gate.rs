@@ -6,6 +6,14 @@
 //! The gate holds outputs already addressed by their backend
 //! ([`Outgoing`]), so it knows nothing about devices.
 //!
+//! In verified-output mode (`--verify-outputs`) an output also carries the
+//! exit it was produced at ([`Held::verify_at`]), and it waits, besides the
+//! acks, until the backup reports that it replayed that exit: that report
+//! means the backup consumed every record at that exit, its own output's
+//! check and the state digest after it included, and found them equal.
+//! Those reports arrive as progress ([`LinkState::on_progress`]), on the
+//! same channel thread as the acks, and release output the same way.
+//!
 //! [`SharedGate`] drives it from whichever thread learns first that an
 //! output may leave: the log channel's thread, the moment it reads the ack
 //! (through [`LinkState::on_ack`]), or the vCPU thread, for an output whose
@@ -36,6 +44,9 @@ const ACK_HISTORY: usize = 4096;
 pub struct Held {
     /// Records that existed when it was produced.
     pub needs: u64,
+    /// Verified-output mode: the exit it was produced at, which the
+    /// backup must report replayed (and so checked) before it leaves.
+    pub verify_at: Option<u64>,
     pub out: Outgoing,
     pub since: Instant,
 }
@@ -72,6 +83,7 @@ impl Gate {
         self.open = false;
         for h in &mut self.held {
             h.needs = 0;
+            h.verify_at = None;
         }
     }
 
@@ -86,10 +98,16 @@ impl Gate {
         self.held.push_front(held);
     }
 
-    /// The next output that may leave, given `acked` acknowledged records.
-    pub fn release(&mut self, acked: u64) -> Option<Held> {
+    /// The next output that may leave, given `acked` acknowledged records
+    /// and the backup's last replayed exit `replayed`.
+    pub fn release(&mut self, acked: u64, replayed: u64) -> Option<Held> {
         match self.held.front() {
-            Some(h) if self.open || acked >= h.needs => self.held.pop_front(),
+            Some(h)
+                if self.open
+                    || (acked >= h.needs && h.verify_at.is_none_or(|at| replayed >= at)) =>
+            {
+                self.held.pop_front()
+            }
             _ => None,
         }
     }
@@ -149,6 +167,8 @@ struct Inner {
     gate: Gate,
     /// Records the backup has acknowledged, as the channel reported.
     acked: u64,
+    /// The backup's last replayed exit, as the channel reported.
+    replayed: u64,
     /// Acks that may still time a release: (acked, when read), oldest
     /// first; the first one reaching an output's `needs` is the ack that
     /// let it go.
@@ -173,6 +193,23 @@ impl GateHandle {
             self.0.listen(link);
         }
         self.0.take(msg)
+    }
+
+    /// What the link's progress hook calls with each replayed exit the
+    /// backup reports (the link has one hook, which the sink also uses to
+    /// measure lag, so the sink installs it and calls this).
+    pub fn progress_hook(&self) -> impl Fn(u64) + Send + 'static {
+        let weak: Weak<SharedGate> = Arc::downgrade(&self.0);
+        move |exit| {
+            if let Some(g) = weak.upgrade() {
+                g.progressed(exit);
+            }
+        }
+    }
+
+    /// Outputs held now.
+    pub fn held(&self) -> usize {
+        self.0.lock().gate.len()
     }
 }
 
@@ -199,6 +236,7 @@ impl SharedGate {
             inner: Mutex::new(Inner {
                 gate: Gate::new(),
                 acked: 0,
+                replayed: 0,
                 acks: VecDeque::new(),
                 sending: false,
                 closed: false,
@@ -254,7 +292,9 @@ impl SharedGate {
                 // The new link's acks count from its first record, which
                 // follows everything held so far (all of it produced while
                 // alone, so it still leaves at once).
-                inner.acked = link.snapshot().acked;
+                let c = link.snapshot();
+                inner.acked = c.acked;
+                inner.replayed = c.replayed_exit;
                 inner.acks.clear();
                 inner.gate.close();
                 *self.link.lock().unwrap_or_else(|e| e.into_inner()) = link;
@@ -275,14 +315,25 @@ impl SharedGate {
         self.release_ready(&mut inner);
     }
 
+    /// The backup reported that it replayed through `exit`.
+    fn progressed(&self, exit: u64) {
+        let mut inner = self.lock();
+        if exit <= inner.replayed {
+            return;
+        }
+        inner.replayed = exit;
+        self.release_ready(&mut inner);
+    }
+
     /// Hands over, without blocking, every output that may leave; leaves
     /// the rest (and a backend that is full) to the gate thread.
     fn release_ready(&self, inner: &mut Inner) {
         if inner.sending || inner.dead {
             return;
         }
-        while let Some(h) = inner.gate.release(inner.acked) {
-            let (needs, since, open) = (h.needs, h.since, inner.gate.is_open());
+        while let Some(h) = inner.gate.release(inner.acked, inner.replayed) {
+            let (needs, verify_at, since) = (h.needs, h.verify_at, h.since);
+            let open = inner.gate.is_open();
             // Counted out before it leaves: a client that has the output
             // must never see it still counted as held.
             self.metrics.outputs_held_dec();
@@ -290,7 +341,12 @@ impl SharedGate {
                 Ok(()) => self.released(inner, needs, since, open),
                 Err(TrySendError::Full(out)) => {
                     self.metrics.outputs_held_inc();
-                    inner.gate.unrelease(Held { needs, out, since });
+                    inner.gate.unrelease(Held {
+                        needs,
+                        verify_at,
+                        out,
+                        since,
+                    });
                     self.wake.notify_all();
                     break;
                 }
@@ -355,8 +411,8 @@ impl SharedGate {
             if inner.dead {
                 return;
             }
-            let acked = inner.acked;
-            if let Some(h) = inner.gate.release(acked) {
+            let (acked, replayed) = (inner.acked, inner.replayed);
+            if let Some(h) = inner.gate.release(acked, replayed) {
                 let (needs, since, open) = (h.needs, h.since, inner.gate.is_open());
                 inner.sending = true;
                 drop(inner);
@@ -422,9 +478,63 @@ mod tests {
     fn held(needs: u64, out: Outgoing) -> Held {
         Held {
             needs,
+            verify_at: None,
             out,
             since: Instant::now(),
         }
+    }
+
+    fn verified(needs: u64, exit: u64, out: Outgoing) -> Held {
+        Held {
+            verify_at: Some(exit),
+            ..held(needs, out)
+        }
+    }
+
+    #[test]
+    fn a_verified_output_waits_for_the_ack_and_the_backups_replay() {
+        let (outs, _w, _rx) = outputs(3);
+        let mut gate = Gate::new();
+        let mut outs = outs.into_iter();
+        // (needs, exit): two outputs at exit 7, one at exit 12.
+        gate.hold(verified(5, 7, outs.next().unwrap()));
+        gate.hold(verified(6, 7, outs.next().unwrap()));
+        gate.hold(verified(9, 12, outs.next().unwrap()));
+        // Acknowledged but not replayed: nothing leaves.
+        assert!(gate.release(100, 6).is_none());
+        // Replayed but not acknowledged: nothing leaves either.
+        assert!(gate.release(4, 100).is_none());
+        // Both for the first, the ack only for the second.
+        assert_eq!(gate.release(5, 7).map(|h| h.needs), Some(5));
+        assert!(gate.release(5, 7).is_none());
+        assert_eq!(gate.release(6, 7).map(|h| h.needs), Some(6));
+        // The third is acknowledged; its exit is not replayed yet.
+        assert!(gate.release(9, 11).is_none());
+        assert_eq!(gate.release(9, 12).map(|h| h.verify_at), Some(Some(12)));
+        assert!(gate.is_empty());
+    }
+
+    #[test]
+    fn outputs_leave_in_order_in_verified_mode_too() {
+        let (outs, _w, _rx) = outputs(2);
+        let mut gate = Gate::new();
+        let mut outs = outs.into_iter();
+        gate.hold(verified(5, 20, outs.next().unwrap()));
+        // Produced later, yet "replayed" already: it still waits its turn.
+        gate.hold(held(5, outs.next().unwrap()));
+        assert!(gate.release(100, 19).is_none());
+        assert_eq!(gate.len(), 2);
+        assert!(gate.release(100, 20).is_some());
+        assert!(gate.release(100, 20).is_some());
+    }
+
+    #[test]
+    fn a_pairing_forgets_what_was_produced_alone() {
+        let (outs, _w, _rx) = outputs(1);
+        let mut gate = Gate::new();
+        gate.hold(verified(5, 20, outs.into_iter().next().unwrap()));
+        gate.close();
+        assert!(gate.release(0, 0).is_some());
     }
 
     #[test]
@@ -434,14 +544,14 @@ mod tests {
         for (needs, out) in [5, 5, 9].into_iter().zip(outs) {
             gate.hold(held(needs, out));
         }
-        assert!(gate.release(0).is_none());
-        assert!(gate.release(4).is_none());
+        assert!(gate.release(0, 0).is_none());
+        assert!(gate.release(4, 0).is_none());
         assert_eq!(gate.waiting_for(), Some(5));
-        assert_eq!(gate.release(5).map(|h| h.needs), Some(5));
-        assert_eq!(gate.release(5).map(|h| h.needs), Some(5));
-        assert!(gate.release(8).is_none());
+        assert_eq!(gate.release(5, 0).map(|h| h.needs), Some(5));
+        assert_eq!(gate.release(5, 0).map(|h| h.needs), Some(5));
+        assert!(gate.release(8, 0).is_none());
         assert_eq!(gate.len(), 1);
-        assert_eq!(gate.release(9).map(|h| h.needs), Some(9));
+        assert_eq!(gate.release(9, 0).map(|h| h.needs), Some(9));
         assert!(gate.is_empty());
         assert_eq!(gate.waiting_for(), None);
     }
@@ -455,7 +565,7 @@ mod tests {
         gate.hold(held(10, outs.next().unwrap()));
         gate.hold(held(10, outs.next().unwrap()));
         // Acks beyond both release both, oldest first.
-        while let Some(h) = gate.release(100) {
+        while let Some(h) = gate.release(100, 0) {
             outlet.send(h.out).unwrap();
         }
         assert_eq!(rx.try_recv().unwrap().1, vec![0]);
@@ -469,11 +579,11 @@ mod tests {
         for out in outs {
             gate.hold(held(u64::MAX, out));
         }
-        assert!(gate.release(0).is_none());
+        assert!(gate.release(0, 0).is_none());
         gate.open();
         assert_eq!(gate.waiting_for(), None);
-        assert!(gate.release(0).is_some());
-        assert!(gate.release(0).is_some());
-        assert!(gate.release(0).is_none());
+        assert!(gate.release(0, 0).is_some());
+        assert!(gate.release(0, 0).is_some());
+        assert!(gate.release(0, 0).is_none());
     }
 }

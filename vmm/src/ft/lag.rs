@@ -20,7 +20,8 @@ const HISTORY: usize = 65_536;
 /// See the module documentation.
 #[derive(Debug, Default)]
 pub struct LagTracker {
-    flushes: Mutex<VecDeque<(u64, Instant)>>,
+    /// (horizon, when flushed, the primary's idle time until then).
+    flushes: Mutex<VecDeque<(u64, Instant, Duration)>>,
 }
 
 impl LagTracker {
@@ -28,16 +29,17 @@ impl LagTracker {
         Self::default()
     }
 
-    /// A flush that reached `horizon` went out at `at`.
-    pub fn flushed(&self, horizon: u64, at: Instant) {
+    /// A flush that reached `horizon` went out at `at`, when the primary's
+    /// guest had waited idle for `idle` in all.
+    pub fn flushed(&self, horizon: u64, at: Instant, idle: Duration) {
         let mut f = self.flushes.lock().unwrap_or_else(|e| e.into_inner());
-        if f.back().is_some_and(|&(h, _)| h >= horizon) {
+        if f.back().is_some_and(|&(h, _, _)| h >= horizon) {
             return;
         }
         if f.len() == HISTORY {
             f.pop_front();
         }
-        f.push_back((horizon, at));
+        f.push_back((horizon, at, idle));
     }
 
     /// The backup executed through `replayed` at `now`: the lag sample, if
@@ -45,7 +47,7 @@ impl LagTracker {
     pub fn replayed(&self, replayed: u64, now: Instant) -> Option<Duration> {
         let mut f = self.flushes.lock().unwrap_or_else(|e| e.into_inner());
         let mut sample = None;
-        while let Some(&(horizon, at)) = f.front() {
+        while let Some(&(horizon, at, _)) = f.front() {
             if horizon > replayed {
                 break;
             }
@@ -55,8 +57,9 @@ impl LagTracker {
         sample
     }
 
-    /// The oldest flush the backup has not executed through yet.
-    pub fn oldest_unreplayed(&self) -> Option<(u64, Instant)> {
+    /// The oldest flush the backup has not executed through yet: (horizon,
+    /// when, the primary's idle time until then).
+    pub fn oldest_unreplayed(&self) -> Option<(u64, Instant, Duration)> {
         self.flushes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -73,16 +76,16 @@ mod tests {
     fn a_sample_is_the_age_of_the_first_flush_a_report_covers() {
         let t = LagTracker::new();
         let t0 = Instant::now();
-        t.flushed(10, t0);
-        t.flushed(20, t0 + Duration::from_millis(5));
-        t.flushed(30, t0 + Duration::from_millis(9));
+        t.flushed(10, t0, Duration::ZERO);
+        t.flushed(20, t0 + Duration::from_millis(5), Duration::ZERO);
+        t.flushed(30, t0 + Duration::from_millis(9), Duration::ZERO);
         // Covers the first two flushes: the lag is measured from the newer
         // one, the last the backup caught up with.
         let now = t0 + Duration::from_millis(12);
         assert_eq!(t.replayed(25, now), Some(Duration::from_millis(7)));
         assert_eq!(
             t.oldest_unreplayed(),
-            Some((30, t0 + Duration::from_millis(9)))
+            Some((30, t0 + Duration::from_millis(9), Duration::ZERO))
         );
         // A report that covers nothing new is no sample.
         assert_eq!(t.replayed(26, now), None);
@@ -94,8 +97,8 @@ mod tests {
     fn flushes_that_reach_no_further_are_not_new_samples() {
         let t = LagTracker::new();
         let t0 = Instant::now();
-        t.flushed(10, t0);
-        t.flushed(10, t0 + Duration::from_millis(50));
+        t.flushed(10, t0, Duration::ZERO);
+        t.flushed(10, t0 + Duration::from_millis(50), Duration::ZERO);
         assert_eq!(
             t.replayed(10, t0 + Duration::from_millis(60)),
             Some(Duration::from_millis(60))

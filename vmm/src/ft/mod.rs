@@ -118,4 +118,13 @@ pub enum Error {
     Spawn(&'static str, #[source] std::io::Error),
     #[error("cannot listen for joining backups")]
     JoinListen(#[source] logchannel::channel::Error),
+    /// Verified-output mode: the backup could not reproduce an output (or
+    /// the state after it), so the outputs held were never released and
+    /// this primary halts rather than go on alone.
+    #[error("the backup could not reproduce the execution at exit {exit} ({what}): {held} held outputs were not released")]
+    BackupDiverged {
+        exit: u64,
+        what: String,
+        held: usize,
+    },
 }

@@ -4,6 +4,15 @@
 //! (the Output Rule). The guest keeps running while output waits; only the
 //! output is held.
 //!
+//! With `--verify-outputs` ([`ChannelSink::verify_outputs`]) an output is
+//! also logged, as an `OutputCheck` (its length and CRC) at its position,
+//! followed by a state digest at the same exit; it leaves only once the
+//! backup reports that it replayed that exit, which it does only after
+//! both matched (see [`super::gate`]). A backup that says it diverged
+//! ([`LinkFailure::Diverged`]) then halts this primary with every held
+//! output unreleased, whatever the arbiter would say: going on alone would
+//! release output of an execution that nobody could reproduce.
+//!
 //! The sink is [`Mode::Paired`] or [`Mode::Alone`]. Everything that only
 //! makes sense with a backup (the link, the batch, the horizon) lives in
 //! [`Paired`], so being alone is not a flag every method must remember to
@@ -14,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use logchannel::channel::{self, LinkCounters, LinkState, PrimaryLink};
-use logchannel::{encode_frame, Event, Position, Record};
+use logchannel::{encode_frame, Event, OutputKind, Position, Record};
 
 use super::arbiter::Arbiter;
 use super::events::Event as StateEvent;
@@ -42,8 +51,12 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// exits per second. VMware FT slows the primary for the same reason.
 const MAX_AHEAD_EXITS: u64 = 3_000;
 /// The same bound in time, for guests that exit rarely (a compute loop
-/// makes a few thousand exits a second): the primary waits once the oldest
-/// position the backup has not reached was flushed this long ago.
+/// makes a few thousand exits a second): the primary waits once its guest
+/// has executed this long (time it waited idle for a client does not
+/// count) since the oldest position the backup has not reached was
+/// flushed. Counting idle time too made a backup that paused for 5 ms
+/// stop an idle primary's next request, though it had almost nothing to
+/// catch up on.
 ///
 /// Both sides execute the same guest at the same speed, so a backup that
 /// fell behind (descheduled on a loaded host) catches up only while the
@@ -86,8 +99,21 @@ pub struct ChannelSink {
     arbiter: Option<Arbiter>,
     /// Lets a new backup join while we run alone (re-protection).
     join: Option<JoinService>,
-    /// A backup just joined: log a state digest at the next exit.
+    /// A backup just joined, or an output was verified: log a state
+    /// digest at the next exit (for an output, the vCPU loop takes it at
+    /// the output's own exit, since outputs come before the digest).
     digest_soon: bool,
+    /// How long the guest has waited idle in all (see [`LogSink::idled`]).
+    idle: Duration,
+    /// Verified-output mode (see the module docs).
+    verify: bool,
+    /// An output waits for verification: the backup can replay its exit
+    /// only once a horizon covers it, so the batch and the horizon go out
+    /// as soon as the exit is complete, not at the next periodic flush.
+    horizon_soon: bool,
+    /// The exit of the last output held for verification: a finishing
+    /// primary waits until the backup has replayed it.
+    verify_through: u64,
 }
 
 impl ChannelSink {
@@ -135,7 +161,17 @@ impl ChannelSink {
             arbiter,
             join: None,
             digest_soon: false,
+            idle: Duration::ZERO,
+            verify: false,
+            horizon_soon: false,
+            verify_through: 0,
         })
+    }
+
+    /// Verified-output mode: see the module docs.
+    pub fn verify_outputs(mut self, on: bool) -> Self {
+        self.verify = on;
+        self
     }
 
     /// Lets backups join through `join` whenever this sink runs alone.
@@ -154,9 +190,14 @@ impl ChannelSink {
         self.lag = Arc::new(LagTracker::new());
         {
             let (lag, metrics) = (self.lag.clone(), self.metrics.clone());
+            // The link has one progress hook: lag, then verified output.
+            let gate = self.gate.as_ref().map(|g| g.progress_hook());
             state.on_progress(Box::new(move |exit| {
                 if let Some(sample) = lag.replayed(exit, Instant::now()) {
                     metrics.record_lag(sample);
+                }
+                if let Some(release) = &gate {
+                    release(exit);
                 }
             }));
         }
@@ -236,6 +277,21 @@ impl ChannelSink {
     /// The link failed: claim the pair at the arbiter; win and go on alone
     /// (held output is released at once), or lose and halt.
     fn lost_backup(&mut self, failure: LinkFailure) -> Result<(), Error> {
+        if let (true, LinkFailure::Diverged { exit, what }) = (self.verify, &failure) {
+            // Nothing held may leave, and nobody may go on: the gate
+            // thread ends with the failed link, dropping what it holds.
+            let held = self.gate.as_ref().map_or(0, |g| g.held());
+            self.metrics.event(StateEvent::PeerLost {
+                peer: Peer::Backup.to_string(),
+                failure: failure.to_string(),
+            });
+            return Err(super::Error::BackupDiverged {
+                exit: *exit,
+                what: what.clone(),
+                held,
+            }
+            .into());
+        }
         let Some(arbiter) = &self.arbiter else {
             return Err(super::Error::PeerLost {
                 peer: Peer::Backup,
@@ -299,7 +355,7 @@ impl ChannelSink {
         let (n, bytes) = (p.batch_records, frames.len() as u64);
         p.batch_records = 0;
         p.last_flush = Instant::now();
-        self.lag.flushed(p.horizon_sent, p.last_flush);
+        self.lag.flushed(p.horizon_sent, p.last_flush, self.idle);
         match p.link.send(frames, n, bytes) {
             Ok(()) => Ok(()),
             Err(channel::Error::Interrupted) => Err(Error::Interrupted),
@@ -340,18 +396,34 @@ impl LogSink for ChannelSink {
         Ok(())
     }
 
-    fn output(&mut self, _pos: &Position, output: Output, world: &mut World) -> Result<(), Error> {
-        let needs = match self.mode {
-            Mode::Paired(_) => self.next_seq,
-            Mode::Alone => 0,
-        };
+    fn output(&mut self, pos: &Position, output: Output, world: &mut World) -> Result<(), Error> {
+        let paired = matches!(self.mode, Mode::Paired(_));
+        let verify_at = (self.verify && paired).then_some(pos.exit);
+        if verify_at.is_some() {
+            let check = match &output {
+                Output::Serial(b) => Event::output_check(OutputKind::Serial, b),
+                Output::Net(b) => Event::output_check(OutputKind::Net, b),
+            };
+            self.append(pos, check)?;
+            self.digest_soon = true;
+            self.verify_through = pos.exit;
+        }
+        let needs = if paired { self.next_seq } else { 0 };
         let held = Held {
             needs,
+            verify_at,
             out: world.address(output)?,
             since: Instant::now(),
         };
         self.metrics.outputs_held_inc();
         self.send_gate(GateMsg::Hold(held))?;
+        if verify_at.is_some() {
+            // The digest of the state after it (and maybe inputs) are still
+            // to be logged at this exit: everything goes out with the
+            // horizon once the exit is complete (complete_through).
+            self.horizon_soon = true;
+            return Ok(());
+        }
         // An output is waiting: the log goes out at once.
         self.send_batch()
     }
@@ -365,7 +437,7 @@ impl LogSink for ChannelSink {
             return Ok(());
         };
         p.horizon = exit;
-        if p.last_flush.elapsed() >= FLUSH_EVERY {
+        if p.last_flush.elapsed() >= FLUSH_EVERY || std::mem::take(&mut self.horizon_soon) {
             self.send_batch()?;
         }
         let Mode::Paired(p) = &self.mode else {
@@ -376,8 +448,13 @@ impl LogSink for ChannelSink {
             let floor = exit - MAX_AHEAD_EXITS;
             self.wait_for_backup(|c| c.replayed_exit >= floor)?;
         }
-        if let Some((horizon, at)) = self.lag.oldest_unreplayed() {
-            if horizon > replayed && at.elapsed() > MAX_LAG {
+        if let Some((horizon, at, idle_then)) = self.lag.oldest_unreplayed() {
+            // What the backup must catch up on is the guest's execution
+            // since then, not the time it spent waiting for a client.
+            let busy = at
+                .elapsed()
+                .saturating_sub(self.idle.saturating_sub(idle_then));
+            if horizon > replayed && busy > MAX_LAG {
                 self.wait_for_backup(|c| c.replayed_exit >= horizon)?;
             }
         }
@@ -393,6 +470,10 @@ impl LogSink for ChannelSink {
 
     fn is_logging(&self) -> bool {
         matches!(self.mode, Mode::Paired(_))
+    }
+
+    fn idled(&mut self, waited: Duration) {
+        self.idle += waited;
     }
 
     fn take_digest_request(&mut self) -> bool {
@@ -423,6 +504,14 @@ impl LogSink for ChannelSink {
 
     fn finish(&mut self) -> Result<(), Error> {
         self.send_batch()?;
+        if self.verify {
+            // Verified output leaves on the backup's progress, not on acks:
+            // the link stays open until the backup has replayed the last
+            // output (its final report comes after its own end checked).
+            let through = self.verify_through;
+            self.wait_for_backup(|c| c.replayed_exit >= through)?;
+            self.attend()?;
+        }
         let result = match std::mem::replace(&mut self.mode, Mode::Alone) {
             Mode::Paired(p) => p
                 .link

@@ -252,6 +252,11 @@ pub trait Timeline {
     fn wants_machine(&self) -> bool {
         false
     }
+    /// The run ends with `error`, which one of the calls above returned: a
+    /// backup whose replay diverged tells its primary here, before it
+    /// exits, so that a primary verifying outputs releases none of those it
+    /// holds.
+    fn run_failed(&mut self, _error: &Error) {}
     /// Works on the machine between exits, with the vCPU stopped.
     fn attend_machine(
         &mut self,

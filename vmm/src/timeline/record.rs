@@ -59,6 +59,10 @@ pub trait LogSink {
     fn take_digest_request(&mut self) -> bool {
         false
     }
+    /// The guest waited idle for `waited` (for an input or an interrupt):
+    /// a replicating sink does not count that time as execution the
+    /// backup must catch up on.
+    fn idled(&mut self, _waited: Duration) {}
     /// See [`Timeline::wants_machine`].
     fn wants_machine(&self) -> bool {
         false
@@ -154,6 +158,7 @@ impl<S: LogSink> Timeline for Record<S> {
         out: &mut Vec<Input>,
     ) -> Result<(), Error> {
         let first = out.len();
+        let waiting_since = demand.idle.then(Instant::now);
         if demand.idle {
             // The guest may wait a long time: everything so far goes out now.
             self.sink.flush()?;
@@ -171,6 +176,9 @@ impl<S: LogSink> Timeline for Record<S> {
             if !demand.idle || out.len() > first || stop::requested() {
                 break;
             }
+        }
+        if let Some(since) = waiting_since {
+            self.sink.idled(since.elapsed());
         }
         for input in &out[first..] {
             self.sink.append(at, input.to_event())?;

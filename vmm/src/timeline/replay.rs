@@ -2,10 +2,15 @@
 //! touches the world. Each answer is checked against the position and the
 //! kind of event the log has there; at the first mismatch replay stops with
 //! the record's sequence number, the position, and both values.
+//!
+//! A log from a primary that verifies its outputs also has an
+//! `OutputCheck` where each output was produced: replay compares its own
+//! output's length and CRC with it, and a mismatch, or a check where replay
+//! produced no output, is a divergence like any other.
 
 use std::io::Write;
 
-use logchannel::{Event, Record};
+use logchannel::{Event, OutputKind, Record};
 
 use super::record::FINAL_DIGEST_TAG;
 use super::{Demand, Ending, Error, Input, Output, Position, StateDigest, Timeline};
@@ -109,6 +114,7 @@ fn describe_event(e: &Event) -> String {
             tag,
         } => format!("digest regs {regs_crc:08x} mem {mem_crc:08x} tag {tag:#x}"),
         Event::PowerOff { code } => format!("power off {code}"),
+        Event::OutputCheck { kind, len, crc } => format!("{kind} of {len} bytes (crc {crc:08x})"),
         other => other.name().to_string(),
     }
 }
@@ -197,6 +203,41 @@ impl<S: RecordSource, O: Write> Replay<S, O> {
         self.source.advance();
         self.applied += 1;
         Ok(event)
+    }
+
+    /// Before the guest runs to exit `next_exit`: a record left at an
+    /// earlier exit was one the guest never asked for there (an output
+    /// check where replay produced no output, say), so it diverged. Found
+    /// here rather than at the next exit, since a backup reports each exit
+    /// it leaves as replayed, and the primary releases verified output on
+    /// that report.
+    pub fn check_left_behind(&mut self, next_exit: u64) -> Result<(), Error> {
+        let Some(rec) = self.source.peek()? else {
+            return Ok(());
+        };
+        if rec.pos.exit >= next_exit {
+            return Ok(());
+        }
+        let (seq, expected, at) = (rec.seq, describe(rec), rec.pos);
+        Err(Error::Divergence {
+            seq,
+            at,
+            expected,
+            seen: format!("the guest left exit {} without it", at.exit),
+        })
+    }
+
+    /// If the log has an output check here (the primary verifies outputs),
+    /// compares `output` with it and consumes it.
+    pub fn check_output(&mut self, at: &Position, output: &Output) -> Result<(), Error> {
+        if let Some(Event::OutputCheck { .. }) = self.due_here(at)? {
+            let seen = match output {
+                Output::Serial(b) => Event::output_check(OutputKind::Serial, b),
+                Output::Net(b) => Event::output_check(OutputKind::Net, b),
+            };
+            self.expect(at, &describe_event(&seen), |e| *e == seen)?;
+        }
+        Ok(())
     }
 
     /// The next record's exit, if it is at `at.exit` (and so due now).
@@ -292,7 +333,8 @@ impl<S: RecordSource, O: Write> Timeline for Replay<S, O> {
         Ok(())
     }
 
-    fn output(&mut self, _at: &Position, output: Output) -> Result<(), Error> {
+    fn output(&mut self, at: &Position, output: Output) -> Result<(), Error> {
+        self.check_output(at, &output)?;
         match output {
             Output::Serial(bytes) => self.output.write_all(&bytes).map_err(Error::Transcript),
             // A replay touches no outside device: a frame is dropped.
@@ -301,6 +343,7 @@ impl<S: RecordSource, O: Write> Timeline for Replay<S, O> {
     }
 
     fn before_run(&mut self, next_exit: u64) -> Result<(), Error> {
+        self.check_left_behind(next_exit)?;
         match self.source.wait_horizon(next_exit)? {
             Horizon::Covered => Ok(()),
             Horizon::PeerLost(failure) => Err(ft::Error::PeerLost {
@@ -595,6 +638,70 @@ mod tests {
         diverged(r.inputs(&at(10), &idle, &mut Vec::new()), 42);
         // Beyond it, the log really ended.
         assert!(matches!(r.clock_ns(&at(11)), Err(Error::LogEnded { .. })));
+    }
+
+    fn check(bytes: &[u8]) -> Event {
+        Event::output_check(OutputKind::Serial, bytes)
+    }
+
+    #[test]
+    fn a_logged_output_check_matches_the_same_bytes() {
+        let mut r = log(&[(4, check(b"tsc 1\n")), (4, Event::TimerTick)]);
+        r.output(&at(4), Output::Serial(b"tsc 1\n".to_vec()))
+            .unwrap();
+        assert_eq!(r.output, b"tsc 1\n");
+        assert_eq!(r.events_applied(), 1);
+        // A frame is checked the same way (and dropped).
+        let frame = vec![7u8; 60];
+        let mut r = log(&[(2, Event::output_check(OutputKind::Net, &frame))]);
+        r.output(&at(2), Output::Net(frame)).unwrap();
+        r.check_left_behind(3).unwrap();
+    }
+
+    #[test]
+    fn other_bytes_or_another_device_diverge_at_the_check() {
+        let mut r = log(&[(4, check(b"tsc 1\n"))]);
+        let err = r.output(&at(4), Output::Serial(b"tsc 2\n".to_vec()));
+        match &err {
+            Err(Error::Divergence { expected, seen, .. }) => {
+                assert!(expected.contains("serial output of 6 bytes"), "{expected}");
+                assert!(seen.contains("serial output of 6 bytes"), "{seen}");
+                assert_ne!(expected, seen);
+            }
+            other => panic!("{other:?}"),
+        }
+        diverged(err, 0);
+        // Nothing reached the transcript.
+        assert!(r.output.is_empty());
+        let mut r = log(&[(4, check(b"x"))]);
+        diverged(r.output(&at(4), Output::Net(b"x".to_vec())), 0);
+        // The same bytes at another position.
+        let mut r = log(&[(4, check(b"x"))]);
+        let mut moved = at(4);
+        moved.regs_crc ^= 1;
+        diverged(r.output(&moved, Output::Serial(b"x".to_vec())), 0);
+    }
+
+    #[test]
+    fn a_check_where_replay_produced_no_output_diverges_before_running_on() {
+        let mut r = log(&[(4, check(b"x")), (9, Event::TimerTick)]);
+        // Exit 4 asked for nothing: the check is left behind.
+        r.check_left_behind(4).unwrap();
+        diverged(r.check_left_behind(5), 0);
+        // Nor may a digest be taken over it.
+        let mut r = log(&[
+            (4, check(b"x")),
+            (
+                4,
+                Event::Digest {
+                    regs_crc: 0xaa,
+                    mem_crc: 0xbb,
+                    tag: u64::MAX,
+                },
+            ),
+        ]);
+        assert!(!r.wants_digest(&at(4), false));
+        diverged(r.check_left_behind(5), 0);
     }
 
     #[test]
