@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -202,4 +203,49 @@ fn bad_serial_flag_is_an_error() {
         LIMIT,
     );
     assert_clean_error(&o, "serial");
+}
+
+#[test]
+fn a_vcpu_cpu_the_process_may_not_use_is_an_error() {
+    let o = run_bounded(
+        duet().args(["--vcpu-cpu", "4095", "run", "--image", "hello"]),
+        None,
+        LIMIT,
+    );
+    assert_clean_error(&o, "--vcpu-cpu 4095");
+    // The only CPU a process may use cannot be given away.
+    let o = run_bounded(
+        Command::new("taskset")
+            .args(["-c", "0", env!("CARGO_BIN_EXE_duet")])
+            .args(["--vcpu-cpu", "0", "run", "--image", "hello"]),
+        None,
+        LIMIT,
+    );
+    assert_clean_error(&o, "the only one");
+}
+
+/// A guest runs to its end with its vCPU pinned (when there are two CPUs).
+#[test]
+fn a_guest_runs_with_its_vcpu_pinned() {
+    if !kvm_available("a_guest_runs_with_its_vcpu_pinned") {
+        return;
+    }
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("a_guest_runs_with_its_vcpu_pinned: one CPU only, --vcpu-cpu cannot apply");
+        return;
+    }
+    let o = run_bounded(
+        duet().args([
+            "--vcpu-cpu",
+            "1",
+            "run",
+            "--image",
+            "hello",
+            "--serial",
+            "stdio",
+        ]),
+        None,
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -8,6 +8,7 @@
 //! {"rounds":..,
 //!  "solo_kv_set_rps":..,"ft_kv_set_rps":..,"kv_set_ratio":..,  (also get, incr)
 //!  "solo_ping_p50_us":..,"ft_ping_p50_us":..,"output_rule_added_p50_us":.., (also p99)
+//!  "solo_pinned_ping_p50_us":..,"ft_pinned_ping_p50_us":..,"output_rule_added_pinned_p50_us":.., (also p99)
 //!  "ft_verify_ping_p50_us":..,"ft_verify_ping_p99_us":..,"verify_added_p50_us":..,
 //!  "verify_added_p99_us":..,
 //!  "solo_compute_wall_s":..,"ft_compute_wall_s":..,"compute_wall_ratio":..,
@@ -22,6 +23,10 @@
 //!
 //! - `*_kv_*_rps`: `redis-benchmark -c 1 -n 2000 -t set,get,incr` against
 //!   the `kv` image; ratios are FT over solo;
+//! - `*_pinned_ping_*`: the same PINGs with `--vcpu-cpu 1` (the vCPU on
+//!   CPU 1 alone, the VMM's other threads elsewhere), solo and FT, the FT
+//!   backup confined to CPU 0 as if on another host: what the Output Rule
+//!   costs when the channel threads do not preempt the guest;
 //! - `*_ping_*_us`: round trips of 500 sequential inline PINGs over one raw
 //!   TCP connection; `output_rule_added_*` is FT minus solo, what holding
 //!   output until the backup acknowledges costs a client;
@@ -62,7 +67,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -309,6 +314,64 @@ fn ft_verify_pings() -> anyhow::Result<Vec<f64>> {
     Ok(pings)
 }
 
+/// PING round trips with the vCPU on a CPU of its own (`--vcpu-cpu 1`):
+/// solo, and FT with the backup confined to CPU 0 (`taskset -c 0`), as
+/// if it ran on another host. (solo, FT), or None on a single-CPU host.
+fn pinned_pings() -> anyhow::Result<Option<(Vec<f64>, Vec<f64>)>> {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return Ok(None);
+    }
+    let addr = free_addr();
+    let solo = {
+        let _vm = Proc::spawn(
+            "kv",
+            duet()
+                .args(["--vcpu-cpu", "1", "run", "--image", "kv"])
+                .args(["--serial", &format!("tcp:{addr}")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit()),
+        )?;
+        wait_for_port(addr, Duration::from_secs(10));
+        ping_round_trips(addr)?
+    };
+    let (addr, chan) = (free_addr(), free_addr());
+    let mut backup = Command::new("taskset");
+    backup
+        .args(["-c", "0", env!("CARGO_BIN_EXE_duet")])
+        .args(["backup", "--image", "kv", "--vm-id", "bench"])
+        .args(["--listen", &chan.to_string()]);
+    let backup = launch(&mut backup, false);
+    let primary = launch(
+        primary_cmd("kv", "bench", chan).args([
+            "--vcpu-cpu",
+            "1",
+            "--serial",
+            &format!("tcp:{addr}"),
+        ]),
+        false,
+    );
+    wait_for_port(addr, Duration::from_secs(10));
+    let ft = ping_round_trips(addr)?;
+    let mut primary = primary;
+    primary.terminate()?;
+    let p = primary.finish(RUN_LIMIT)?;
+    let b = backup.finish(RUN_LIMIT)?;
+    ensure!(
+        p.status.success(),
+        "pinned primary: {}: {}",
+        p.status,
+        stderr(&p)
+    );
+    ensure!(
+        b.status.success(),
+        "pinned backup: {}: {}",
+        b.status,
+        stderr(&b)
+    );
+    Ok(Some((solo, ft)))
+}
+
 /// `compute` solo: (wall s, guest s).
 fn solo_compute() -> anyhow::Result<(f64, f64)> {
     let start = Instant::now();
@@ -425,6 +488,13 @@ fn main() -> anyhow::Result<()> {
         s.add("ft_ping_p50_us", quantile(&ft.kv.pings, 0.5));
         s.add("ft_ping_p99_us", quantile(&ft.kv.pings, 0.99));
         eprintln!("ft bench: round {round}/{ROUNDS}: FT kv PINGs with --verify-outputs");
+        eprintln!("ft bench: round {round}/{ROUNDS}: PINGs with the vCPU pinned, solo and FT");
+        if let Some((solo, ft)) = pinned_pings()? {
+            for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+                s.add(&format!("solo_pinned_ping_{name}_us"), quantile(&solo, q));
+                s.add(&format!("ft_pinned_ping_{name}_us"), quantile(&ft, q));
+            }
+        }
         let verify = ft_verify_pings()?;
         s.add("ft_verify_ping_p50_us", quantile(&verify, 0.5));
         s.add("ft_verify_ping_p99_us", quantile(&verify, 0.99));
@@ -476,6 +546,16 @@ fn main() -> anyhow::Result<()> {
         pairs.push((format!("solo_ping_{q}_us"), solo));
         pairs.push((format!("ft_ping_{q}_us"), ft));
         pairs.push((format!("output_rule_added_{q}_us"), ft - solo));
+        let (solo_pin, ft_pin) = (
+            m(&format!("solo_pinned_ping_{q}_us")),
+            m(&format!("ft_pinned_ping_{q}_us")),
+        );
+        pairs.push((format!("solo_pinned_ping_{q}_us"), solo_pin));
+        pairs.push((format!("ft_pinned_ping_{q}_us"), ft_pin));
+        pairs.push((
+            format!("output_rule_added_pinned_{q}_us"),
+            ft_pin - solo_pin,
+        ));
         let verify = m(&format!("ft_verify_ping_{q}_us"));
         pairs.push((format!("ft_verify_ping_{q}_us"), verify));
         pairs.push((format!("verify_added_{q}_us"), verify - solo));

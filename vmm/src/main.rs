@@ -19,6 +19,13 @@ use vmm::serial_backend::SerialSpec;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Give the vCPU this CPU to itself: its thread is pinned there and
+    /// the VMM's other threads (log channel, output gate, serial and TAP
+    /// backends) are kept off it, so that they never preempt the guest
+    /// (see docs/ARCHITECTURE.md, "Failure detection"). Default: no
+    /// pinning.
+    #[arg(long, global = true, value_name = "N")]
+    vcpu_cpu: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -444,6 +451,12 @@ struct ReplayArgs {
 fn main() -> ExitCode {
     cli::init_logging();
     let args = Cli::parse();
+    if let Some(cpu) = args.vcpu_cpu {
+        if let Err(e) = logchannel::sched::dedicate_cpu(cpu) {
+            eprintln!("duet: --vcpu-cpu {cpu}: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let spare = matches!(args.command, Command::Spare(_));
     let result = match args.command {
         Command::Run(a) => a.options().and_then(|o| cli::run(&o)),

@@ -235,11 +235,15 @@ pub fn start(spec: &SerialSpec, bell: &Doorbell) -> Result<SerialPort, Error> {
             let bell = bell.clone();
             thread::Builder::new()
                 .name("serial-in".into())
-                .spawn(move || pump_in(std::io::stdin().lock(), 1, &in_tx, &bell))
+                .spawn(move || {
+                    logchannel::sched::keep_off_vcpu();
+                    pump_in(std::io::stdin().lock(), 1, &in_tx, &bell)
+                })
                 .map_err(Error::Spawn)?;
             thread::Builder::new()
                 .name("serial-out".into())
                 .spawn(move || {
+                    logchannel::sched::keep_off_vcpu();
                     let mut out = std::io::stdout().lock();
                     while let Ok((_, bytes)) = out_rx.recv() {
                         if out.write_all(&bytes).and_then(|_| out.flush()).is_err() {
@@ -264,7 +268,10 @@ pub fn start(spec: &SerialSpec, bell: &Doorbell) -> Result<SerialPort, Error> {
             drop(in_tx);
             thread::Builder::new()
                 .name("serial-out".into())
-                .spawn(move || while out_rx.recv().is_ok() {})
+                .spawn(move || {
+                    logchannel::sched::keep_off_vcpu();
+                    while out_rx.recv().is_ok() {}
+                })
                 .map_err(Error::Spawn)?
         }
     };
@@ -317,6 +324,7 @@ fn serve_tcp(
     let writer = thread::Builder::new()
         .name("serial-out".into())
         .spawn(move || {
+            logchannel::sched::keep_off_vcpu();
             while let Ok((conn, bytes)) = out_rx.recv() {
                 let mut clients = writer_clients.lock().unwrap_or_else(|e| e.into_inner());
                 let target = match conn {
@@ -334,6 +342,7 @@ fn serve_tcp(
     thread::Builder::new()
         .name("serial-accept".into())
         .spawn(move || {
+            logchannel::sched::keep_off_vcpu();
             for (conn, stream) in (1..).zip(listener.incoming()) {
                 let Ok(stream) = stream else { continue };
                 let _ = stream.set_nodelay(true);

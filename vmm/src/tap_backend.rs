@@ -203,7 +203,10 @@ pub fn start(name: &str, config: NetConfig, bell: &Doorbell) -> Result<NetPort, 
         let (bell, counters) = (bell.clone(), counters.clone());
         thread::Builder::new()
             .name("tap-in".into())
-            .spawn(move || pump_in(reader, &in_tx, &bell, &counters))
+            .spawn(move || {
+                logchannel::sched::keep_off_vcpu();
+                pump_in(reader, &in_tx, &bell, &counters)
+            })
             .map_err(Error::Spawn)?;
     }
     let writer = {
@@ -212,6 +215,7 @@ pub fn start(name: &str, config: NetConfig, bell: &Doorbell) -> Result<NetPort, 
         thread::Builder::new()
             .name("tap-out".into())
             .spawn(move || {
+                logchannel::sched::keep_off_vcpu();
                 while let Ok(frame) = out_rx.recv() {
                     // A TAP that is down, or whose queue is full, refuses
                     // frames: lost on the wire, as Ethernet allows.

@@ -130,6 +130,9 @@ impl Vcpu {
 
     /// Runs until the guest powers off or crashes.
     pub fn run(&mut self) -> Result<Outcome, Error> {
+        if let Err(e) = logchannel::sched::pin_vcpu_thread() {
+            tracing::warn!("cannot pin the vCPU thread to its CPU: {e}");
+        }
         // A restored machine whose guest was waiting resumes waiting.
         let mut state = match self.waiting.take() {
             Some(at) => State::Idle(at),

@@ -207,7 +207,10 @@ impl JoinService {
             let desk = desk.clone();
             std::thread::Builder::new()
                 .name("join-service".into())
-                .spawn(move || serve(listener, plan, desk, metrics, epoch))
+                .spawn(move || {
+                    logchannel::sched::keep_off_vcpu();
+                    serve(listener, plan, desk, metrics, epoch)
+                })
                 .map_err(|e| super::Error::Spawn("join-service", e))?
         };
         tracing::info!("joiners may connect to {addr}");

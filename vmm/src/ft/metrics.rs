@@ -631,6 +631,7 @@ pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr, Erro
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
+            logchannel::sched::keep_off_vcpu();
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 answer(stream, &metrics);
