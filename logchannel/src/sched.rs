@@ -191,15 +191,54 @@ fn set_current_thread_fifo() -> io::Result<()> {
     }
 }
 
-/// The calling thread's scheduling policy (for tests and status).
-pub fn current_policy() -> i32 {
-    // SAFETY: pid 0 names the calling thread; the call reads only.
-    unsafe { libc::sched_getscheduler(0) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The calling thread's scheduling policy.
+    fn current_policy() -> i32 {
+        // SAFETY: pid 0 names the calling thread; the call reads only.
+        unsafe { libc::sched_getscheduler(0) }
+    }
+
+    fn cpus(set: &libc::cpu_set_t) -> Vec<usize> {
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `set` is an initialised cpu_set_t, i < CPU_SETSIZE.
+            .filter(|&i| unsafe { libc::CPU_ISSET(i, set) })
+            .collect()
+    }
+
+    #[test]
+    fn a_dedicated_cpu_holds_the_vcpu_thread_and_no_other() {
+        let allowed = cpus(&current_affinity().unwrap());
+        assert!(matches!(
+            dedicate_cpu(libc::CPU_SETSIZE as usize + 1),
+            Err(CpuError::NotAllowed { .. })
+        ));
+        let Some(&cpu) = allowed.last().filter(|_| allowed.len() >= 2) else {
+            eprintln!("one CPU only: nothing to dedicate");
+            return;
+        };
+        dedicate_cpu(cpu).unwrap();
+        let (vcpu, spawned) = std::thread::spawn(|| {
+            pin_vcpu_thread().unwrap();
+            let vcpu = cpus(&current_affinity().unwrap());
+            // A thread started from the pinned one inherits its CPU until
+            // it moves itself off.
+            let spawned = std::thread::spawn(|| {
+                keep_off_vcpu();
+                cpus(&current_affinity().unwrap())
+            })
+            .join()
+            .unwrap();
+            (vcpu, spawned)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(vcpu, vec![cpu]);
+        assert!(!spawned.contains(&cpu), "{spawned:?} holds CPU {cpu}");
+        assert_eq!(spawned.len(), allowed.len() - 1, "{spawned:?}");
+    }
 
     #[test]
     fn a_promoted_thread_runs_fifo_and_others_do_not() {

@@ -129,13 +129,18 @@ impl StreamSource {
         self.last_seq.map_or(0, |s| s + 1)
     }
 
+    /// Tells the primary that every exit through `done` was executed.
+    fn report(&mut self, done: u64) {
+        self.last_report = Instant::now();
+        self.link.report_progress(done);
+    }
+
     /// Exit `done` was handled: if it consumed an output check, the
     /// primary holds that output until it hears so, so say it now, before
     /// the guest runs on (the next exit may be far off).
     fn report_verified(&mut self, done: u64) {
         if std::mem::take(&mut self.report_now) && !self.promoted {
-            self.last_report = Instant::now();
-            self.link.report_progress(done);
+            self.report(done);
         }
     }
 
@@ -214,8 +219,7 @@ impl RecordSource for StreamSource {
                 && !self.promoted
                 && (urgent || self.last_report.elapsed() >= PROGRESS_PERIOD)
             {
-                self.last_report = Instant::now();
-                self.link.report_progress(exit - 1);
+                self.report(exit - 1);
             }
             return Ok(Horizon::Covered);
         }
@@ -228,8 +232,7 @@ impl RecordSource for StreamSource {
         self.link.state().set_replayed_exit(exit - 1);
         let mut reported = urgent;
         if urgent {
-            self.last_report = Instant::now();
-            self.link.report_progress(exit - 1);
+            self.report(exit - 1);
         }
         while self.known_exit < exit {
             if let Some(failure) = &self.failed {
@@ -243,8 +246,7 @@ impl RecordSource for StreamSource {
                 Ok(Some(rec)) => self.take(rec),
                 Ok(None) if self.link.is_finished() => self.known_exit = u64::MAX,
                 Ok(None) if !reported => {
-                    self.last_report = Instant::now();
-                    self.link.report_progress(exit - 1);
+                    self.report(exit - 1);
                     reported = true;
                 }
                 Ok(None) => {}
