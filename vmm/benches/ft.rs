@@ -48,7 +48,8 @@
 //! - `*_log_mbit_s`: log bytes sent during the workload over its duration;
 //! - `or_*_us`: where an output's time under the Output Rule goes, from the
 //!   pair's own histograms over the PINGs (both sides' `--metrics`):
-//!   `total` from the vCPU producing it to the gate handing it to the
+//!   `total` from the vCPU producing it (a gathered serial reply: its
+//!   first byte, so `log_write` includes the gathering) to the gate handing it to the
 //!   serial writer; `log_write` to the channel thread having written the
 //!   batch with its records; `ack` from that write to the ack read back,
 //!   of which `backup_turnaround` is the backup's own time (batch read to

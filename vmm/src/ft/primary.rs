@@ -34,7 +34,7 @@ use super::metrics::{ArbiterState, Metrics};
 use super::{LinkFailure, Peer};
 use crate::stop;
 use crate::timeline::record::LogSink;
-use crate::timeline::world::{Outlet, World};
+use crate::timeline::world::{Outgoing, Outlet, World};
 use crate::timeline::{Error, Output};
 use crate::vcpu::MachineAccess;
 
@@ -66,6 +66,19 @@ const MAX_AHEAD_EXITS: u64 = 3_000;
 /// (the bound itself); 5 ms keeps it under 10 ms (see
 /// `duet_throttle_seconds_total` for what it costs the primary).
 const MAX_LAG: Duration = Duration::from_millis(5);
+/// How long serial output may be gathered before its log goes out anyway.
+///
+/// A 16550 takes a byte per exit, so a reply of n bytes is n outputs at n
+/// consecutive exits. Sending the log at each of them, as for any other
+/// output, woke the channel thread (real-time, so it preempts the vCPU),
+/// the backup and its ack once per byte: 13 preemptions of the vCPU
+/// thread per PING, each dearer than the byte itself on a nested host.
+/// So consecutive serial bytes for one client are held as one output,
+/// and its log goes out at the first exit that adds no output (the
+/// guest polling the line status, or going idle), or after this long.
+/// A guest that computes without exits right after writing still waits
+/// for its next exit, as every record does.
+const GATHER_SERIAL: Duration = Duration::from_micros(200);
 
 /// With a backup: the link and what is on its way over it.
 struct Paired {
@@ -114,6 +127,9 @@ pub struct ChannelSink {
     /// The exit of the last output held for verification: a finishing
     /// primary waits until the backup has replayed it.
     verify_through: u64,
+    /// Serial output being gathered (see [`GATHER_SERIAL`]), and the exit
+    /// that last added to it. It goes to the gate before any log is sent.
+    gathered: Option<(Held, u64)>,
 }
 
 impl ChannelSink {
@@ -165,6 +181,7 @@ impl ChannelSink {
             verify: false,
             horizon_soon: false,
             verify_through: 0,
+            gathered: None,
         })
     }
 
@@ -304,6 +321,7 @@ impl ChannelSink {
             failure: failure.to_string(),
         });
         arbiter.claim(&format!("lost the backup ({failure})"), &self.metrics)?;
+        self.hold_gathered()?;
         self.mode = Mode::Alone;
         if let Some(j) = &self.join {
             j.desk().set_paired(false);
@@ -333,9 +351,31 @@ impl ChannelSink {
         Ok(())
     }
 
+    /// Hands the gathered serial output to the gate, where it waits for
+    /// the records it needs.
+    fn hold_gathered(&mut self) -> Result<(), Error> {
+        match self.gathered.take() {
+            Some((held, _)) => self.send_gate(GateMsg::Hold(held)),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts gathering serial output with `out`, produced at `exit`.
+    fn gather(&mut self, needs: u64, out: Outgoing, exit: u64) {
+        self.metrics.outputs_held_inc();
+        let held = Held {
+            needs,
+            verify_at: None,
+            out,
+            since: Instant::now(),
+        };
+        self.gathered = Some((held, exit));
+    }
+
     /// Sends the batch (and the horizon) if paired. A failed link is
     /// handed to [`ChannelSink::lost_backup`].
     fn send_batch(&mut self) -> Result<(), Error> {
+        self.hold_gathered()?;
         let Mode::Paired(p) = &mut self.mode else {
             return Ok(());
         };
@@ -409,10 +449,32 @@ impl LogSink for ChannelSink {
             self.verify_through = pos.exit;
         }
         let needs = if paired { self.next_seq } else { 0 };
+        let out = world.address(output)?;
+        if paired && verify_at.is_none() && out.is_serial() {
+            if let Some((held, exit)) = &mut self.gathered {
+                match held.out.gather(out) {
+                    Ok(()) => {
+                        held.needs = needs;
+                        *exit = pos.exit;
+                        return Ok(());
+                    }
+                    // Another client's bytes: the first lot is complete.
+                    Err(out) => {
+                        self.hold_gathered()?;
+                        self.gather(needs, out, pos.exit);
+                    }
+                }
+            } else {
+                self.gather(needs, out, pos.exit);
+            }
+            return Ok(());
+        }
+        // Outputs leave in the order they were produced.
+        self.hold_gathered()?;
         let held = Held {
             needs,
             verify_at,
-            out: world.address(output)?,
+            out,
             since: Instant::now(),
         };
         self.metrics.outputs_held_inc();
@@ -437,7 +499,14 @@ impl LogSink for ChannelSink {
             return Ok(());
         };
         p.horizon = exit;
-        if p.last_flush.elapsed() >= FLUSH_EVERY || std::mem::take(&mut self.horizon_soon) {
+        let gathered_done = self
+            .gathered
+            .as_ref()
+            .is_some_and(|(held, last)| *last < exit || held.since.elapsed() >= GATHER_SERIAL);
+        if p.last_flush.elapsed() >= FLUSH_EVERY
+            || std::mem::take(&mut self.horizon_soon)
+            || gathered_done
+        {
             self.send_batch()?;
         }
         let Mode::Paired(p) = &self.mode else {

@@ -67,6 +67,28 @@ pub fn host_entropy() -> Result<u64, Error> {
 #[derive(Debug)]
 pub struct Outgoing(Addressed);
 
+impl Outgoing {
+    /// Appends `next` to this output if both are serial bytes for the same
+    /// client, so that a reply written a byte per exit can be held, sent
+    /// and written to its client as one; hands `next` back otherwise.
+    pub fn gather(&mut self, next: Outgoing) -> Result<(), Outgoing> {
+        match (&mut self.0, next.0) {
+            (Addressed::Serial((to, bytes)), Addressed::Serial((next_to, more)))
+                if *to == next_to =>
+            {
+                bytes.extend_from_slice(&more);
+                Ok(())
+            }
+            (_, other) => Err(Outgoing(other)),
+        }
+    }
+
+    /// Serial bytes, which come a byte per exit and so are worth gathering.
+    pub fn is_serial(&self) -> bool {
+        matches!(self.0, Addressed::Serial(_))
+    }
+}
+
 #[derive(Debug)]
 enum Addressed {
     Serial(Chunk),
@@ -294,6 +316,21 @@ mod tests {
 
     fn world(serial: SerialPort) -> World {
         World::new(Doorbell::new(), serial, None)
+    }
+
+    #[test]
+    fn only_serial_bytes_for_one_client_are_gathered() {
+        let serial = |to: u64, b: &[u8]| Outgoing(Addressed::Serial((to, b.to_vec())));
+        let mut reply = serial(3, b"+PO");
+        assert!(reply.gather(serial(3, b"NG\r\n")).is_ok());
+        // Another client's bytes, or a frame, start an output of their own.
+        let other = reply.gather(serial(4, b"x")).unwrap_err();
+        assert!(matches!(other.0, Addressed::Serial((4, ref b)) if b == b"x"));
+        let frame = reply
+            .gather(Outgoing(Addressed::Net(vec![1; 60])))
+            .unwrap_err();
+        assert!(!frame.is_serial());
+        assert!(matches!(reply.0, Addressed::Serial((3, ref b)) if b == b"+PONG\r\n"));
     }
 
     #[test]
