@@ -7,15 +7,17 @@
 //!
 //!   control message: exactly one log frame (crate::log), word = CRC-32 of
 //!                    the body, body = postcard(Message), len <= MAX_FRAME
-//!   record batch:    word = number of records, body = RECORDS_TAG (3) |
-//!                    the records' own log frames, each with its seq and CRC
+//!   record batch:    word = number of records | ACK_NOW (bit 31),
+//!                    body = RECORDS_TAG (3) | the records' own log frames,
+//!                    each with its seq and CRC
 //!
 //! primary                                backup
 //!    | ---- Hello {version, vm id, image, machine, epoch} ---> |
 //!    | <--- Hello (its own) ---------------------------------- |  each side checks the other
 //!    | <--- Welcome | Refuse {reason} ------------------------ |
 //!    | ---- record batch {record frames...} -----------------> |
-//!    | <--- Ack {highest contiguous seq, replayed exit} ------- |
+//!    | <--- Ack {highest contiguous seq, replayed exit} ------- |  at once if ACK_NOW,
+//!    |                                                          |  else with the next report
 //!    | <--> Heartbeat {replayed exit} ----------------------- |  both ways, every interval
 //!    | ---- Bye (after the last record) ---------------------> |
 //! ```
@@ -30,6 +32,13 @@
 //! once when the backup decodes it. What a batch CRC would add (catching a
 //! corrupt `len` that still ends on a frame boundary, or a lost frame) the
 //! record count in `word` and the sequence numbers catch.
+//!
+//! The backup acknowledges a batch marked ACK_NOW the moment it has
+//! checked it: the primary marks the batches that an output waits on.
+//! Any other batch is acknowledged with the backup's next message, a
+//! progress report or a heartbeat (an Ack then takes that message's
+//! place), so that the periodic flushes of a busy guest do not cost the
+//! primary's channel thread a wake-up, and a vCPU a preemption, each.
 //!
 //! Flow control follows the VMware FT paper: the backup acknowledges on
 //! receipt, but it reads from the socket only while its bounded queue of
@@ -107,8 +116,9 @@ impl Security {
 /// running VM, and the state-transfer messages of a join exist
 /// ([`crate::join`]); a link may start at any sequence number. 4: a backup
 /// that diverged says so ([`Message::Diverged`]) before it ends, and
-/// records may carry `OutputCheck` (log format 3).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// records may carry `OutputCheck` (log format 3). 5: a batch says
+/// whether it wants its ack at once ([`ACK_NOW`]); others are acked late.
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The longest description a [`Message::Diverged`] carries; longer ones are
 /// cut (at a character boundary) by the sender and by the receiver.
 pub const MAX_DIVERGED_TEXT: usize = 1024;
@@ -124,6 +134,12 @@ const MAX_MESSAGE: usize = 1 + MAX_BATCH + MAX_SEND;
 /// The first body byte of a record batch: the postcard tag that
 /// [`Message::RecordsTag`] reserves.
 const RECORDS_TAG: u8 = 3;
+/// The bits of a batch's record count word that ask for its ack at once
+/// (an output waits on it). No batch holds 2^30 records: MAX_MESSAGE bytes
+/// hold fewer than 2^21 frames. No CRC covers the word, so the flag takes
+/// two bits, and one of them alone is corrupt: a single flipped bit is
+/// still noticed, as everywhere else on the wire.
+const ACK_NOW: u32 = 0b11 << 30;
 
 /// Errors of the log channel.
 #[derive(Debug, thiserror::Error)]
@@ -326,6 +342,12 @@ pub enum Corruption {
     },
     /// A message with no body at all.
     Empty,
+    /// A batch's flag bits (the top two of its count word) are neither
+    /// both clear nor both set ([`ACK_NOW`]): one flipped bit.
+    Flags {
+        /// The count word as read.
+        word: u32,
+    },
 }
 
 impl fmt::Display for Corruption {
@@ -334,6 +356,12 @@ impl fmt::Display for Corruption {
             Corruption::Checksum => f.write_str("checksum mismatch"),
             Corruption::TooLarge { len } => write!(f, "a length of {len} bytes, above the limit"),
             Corruption::Truncated => f.write_str("a frame cut short inside its batch"),
+            Corruption::Flags { word } => {
+                write!(
+                    f,
+                    "a batch count word {word:#010x} with one of its two flag bits"
+                )
+            }
             Corruption::Count { announced, found } => {
                 write!(f, "{found} records in a batch announced with {announced}")
             }
@@ -570,6 +598,14 @@ pub struct ChannelConfig {
     pub max_unacked: u64,
     /// Records the backup buffers before it stops reading the socket.
     pub backup_queue: usize,
+    /// A batch that does not ask for its ack ([`ACK_NOW`]) is still acked
+    /// at once if the backup has sent nothing for this long: acks are
+    /// then what tells the primary how far the backup executed, which its
+    /// lag bound (a few ms) waits on. A busy guest's 1 ms flushes are
+    /// acked as before; what is saved is the ack of a flush right behind
+    /// another message (the flush when a guest idles just after its reply
+    /// went out, say).
+    pub ack_late: Duration,
 }
 
 impl Default for ChannelConfig {
@@ -579,6 +615,7 @@ impl Default for ChannelConfig {
             timeout: Duration::from_millis(500),
             max_unacked: 200_000,
             backup_queue: 65_536,
+            ack_late: Duration::from_micros(500),
         }
     }
 }
@@ -830,12 +867,14 @@ fn start_batch(buf: &mut Vec<u8>) {
     buf.push(RECORDS_TAG);
 }
 
-/// Writes the prefix of the batch in `buf` holding `count` records. No
-/// checksum: each record frame carries its own.
-fn finish_batch(buf: &mut [u8], count: u32) {
+/// Writes the prefix of the batch in `buf` holding `count` records, which
+/// the backup acknowledges at once if `ack_now`. No checksum: each record
+/// frame carries its own.
+fn finish_batch(buf: &mut [u8], count: u32, ack_now: bool) {
     let len = (buf.len() - FRAME_PREFIX) as u32;
+    let word = count | if ack_now { ACK_NOW } else { 0 };
     buf[..4].copy_from_slice(&len.to_le_bytes());
-    buf[4..FRAME_PREFIX].copy_from_slice(&count.to_le_bytes());
+    buf[4..FRAME_PREFIX].copy_from_slice(&word.to_le_bytes());
 }
 
 pub(crate) async fn write_message(
@@ -877,6 +916,8 @@ struct Batch {
     offset: u64,
     /// Records the prefix announced.
     announced: u32,
+    /// The primary wants the ack at once (see [`ACK_NOW`]).
+    ack_now: bool,
     /// Records decoded so far.
     found: u32,
     /// Bytes of `frames` decoded so far.
@@ -1018,11 +1059,17 @@ async fn read_message(
         let mut frames = vec![0u8; len - 1];
         read_full(r, &mut frames, from, silence, watch).await?;
         *offset += (FRAME_PREFIX + len) as u64;
-        let announced = u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
+        let word = u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
+        let ack_now = match word & ACK_NOW {
+            0 => false,
+            ACK_NOW => true,
+            _ => return Err(corrupt(Corruption::Flags { word })),
+        };
         return Ok(Incoming::Batch(Batch {
             frames,
             offset: at + (FRAME_PREFIX + 1) as u64,
-            announced,
+            announced: word & !ACK_NOW,
+            ack_now,
             found: 0,
             at: 0,
         }));
@@ -1069,8 +1116,9 @@ pub(crate) async fn read_control(
 pub enum WireMessage {
     /// A control message (Hello, Ack, Heartbeat, ...).
     Control(ControlMessage),
-    /// A record batch, every record decoded and checked.
-    Batch(Vec<Record>),
+    /// A record batch, every record decoded and checked, and whether it
+    /// asks for its ack at once.
+    Batch { records: Vec<Record>, ack_now: bool },
 }
 
 /// A control message, opaque: the protocol's message types stay private,
@@ -1088,12 +1136,12 @@ impl WireMessage {
         let mut buf = Vec::new();
         match self {
             WireMessage::Control(ControlMessage(m)) => encode_frame(m, &mut buf)?,
-            WireMessage::Batch(records) => {
+            WireMessage::Batch { records, ack_now } => {
                 start_batch(&mut buf);
                 for r in records {
                     encode_frame(r, &mut buf)?;
                 }
-                finish_batch(&mut buf, records.len() as u32);
+                finish_batch(&mut buf, records.len() as u32, *ack_now);
             }
         }
         Ok(buf)
@@ -1143,7 +1191,10 @@ pub fn decode_message(buf: &[u8], next_seq: u64) -> Result<(WireMessage, usize),
             while let Some(r) = batch.next_record(&mut seq)? {
                 records.push(r);
             }
-            WireMessage::Batch(records)
+            WireMessage::Batch {
+                records,
+                ack_now: batch.ack_now,
+            }
         }
     };
     Ok((message, used))
@@ -1406,8 +1457,8 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 }
 
 /// A batch of record frames on its way to the channel thread, with its
-/// record count.
-type Frames = (Vec<u8>, u64);
+/// record count and whether it asks for its ack at once.
+type Frames = (Vec<u8>, u64, bool);
 
 /// The primary's end: a blocking handle for the vCPU thread.
 pub struct PrimaryLink {
@@ -1506,10 +1557,19 @@ impl PrimaryLink {
 
     /// Sends a batch of `records` record frames (made with
     /// [`encode_frame`], numbered on from the last batch's), `bytes` long
-    /// for the counters. Blocks while the send queue is full or too many
+    /// for the counters; `ack_now`: something waits on its ack (an output),
+    /// so the backup acknowledges it at once, not with its next report.
+    /// It may hold no records, to ask for the ack of those sent before.
+    /// Blocks while the send queue is full or too many
     /// records are unacknowledged: that is the flow control. The frames go
     /// on the wire as they are; their CRCs are not computed again.
-    pub fn send(&self, frames: Vec<u8>, records: u64, bytes: u64) -> Result<(), Error> {
+    pub fn send(
+        &self,
+        frames: Vec<u8>,
+        records: u64,
+        bytes: u64,
+        ack_now: bool,
+    ) -> Result<(), Error> {
         if frames.len() > MAX_SEND {
             return Err(Error::TooLarge { len: frames.len() });
         }
@@ -1542,7 +1602,7 @@ impl PrimaryLink {
             .batches
             .as_ref()
             .ok_or(Error::Failed(LinkFailure::Closed))?;
-        tx.blocking_send((frames, records))
+        tx.blocking_send((frames, records, ack_now))
             .map_err(|_| Error::Failed(self.state.failure().unwrap_or(LinkFailure::Closed)))
     }
 
@@ -1629,19 +1689,20 @@ pub(crate) async fn primary_io(
         loop {
             tokio::select! {
                 batch = batches.recv() => {
-                    let Some((frames, mut count)) = batch else { break };
+                    let Some((frames, mut count, mut ack_now)) = batch else { break };
                     start_batch(&mut buf);
                     buf.extend_from_slice(&frames);
                     while buf.len() < MAX_BATCH {
                         match batches.try_recv() {
-                            Ok((more, n)) => {
+                            Ok((more, n, now)) => {
                                 buf.extend_from_slice(&more);
                                 count += n;
+                                ack_now |= now;
                             }
                             Err(_) => break,
                         }
                     }
-                    finish_batch(&mut buf, count as u32);
+                    finish_batch(&mut buf, count as u32, ack_now);
                     write_bytes(&mut wr, &buf, PEER).await?;
                     written += count;
                     writer_state.batch_written(written, Instant::now());
@@ -1923,6 +1984,14 @@ pub(crate) async fn backup_io(
     (mut offset, first_seq): (u64, u64),
 ) {
     const PEER: Role = Role::Primary;
+    // Records received and checked (the next sequence number), for the
+    // writer to acknowledge the batches not acknowledged at once; and when
+    // the writer last wrote, in µs since `epoch`.
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(first_seq));
+    let reader_received = received.clone();
+    let epoch = Instant::now();
+    let wrote_at = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reader_wrote_at = wrote_at.clone();
     let reader_state = state.clone();
     let reader = async move {
         let mut next_seq = first_seq;
@@ -1966,13 +2035,18 @@ pub(crate) async fn backup_io(
                         c.records += decoded.len() as u64;
                         c.record_bytes += batch.bytes();
                     });
-                    let replayed_exit = reader_state.snapshot().replayed_exit;
-                    let ack = Message::Ack {
-                        received: next_seq.checked_sub(1),
-                        replayed_exit,
-                    };
-                    if out_tx.send((ack, Some(read_at))).await.is_err() {
-                        return Ok(());
+                    reader_received.store(next_seq, Ordering::SeqCst);
+                    let quiet = (epoch.elapsed().as_micros() as u64)
+                        .saturating_sub(reader_wrote_at.load(Ordering::SeqCst));
+                    if batch.ack_now || quiet >= config.ack_late.as_micros() as u64 {
+                        let replayed_exit = reader_state.snapshot().replayed_exit;
+                        let ack = Message::Ack {
+                            received: next_seq.checked_sub(1),
+                            replayed_exit,
+                        };
+                        if out_tx.send((ack, Some(read_at))).await.is_err() {
+                            return Ok(());
+                        }
                     }
                     for rec in decoded.drain(..) {
                         if records.send(rec).await.is_err() {
@@ -2002,15 +2076,43 @@ pub(crate) async fn backup_io(
     let writer_state = state.clone();
     let writer = async move {
         let mut buf = Vec::new();
-        let mut tick = tokio::time::interval(config.heartbeat);
+        // The first heartbeat one period from now, not at once: it would
+        // acknowledge whatever batch came first, asked or not.
+        let start = tokio::time::Instant::now() + config.heartbeat;
+        let mut tick = tokio::time::interval_at(start, config.heartbeat);
+        // The next sequence number the primary was told we received.
+        let mut acked = first_seq;
         loop {
-            let (msg, read_at) = tokio::select! {
+            let (mut msg, read_at) = tokio::select! {
                 m = out_rx.recv() => match m { Some(m) => m, None => return Ok(()) },
                 _ = tick.tick() => (Message::Heartbeat { replayed_exit: writer_state.snapshot().replayed_exit }, None),
             };
+            // Records not acknowledged yet: a report or heartbeat becomes
+            // their Ack (which says as much), and a Bye waits behind one.
+            let through = received.load(Ordering::SeqCst);
+            if through > acked {
+                let ack = |replayed_exit| Message::Ack {
+                    received: through.checked_sub(1),
+                    replayed_exit,
+                };
+                if let Message::Heartbeat { replayed_exit } = msg {
+                    msg = ack(replayed_exit);
+                } else if msg == Message::Bye {
+                    let last = ack(writer_state.snapshot().replayed_exit);
+                    write_message(&mut wr, &last, &mut buf, PEER).await?;
+                    acked = through;
+                }
+            }
+            if let Message::Ack {
+                received: Some(r), ..
+            } = msg
+            {
+                acked = acked.max(r + 1);
+            }
             let bye = msg == Message::Bye;
             let diverged = matches!(msg, Message::Diverged { .. });
             write_message(&mut wr, &msg, &mut buf, PEER).await?;
+            wrote_at.store(epoch.elapsed().as_micros() as u64, Ordering::SeqCst);
             if diverged {
                 writer_state.told_diverged.store(true, Ordering::SeqCst);
                 // Wakes report_divergence, which waits on the counters.
@@ -2105,12 +2207,53 @@ mod tests {
             Duration::from_secs(5),
         )
         .unwrap();
-        link.send(frames(0, 10), 10, 0).unwrap();
-        link.send(frames(10, 5), 5, 0).unwrap();
+        link.send(frames(0, 10), 10, 0, false).unwrap();
+        link.send(frames(10, 5), 5, 0, true).unwrap();
         let state = link.state();
         link.close(Duration::from_secs(5)).unwrap();
         assert_eq!(state.snapshot().acked, 15);
         assert_eq!(backup.join().unwrap(), (0..15).collect::<Vec<_>>());
+    }
+
+    /// A batch that asks for its ack gets it at once; any other is acked
+    /// with the backup's next report (or heartbeat), which says so.
+    #[test]
+    fn only_a_batch_that_asks_is_acked_at_once() {
+        let addr = free_addr();
+        // No heartbeat within the test, and no ack for being quiet: only
+        // reports and ACK_NOW ack.
+        let quiet = ChannelConfig {
+            heartbeat: Duration::from_secs(30),
+            timeout: Duration::from_secs(60),
+            ack_late: Duration::from_secs(30),
+            ..ChannelConfig::default()
+        };
+        let (got_ten, report) = (std::sync::mpsc::channel(), std::sync::mpsc::channel());
+        let backup = std::thread::spawn(move || {
+            let mut link = BackupLink::accept(addr, hello(Role::Backup), quiet, |_| {}).unwrap();
+            for _ in 0..10 {
+                link.recv().unwrap().unwrap();
+            }
+            got_ten.0.send(()).unwrap();
+            report.1.recv().unwrap();
+            link.report_progress(7);
+            while link.recv().unwrap().is_some() {}
+        });
+        let link = PrimaryLink::connect(addr, hello(Role::Primary), quiet, Duration::from_secs(5))
+            .unwrap();
+        let state = link.state();
+        link.send(frames(0, 10), 10, 0, false).unwrap();
+        got_ten.1.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(state.snapshot().acked, 0, "acked without being asked");
+        report.0.send(()).unwrap();
+        let c = state.wait_until(Duration::from_secs(5), |c| c.acked == 10);
+        assert_eq!((c.acked, c.replayed_exit), (10, 7), "the report acks");
+        link.send(frames(10, 5), 5, 0, true).unwrap();
+        let c = state.wait_until(Duration::from_secs(5), |c| c.acked == 15);
+        assert_eq!(c.acked, 15, "an ACK_NOW batch is acked at once");
+        link.close(Duration::from_secs(5)).unwrap();
+        backup.join().unwrap();
     }
 
     #[test]
@@ -2244,7 +2387,7 @@ mod tests {
         let mut buf = Vec::new();
         start_batch(&mut buf);
         buf.extend_from_slice(frames);
-        finish_batch(&mut buf, count);
+        finish_batch(&mut buf, count, true);
         buf
     }
 
@@ -2455,9 +2598,10 @@ mod tests {
         wire.extend_from_slice(&bye);
         let (m, used) = decode_message(&wire, 0).unwrap();
         assert_eq!(used, batch_len);
-        let WireMessage::Batch(records) = &m else {
+        let WireMessage::Batch { records, ack_now } = &m else {
             panic!("{m:?}");
         };
+        assert!(ack_now, "batch_message asks for the ack");
         assert!(records.iter().enumerate().all(|(i, r)| r.seq == i as u64));
         assert_eq!(m.encode().unwrap(), wire[..used]);
         let (m, used) = decode_message(&wire[batch_len..], 3).unwrap();
@@ -2846,7 +2990,7 @@ mod tests {
             "{:?}",
             c.failure
         );
-        let err = link.send(frames(0, 1), 1, 0).unwrap_err();
+        let err = link.send(frames(0, 1), 1, 0, true).unwrap_err();
         assert!(
             matches!(err.link_failure(), Some(LinkFailure::PeerClosed { .. })),
             "{err:?}"
@@ -2864,7 +3008,7 @@ mod tests {
                 let _ = read_sync(&mut s);
             }
         });
-        link.send(frames(0, 3), 3, 0).unwrap();
+        link.send(frames(0, 3), 3, 0, true).unwrap();
         let err = link.close(Duration::from_millis(300)).unwrap_err();
         assert!(
             matches!(
@@ -2888,10 +3032,10 @@ mod tests {
             .wait_until(Duration::from_secs(2), |c| c.closed);
         assert!(c.closed && c.failure.is_none(), "{c:?}");
         std::thread::sleep(Duration::from_millis(100));
-        let err = link.send(frames(0, 1), 1, 0).unwrap_err();
+        let err = link.send(frames(0, 1), 1, 0, true).unwrap_err();
         assert!(matches!(err, Error::Failed(LinkFailure::Closed)), "{err:?}");
         assert!(matches!(
-            link.send(vec![0; MAX_SEND + 1], 1, 0),
+            link.send(vec![0; MAX_SEND + 1], 1, 0, true),
             Err(Error::TooLarge { .. })
         ));
     }
@@ -3034,8 +3178,8 @@ mod tests {
             tls_with(&c.ours, &c.ours, "vm1"),
         );
         let link = primary.unwrap();
-        link.send(frames(0, 10), 10, 0).unwrap();
-        link.send(frames(10, 5), 5, 0).unwrap();
+        link.send(frames(0, 10), 10, 0, false).unwrap();
+        link.send(frames(10, 5), 5, 0, true).unwrap();
         let state = link.state();
         link.close(Duration::from_secs(5)).unwrap();
         assert_eq!(state.snapshot().acked, 15);

@@ -459,7 +459,7 @@ mod tests {
                 encode_frame(&rec, &mut frames).unwrap();
             }
             let n = frames.len() as u64;
-            link.send(frames, 3, n).unwrap();
+            link.send(frames, 3, n, true).unwrap();
             let state = link.state();
             link.close(Duration::from_secs(5)).unwrap();
             state.snapshot().acked

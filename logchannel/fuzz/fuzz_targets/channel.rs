@@ -148,7 +148,7 @@ fn check_stream(wire: &[u8]) {
             ),
             "a message cut short"
         );
-        if let WireMessage::Batch(records) = &message {
+        if let WireMessage::Batch { records, .. } = &message {
             for (i, r) in records.iter().enumerate() {
                 assert_eq!(r.seq, next_seq + i as u64);
             }

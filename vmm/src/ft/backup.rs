@@ -223,12 +223,14 @@ impl RecordSource for StreamSource {
             }
             return Ok(Horizon::Covered);
         }
-        // Caught up. The ack of the batch that brings the horizon carries
-        // this position to the primary anyway (acks say how far we
-        // executed); a report of its own goes only if that batch is slow to
-        // come, since the primary may be waiting on us (its lag bound).
-        // Reporting at once on every catch-up cost a message, and a wake-up
-        // of both channel threads (which preempt a vCPU), per exit.
+        // Caught up. If an output waits, the ack of the batch that brings
+        // the horizon carries this position to the primary anyway (acks
+        // say how far we executed); a report of its own goes only if the
+        // next batch is slow to come, since the primary may be waiting on
+        // us (its lag bound). Reporting at once on every catch-up cost a
+        // message, and a wake-up of both channel threads (which preempt a
+        // vCPU), per exit. Batches no output waits on are acknowledged by
+        // these reports (see logchannel's ACK_NOW).
         self.link.state().set_replayed_exit(exit - 1);
         let mut reported = urgent;
         if urgent {
@@ -707,7 +709,9 @@ mod tests {
             encode_frame(&rec, &mut frames).unwrap();
         }
         let len = frames.len() as u64;
-        primary.send(frames, records.len() as u64, len).unwrap();
+        primary
+            .send(frames, records.len() as u64, len, true)
+            .unwrap();
     }
 
     #[test]

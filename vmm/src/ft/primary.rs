@@ -130,6 +130,12 @@ pub struct ChannelSink {
     /// Serial output being gathered (see [`GATHER_SERIAL`]), and the exit
     /// that last added to it. It goes to the gate before any log is sent.
     gathered: Option<(Held, u64)>,
+    /// An output went to the gate since the last batch: the next batch
+    /// asks the backup to acknowledge it at once. Other batches are
+    /// acknowledged with the backup's next report, which spares a busy
+    /// guest's periodic flushes a wake-up of this side's channel thread
+    /// each (and so a preemption of a vCPU).
+    awaited: bool,
 }
 
 impl ChannelSink {
@@ -182,6 +188,7 @@ impl ChannelSink {
             horizon_soon: false,
             verify_through: 0,
             gathered: None,
+            awaited: false,
         })
     }
 
@@ -355,9 +362,15 @@ impl ChannelSink {
     /// the records it needs.
     fn hold_gathered(&mut self) -> Result<(), Error> {
         match self.gathered.take() {
-            Some((held, _)) => self.send_gate(GateMsg::Hold(held)),
+            Some((held, _)) => self.hold(held),
             None => Ok(()),
         }
+    }
+
+    /// Hands `held` to the gate; the next batch asks for its ack at once.
+    fn hold(&mut self, held: Held) -> Result<(), Error> {
+        self.awaited = true;
+        self.send_gate(GateMsg::Hold(held))
     }
 
     /// Starts gathering serial output with `out`, produced at `exit`.
@@ -376,6 +389,7 @@ impl ChannelSink {
     /// handed to [`ChannelSink::lost_backup`].
     fn send_batch(&mut self) -> Result<(), Error> {
         self.hold_gathered()?;
+        let ack_now = std::mem::take(&mut self.awaited);
         let Mode::Paired(p) = &mut self.mode else {
             return Ok(());
         };
@@ -388,7 +402,10 @@ impl ChannelSink {
             p.horizon_sent = p.horizon;
             self.metrics.set_seq(self.next_seq);
         }
-        if p.batch_records == 0 {
+        // With nothing new to send, an output may still wait on records
+        // sent before, whose ack comes late unless asked for: an empty
+        // batch asks.
+        if p.batch_records == 0 && (!ack_now || p.state.snapshot().acked >= self.next_seq) {
             return Ok(());
         }
         let frames = std::mem::replace(&mut p.batch, Vec::with_capacity(BATCH_BYTES));
@@ -396,7 +413,7 @@ impl ChannelSink {
         p.batch_records = 0;
         p.last_flush = Instant::now();
         self.lag.flushed(p.horizon_sent, p.last_flush, self.idle);
-        match p.link.send(frames, n, bytes) {
+        match p.link.send(frames, n, bytes, ack_now) {
             Ok(()) => Ok(()),
             Err(channel::Error::Interrupted) => Err(Error::Interrupted),
             Err(e) => self.lost_backup(super::failure_of(&e, channel::Role::Backup)),
@@ -478,7 +495,7 @@ impl LogSink for ChannelSink {
             since: Instant::now(),
         };
         self.metrics.outputs_held_inc();
-        self.send_gate(GateMsg::Hold(held))?;
+        self.hold(held)?;
         if verify_at.is_some() {
             // The digest of the state after it (and maybe inputs) are still
             // to be logged at this exit: everything goes out with the
@@ -572,6 +589,8 @@ impl LogSink for ChannelSink {
     }
 
     fn finish(&mut self) -> Result<(), Error> {
+        // The link closes once everything is acknowledged: ask at once.
+        self.awaited = true;
         self.send_batch()?;
         if self.verify {
             // Verified output leaves on the backup's progress, not on acks:
