@@ -7,7 +7,7 @@
 //!
 //!   control message: exactly one log frame (crate::log), word = CRC-32 of
 //!                    the body, body = postcard(Message), len <= MAX_FRAME
-//!   record batch:    word = number of records | ACK_NOW (bit 31),
+//!   record batch:    word = number of records | ACK_NOW (bits 30, 31),
 //!                    body = RECORDS_TAG (3) | the records' own log frames,
 //!                    each with its seq and CRC
 //!
@@ -37,8 +37,10 @@
 //! checked it: the primary marks the batches that an output waits on.
 //! Any other batch is acknowledged with the backup's next message, a
 //! progress report or a heartbeat (an Ack then takes that message's
-//! place), so that the periodic flushes of a busy guest do not cost the
-//! primary's channel thread a wake-up, and a vCPU a preemption, each.
+//! place), unless the backup has said nothing for
+//! [`ChannelConfig::ack_late`]: a flush right behind another message then
+//! costs the primary's channel thread no wake-up, and a vCPU no
+//! preemption.
 //!
 //! Flow control follows the VMware FT paper: the backup acknowledges on
 //! receipt, but it reads from the socket only while its bounded queue of
