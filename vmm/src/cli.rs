@@ -647,7 +647,8 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
     }
     vcpu.set_timeline(Box::new(BackupTimeline::new(replay, takeover)));
     let outcome = vcpu.run();
-    tracing::info!("backup: {}", metrics.summary());
+    // A backup that went live ends as a primary, and says so.
+    tracing::info!("{}: {}", metrics.role().name(), metrics.summary());
     let outcome = ft_outcome(outcome, &metrics)?;
     print_final_state(&vcpu.stats());
     Ok(outcome)

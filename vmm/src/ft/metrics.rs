@@ -208,16 +208,23 @@ struct LinkCollector {
     seq: AtomicU64,
     /// Records replayed by the backup.
     replayed: Arc<AtomicU64>,
+    /// Log bytes of the links before the current one: each pairing has a
+    /// new link whose counters start at zero, and a `_total` counter must
+    /// not go back while the process runs.
+    earlier_bytes: AtomicU64,
 }
 
 impl LinkCollector {
     fn counters(&self) -> LinkCounters {
-        self.link
+        let mut c: LinkCounters = self
+            .link
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .map(|l| l.snapshot())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        c.record_bytes += self.earlier_bytes.load(Ordering::Relaxed);
+        c
     }
 
     /// Appended (primary) or received (backup); the larger one, so that the
@@ -350,6 +357,7 @@ impl Metrics {
             link: Mutex::new(None),
             seq: AtomicU64::new(0),
             replayed: replayed.clone(),
+            earlier_bytes: AtomicU64::new(0),
         });
         registry.register_collector(Box::new(link.clone()));
         let digest_matched = Gauge::<f64, AtomicU64>::default();
@@ -451,7 +459,11 @@ impl Metrics {
         // stages are timed by its gate.
         let turnaround = self.stages.turnaround.clone();
         link.on_ack_sent(Box::new(move |d| turnaround.observe(d.as_secs_f64())));
-        *self.link.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
+        let mut current = self.link.link.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = current.replace(link) {
+            let bytes = old.snapshot().record_bytes;
+            self.link.earlier_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 
     pub fn set_role(&self, role: Role) {
@@ -700,6 +712,55 @@ mod tests {
         text.lines()
             .filter(|l| !l.starts_with('#'))
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// A primary link on loopback that has sent `bytes` bytes of log.
+    fn link_that_sent(bytes: u64) -> (Arc<LinkState>, std::thread::JoinHandle<()>) {
+        use logchannel::channel::{BackupLink, ChannelConfig, Hello, PrimaryLink};
+        use logchannel::channel::{Role as LinkRole, PROTOCOL_VERSION};
+        let hello = |role| Hello {
+            protocol: PROTOCOL_VERSION,
+            role,
+            vm_id: "t".into(),
+            image_hash: [3; 32],
+            machine: "m".into(),
+            epoch: 1,
+            join: false,
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backup = std::thread::spawn(move || {
+            let cfg = ChannelConfig::default();
+            let mut b = BackupLink::accept_on(listener, hello(LinkRole::Backup), cfg, |_| {});
+            while b.as_mut().unwrap().recv().unwrap().is_some() {}
+        });
+        let timeout = Duration::from_secs(5);
+        let cfg = ChannelConfig::default();
+        let p = PrimaryLink::connect(addr, hello(LinkRole::Primary), cfg, timeout).unwrap();
+        let rec = logchannel::Record {
+            seq: 0,
+            pos: logchannel::Position::default(),
+            event: logchannel::Event::TimerTick,
+        };
+        let mut frames = Vec::new();
+        logchannel::encode_frame(&rec, &mut frames).unwrap();
+        p.send(frames, 1, bytes, true).unwrap();
+        let state = p.state();
+        p.close(timeout).unwrap();
+        (state, backup)
+    }
+
+    #[test]
+    fn log_bytes_never_go_back_when_a_new_backup_pairs() {
+        let m = Metrics::new(Role::Primary, 1);
+        let (first, b1) = link_that_sent(100);
+        m.set_link(first);
+        assert_eq!(sample(&m.render(), "duet_log_bytes_total"), Some(100.0));
+        let (second, b2) = link_that_sent(40);
+        m.set_link(second);
+        assert_eq!(sample(&m.render(), "duet_log_bytes_total"), Some(140.0));
+        b1.join().unwrap();
+        b2.join().unwrap();
     }
 
     #[test]

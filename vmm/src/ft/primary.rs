@@ -424,19 +424,30 @@ impl ChannelSink {
     /// the link fails, or a stop is requested (the vCPU loop then stops at
     /// its next exit). The wait has no other limit: a backup that stops
     /// making progress is a failed backup, which the channel detects.
-    fn wait_for_backup(&mut self, caught_up: impl Fn(&LinkCounters) -> bool) -> Result<(), Error> {
+    /// Returns how long the guest waited.
+    fn wait_for_backup(
+        &mut self,
+        caught_up: impl Fn(&LinkCounters) -> bool,
+    ) -> Result<Duration, Error> {
         self.send_batch()?;
         let Mode::Paired(p) = &self.mode else {
-            return Ok(());
+            return Ok(Duration::ZERO);
         };
         let started = Instant::now();
         loop {
             let c = p.state.wait_until(stop::SLICE, &caught_up);
             if caught_up(&c) || c.failure.is_some() || stop::requested() {
-                self.metrics.throttled(started.elapsed());
-                return Ok(());
+                return Ok(started.elapsed());
             }
         }
+    }
+
+    /// [`ChannelSink::wait_for_backup`] to bound the execution lag: what
+    /// `duet_throttle_seconds_total` counts.
+    fn throttle(&mut self, caught_up: impl Fn(&LinkCounters) -> bool) -> Result<(), Error> {
+        let waited = self.wait_for_backup(caught_up)?;
+        self.metrics.throttled(waited);
+        Ok(())
     }
 }
 
@@ -532,7 +543,7 @@ impl LogSink for ChannelSink {
         let replayed = p.state.snapshot().replayed_exit;
         if exit.saturating_sub(replayed) > MAX_AHEAD_EXITS {
             let floor = exit - MAX_AHEAD_EXITS;
-            self.wait_for_backup(|c| c.replayed_exit >= floor)?;
+            self.throttle(|c| c.replayed_exit >= floor)?;
         }
         if let Some((horizon, at, idle_then)) = self.lag.oldest_unreplayed() {
             // What the backup must catch up on is the guest's execution
@@ -541,7 +552,7 @@ impl LogSink for ChannelSink {
                 .elapsed()
                 .saturating_sub(self.idle.saturating_sub(idle_then));
             if horizon > replayed && busy > MAX_LAG {
-                self.wait_for_backup(|c| c.replayed_exit >= horizon)?;
+                self.throttle(|c| c.replayed_exit >= horizon)?;
             }
         }
         self.attend()
