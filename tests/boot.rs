@@ -224,6 +224,20 @@ fn a_vcpu_cpu_the_process_may_not_use_is_an_error() {
     assert_clean_error(&o, "the only one");
 }
 
+/// A lag bound of zero would stall every primary at its first exit.
+#[test]
+fn a_zero_lag_bound_is_a_usage_error() {
+    for cmd in ["primary", "backup"] {
+        let o = run_bounded(
+            duet().args([cmd, "--image", "kv", "--vm-id", "v", "--max-lag-ms", "0"]),
+            None,
+            LIMIT,
+        );
+        assert_eq!(o.status.code(), Some(2), "{cmd}: {}", stderr(&o));
+        assert_clean_error(&o, "--max-lag-ms");
+    }
+}
+
 /// A guest runs to its end with its vCPU pinned (when there are two CPUs).
 #[test]
 fn a_guest_runs_with_its_vcpu_pinned() {

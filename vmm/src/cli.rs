@@ -226,6 +226,8 @@ pub struct PairOptions {
     pub timeout_ms: u64,
     /// Run the channel and gate threads under SCHED_FIFO if permitted.
     pub realtime: bool,
+    /// The execution-lag bound (see [`ChannelSink::max_lag`]).
+    pub max_lag: Duration,
     /// Serve Prometheus text here, if given.
     pub metrics: Option<SocketAddr>,
     /// The event log (JSON lines), if given.
@@ -412,7 +414,8 @@ pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
         (opts.digest_interval_ms > 0).then(|| Duration::from_millis(opts.digest_interval_ms));
     let arbiter = opts.pair.arbiter(epoch, node, &tls);
     let mut sink = ChannelSink::new(link, metrics.clone(), outlet, arbiter.clone())?
-        .verify_outputs(opts.verify_outputs);
+        .verify_outputs(opts.verify_outputs)
+        .max_lag(opts.pair.max_lag);
     if let Some(listen) = opts.join_listen {
         let plan = opts.pair.join_plan(listen, &config, arbiter);
         sink = sink.with_join(JoinService::start(
@@ -620,6 +623,7 @@ pub fn backup(opts: &BackupOptions) -> anyhow::Result<u8> {
         join: Some(opts.pair.join_plan(opts.listen, &config, arbiter.clone())),
         digest_every: Some(Duration::from_millis(500)),
         verify_outputs: opts.verify_outputs,
+        max_lag: opts.pair.max_lag,
         arbiter,
         metrics: metrics.clone(),
         open_world: Box::new(move || {

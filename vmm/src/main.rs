@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -263,6 +264,13 @@ struct PairArgs {
     /// detection").
     #[arg(long)]
     no_realtime: bool,
+    /// How far a primary may run ahead of its backup, in milliseconds of
+    /// its guest's busy time, before its guest waits for the backup to
+    /// catch up (the execution-lag bound; time the guest waited for a
+    /// client does not count). A larger bound costs the backup that much
+    /// more catching up before it can go live.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    max_lag_ms: u64,
     /// Serve status as Prometheus text over HTTP on this address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -307,6 +315,7 @@ impl PairArgs {
             heartbeat_ms: self.heartbeat_ms,
             timeout_ms: self.timeout_ms,
             realtime: !self.no_realtime,
+            max_lag: Duration::from_millis(self.max_lag_ms),
             metrics: self.metrics,
             events: self.events,
             tls,

@@ -284,6 +284,8 @@ pub struct Takeover {
     pub digest_every: Option<Duration>,
     /// Once live, verify outputs with the backup that joins.
     pub verify_outputs: bool,
+    /// Once live, the execution-lag bound with the backup that joins.
+    pub max_lag: Duration,
 }
 
 /// The timeline of a backup that went live: a recording one with no
@@ -413,7 +415,8 @@ impl<O: Write> BackupTimeline<O> {
             self.takeover.arbiter.clone(),
             next_seq,
         )?
-        .verify_outputs(self.takeover.verify_outputs);
+        .verify_outputs(self.takeover.verify_outputs)
+        .max_lag(self.takeover.max_lag);
         if let Some(plan) = self.takeover.join.take() {
             let epoch = metrics.epoch();
             // Serving comes first: a join address that cannot be bound

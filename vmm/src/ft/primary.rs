@@ -64,7 +64,8 @@ const MAX_AHEAD_EXITS: u64 = 3_000;
 /// bound, and a tight bound only pays the last deficit too. Measured with
 /// `cargo bench -p vmm --bench ft` (compute): 50 ms gave a lag p99 of 52 ms
 /// (the bound itself); 5 ms keeps it under 10 ms (see
-/// `duet_throttle_seconds_total` for what it costs the primary).
+/// `duet_throttle_seconds_total` for what it costs the primary). This is
+/// the default; `--max-lag-ms` sets it ([`ChannelSink::max_lag`]).
 const MAX_LAG: Duration = Duration::from_millis(5);
 /// How long serial output may be gathered before its log goes out anyway.
 ///
@@ -130,6 +131,8 @@ pub struct ChannelSink {
     /// Serial output being gathered (see [`GATHER_SERIAL`]), and the exit
     /// that last added to it. It goes to the gate before any log is sent.
     gathered: Option<(Held, u64)>,
+    /// The execution-lag bound in busy time (see [`MAX_LAG`]).
+    max_lag: Duration,
     /// An output went to the gate since the last batch: the next batch
     /// asks the backup to acknowledge it at once. Other batches are
     /// acknowledged with the backup's next report, which spares a busy
@@ -188,6 +191,7 @@ impl ChannelSink {
             horizon_soon: false,
             verify_through: 0,
             gathered: None,
+            max_lag: MAX_LAG,
             awaited: false,
         })
     }
@@ -195,6 +199,15 @@ impl ChannelSink {
     /// Verified-output mode: see the module docs.
     pub fn verify_outputs(mut self, on: bool) -> Self {
         self.verify = on;
+        self
+    }
+
+    /// The execution-lag bound: how much busy time the guest may run past
+    /// the oldest flush the backup has not executed through before it
+    /// waits for the backup (default [`MAX_LAG`]). A test that freezes a
+    /// backup on a loaded host, say, needs it long.
+    pub fn max_lag(mut self, bound: Duration) -> Self {
+        self.max_lag = bound;
         self
     }
 
@@ -551,7 +564,7 @@ impl LogSink for ChannelSink {
             let busy = at
                 .elapsed()
                 .saturating_sub(self.idle.saturating_sub(idle_then));
-            if horizon > replayed && busy > MAX_LAG {
+            if horizon > replayed && busy > self.max_lag {
                 self.throttle(|c| c.replayed_exit >= horizon)?;
             }
         }
