@@ -135,9 +135,10 @@ pub struct ChannelSink {
     max_lag: Duration,
     /// An output went to the gate since the last batch: the next batch
     /// asks the backup to acknowledge it at once. Other batches are
-    /// acknowledged with the backup's next report, which spares a busy
-    /// guest's periodic flushes a wake-up of this side's channel thread
-    /// each (and so a preemption of a vCPU).
+    /// acknowledged with the backup's next report (or at once if it had
+    /// been quiet, `ChannelConfig::ack_late`), which spares a flush right
+    /// behind another message a wake-up of this side's channel thread
+    /// (and so a preemption of a vCPU).
     awaited: bool,
 }
 
