@@ -60,6 +60,7 @@
 //! from a failed handshake by the first bytes, and every connection's
 //! whole handshake is bounded by [`HANDSHAKE_TIMEOUT`].
 
+use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -1988,12 +1989,10 @@ pub(crate) async fn backup_io(
     const PEER: Role = Role::Primary;
     // Records received and checked (the next sequence number), for the
     // writer to acknowledge the batches not acknowledged at once; and when
-    // the writer last wrote, in µs since `epoch`.
-    let received = Arc::new(std::sync::atomic::AtomicU64::new(first_seq));
-    let reader_received = received.clone();
-    let epoch = Instant::now();
-    let wrote_at = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let reader_wrote_at = wrote_at.clone();
+    // the writer last wrote. Reader and writer are futures of this one
+    // task, so plain cells do.
+    let (received, wrote_at) = (Cell::new(first_seq), Cell::new(Instant::now()));
+    let (received, wrote_at) = (&received, &wrote_at);
     let reader_state = state.clone();
     let reader = async move {
         let mut next_seq = first_seq;
@@ -2037,10 +2036,8 @@ pub(crate) async fn backup_io(
                         c.records += decoded.len() as u64;
                         c.record_bytes += batch.bytes();
                     });
-                    reader_received.store(next_seq, Ordering::SeqCst);
-                    let quiet = (epoch.elapsed().as_micros() as u64)
-                        .saturating_sub(reader_wrote_at.load(Ordering::SeqCst));
-                    if batch.ack_now || quiet >= config.ack_late.as_micros() as u64 {
+                    received.set(next_seq);
+                    if batch.ack_now || wrote_at.get().elapsed() >= config.ack_late {
                         let replayed_exit = reader_state.snapshot().replayed_exit;
                         let ack = Message::Ack {
                             received: next_seq.checked_sub(1),
@@ -2091,7 +2088,7 @@ pub(crate) async fn backup_io(
             };
             // Records not acknowledged yet: a report or heartbeat becomes
             // their Ack (which says as much), and a Bye waits behind one.
-            let through = received.load(Ordering::SeqCst);
+            let through = received.get();
             if through > acked {
                 let ack = |replayed_exit| Message::Ack {
                     received: through.checked_sub(1),
@@ -2102,7 +2099,6 @@ pub(crate) async fn backup_io(
                 } else if msg == Message::Bye {
                     let last = ack(writer_state.snapshot().replayed_exit);
                     write_message(&mut wr, &last, &mut buf, PEER).await?;
-                    acked = through;
                 }
             }
             if let Message::Ack {
@@ -2114,7 +2110,7 @@ pub(crate) async fn backup_io(
             let bye = msg == Message::Bye;
             let diverged = matches!(msg, Message::Diverged { .. });
             write_message(&mut wr, &msg, &mut buf, PEER).await?;
-            wrote_at.store(epoch.elapsed().as_micros() as u64, Ordering::SeqCst);
+            wrote_at.set(Instant::now());
             if diverged {
                 writer_state.told_diverged.store(true, Ordering::SeqCst);
                 // Wakes report_divergence, which waits on the counters.

@@ -645,23 +645,11 @@ impl<O: Write> Timeline for BackupTimeline<O> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use logchannel::channel::{
-        ChannelConfig, Hello, LinkFailure, PrimaryLink, Role as LinkRole, PROTOCOL_VERSION,
-    };
+    use logchannel::channel::{ChannelConfig, LinkFailure, PrimaryLink, Role as LinkRole};
     use logchannel::encode_frame;
     use std::time::Duration;
 
-    fn hello(role: LinkRole) -> Hello {
-        Hello {
-            protocol: PROTOCOL_VERSION,
-            role,
-            vm_id: "t".into(),
-            image_hash: [3; 32],
-            machine: "m".into(),
-            epoch: 1,
-            join: false,
-        }
-    }
+    use crate::ft::test_hello as hello;
 
     fn at(exit: u64) -> Position {
         Position {

@@ -716,17 +716,8 @@ mod tests {
 
     /// A primary link on loopback that has sent `bytes` bytes of log.
     fn link_that_sent(bytes: u64) -> (Arc<LinkState>, std::thread::JoinHandle<()>) {
-        use logchannel::channel::{BackupLink, ChannelConfig, Hello, PrimaryLink};
-        use logchannel::channel::{Role as LinkRole, PROTOCOL_VERSION};
-        let hello = |role| Hello {
-            protocol: PROTOCOL_VERSION,
-            role,
-            vm_id: "t".into(),
-            image_hash: [3; 32],
-            machine: "m".into(),
-            epoch: 1,
-            join: false,
-        };
+        use crate::ft::test_hello as hello;
+        use logchannel::channel::{BackupLink, ChannelConfig, PrimaryLink, Role as LinkRole};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let backup = std::thread::spawn(move || {

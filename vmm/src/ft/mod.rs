@@ -128,3 +128,17 @@ pub enum Error {
         held: usize,
     },
 }
+
+/// A Hello for unit tests that pair links on loopback.
+#[cfg(test)]
+pub(crate) fn test_hello(role: logchannel::channel::Role) -> logchannel::channel::Hello {
+    logchannel::channel::Hello {
+        protocol: logchannel::channel::PROTOCOL_VERSION,
+        role,
+        vm_id: "t".into(),
+        image_hash: [3; 32],
+        machine: "m".into(),
+        epoch: 1,
+        join: false,
+    }
+}
