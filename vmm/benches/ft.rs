@@ -14,6 +14,9 @@
 //!  "solo_compute_wall_s":..,"ft_compute_wall_s":..,"compute_wall_ratio":..,
 //!  "solo_compute_guest_s":..,"ft_compute_guest_s":..,"compute_guest_ratio":..,
 //!  "ft_compute_digest50_wall_s":..,"compute_digest50_wall_ratio":..,  (also guest)
+//!  "record_compute_wall_s":..,"compute_record_wall_ratio":..,  (also guest)
+//!  "ft_compute_unbounded_wall_s":..,"compute_unbounded_wall_ratio":..,  (also guest)
+//!  "compute_unbounded_throttle_ms":..,"compute_unbounded_lag_p99_ms":..,
 //!  "kv_lag_p50_ms":..,"kv_lag_p99_ms":..,"compute_lag_p50_ms":..,..,"idle_lag_p99_ms":..,
 //!  "compute_throttle_ms":..,
 //!  "kv_log_mbit_s":..,"compute_log_mbit_s":..,"idle_log_mbit_s":..,
@@ -38,6 +41,12 @@
 //!   `*_compute_guest_s`: the guest's own `elapsed_ns`; `*_digest50_*`:
 //!   the FT run with a state digest every 50 ms (`--digest-interval-ms
 //!   50`) instead of the default, against the same solo runs;
+//!   `record_compute_*`: `duet record` to a file, no backup (what logging
+//!   itself costs); `ft_compute_unbounded_*`: the pair with the
+//!   execution-lag bound off (`--max-lag-ms` an hour), so that
+//!   `compute_unbounded_*_ratio` is what pairing costs without the
+//!   primary ever waiting, and the rest of `compute_*_ratio` the bound's
+//!   price (its waits plus their side effects);
 //! - `*_lag_*_ms`: the primary's execution lag percentiles (how far the
 //!   backup runs behind), scraped from `--metrics` at the end of each FT
 //!   workload: kv after redis-benchmark and the PINGs, compute just before
@@ -77,6 +86,9 @@ use anyhow::{bail, ensure, Context};
 
 use common::*;
 
+/// `--max-lag-ms` for the FT compute run without the lag bound: an hour,
+/// far longer than the run.
+const UNBOUNDED_LAG_MS: &str = "3600000";
 /// Rounds of (solo, FT) per workload.
 const ROUNDS: usize = 2;
 /// Limit for one guest run or one process exit.
@@ -382,6 +394,29 @@ fn solo_compute() -> anyhow::Result<(f64, f64)> {
     Ok((wall, compute_guest_s(&stdout(&o))?))
 }
 
+/// `compute` recorded to a log file (`duet record`), no backup: what
+/// logging itself costs, (wall s, guest s).
+fn record_compute() -> anyhow::Result<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("compute.log");
+    let start = Instant::now();
+    let o = run_bounded(
+        duet()
+            .args(["record", "--image", "compute", "--log"])
+            .arg(&log),
+        None,
+        RUN_LIMIT,
+    );
+    let wall = start.elapsed().as_secs_f64();
+    ensure!(
+        o.status.success(),
+        "compute record: {}: {}",
+        o.status,
+        stderr(&o)
+    );
+    Ok((wall, compute_guest_s(&stdout(&o))?))
+}
+
 /// What one FT `compute` run measured.
 struct FtCompute {
     wall_s: f64,
@@ -528,6 +563,19 @@ fn main() -> anyhow::Result<()> {
         let c = ft_compute(&["--digest-interval-ms", "50"])?;
         s.add("ft_compute_digest50_wall_s", c.wall_s);
         s.add("ft_compute_digest50_guest_s", c.guest_s);
+        // Where compute's FT cost comes from: logging alone (recorded to
+        // a file), and the pair without the execution-lag bound (an hour
+        // of lag allowed: the primary never waits for its backup).
+        eprintln!("ft bench: round {round}/{ROUNDS}: compute recorded to a file");
+        let (wall, guest) = record_compute()?;
+        s.add("record_compute_wall_s", wall);
+        s.add("record_compute_guest_s", guest);
+        eprintln!("ft bench: round {round}/{ROUNDS}: FT compute without the lag bound");
+        let c = ft_compute(&["--max-lag-ms", UNBOUNDED_LAG_MS])?;
+        s.add("ft_compute_unbounded_wall_s", c.wall_s);
+        s.add("ft_compute_unbounded_guest_s", c.guest_s);
+        s.add("compute_unbounded_throttle_ms", c.throttle_ms);
+        s.add("compute_unbounded_lag_p99_ms", c.lag_ms.1);
     }
     eprintln!("ft bench: {:?} in all", bench_start.elapsed());
 
@@ -572,6 +620,12 @@ fn main() -> anyhow::Result<()> {
         let d50 = m(&format!("ft_compute_digest50_{what}_s"));
         pairs.push((format!("ft_compute_digest50_{what}_s"), d50));
         pairs.push((format!("compute_digest50_{what}_ratio"), d50 / solo));
+        let rec = m(&format!("record_compute_{what}_s"));
+        pairs.push((format!("record_compute_{what}_s"), rec));
+        pairs.push((format!("compute_record_{what}_ratio"), rec / solo));
+        let free = m(&format!("ft_compute_unbounded_{what}_s"));
+        pairs.push((format!("ft_compute_unbounded_{what}_s"), free));
+        pairs.push((format!("compute_unbounded_{what}_ratio"), free / solo));
     }
     for k in [
         "kv_lag_p50_ms",
@@ -579,6 +633,8 @@ fn main() -> anyhow::Result<()> {
         "compute_lag_p50_ms",
         "compute_lag_p99_ms",
         "compute_throttle_ms",
+        "compute_unbounded_throttle_ms",
+        "compute_unbounded_lag_p99_ms",
         "idle_lag_p50_ms",
         "idle_lag_p99_ms",
         "kv_log_mbit_s",

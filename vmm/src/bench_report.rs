@@ -781,6 +781,20 @@ fn ft_section(runs: &[BenchRun], charts: &[ChartFile]) -> String {
         fmt(g("compute_wall_ratio"), 3),
         "The whole run as the host saw it (boot and pairing included).".into(),
     ]);
+    rows.push(vec![
+        "compute recorded to a file, guest seconds".into(),
+        fmt(g("solo_compute_guest_s"), 3),
+        fmt(g("record_compute_guest_s"), 3),
+        fmt(g("compute_record_guest_ratio"), 3),
+        "`duet record`, no backup: what logging itself costs.".into(),
+    ]);
+    rows.push(vec![
+        "compute FT without the lag bound, guest seconds".into(),
+        fmt(g("solo_compute_guest_s"), 3),
+        fmt(g("ft_compute_unbounded_guest_s"), 3),
+        fmt(g("compute_unbounded_guest_ratio"), 3),
+        "The pair with `--max-lag-ms` an hour: what pairing costs when the primary never waits; the rest of the FT ratio is the bound's price.".into(),
+    ]);
     s += &format!("Rounds: {}.\n\n", fmt(g("rounds"), 0));
     s += &table(&["workload", "solo", "FT", "FT/solo", "what it is"], &rows);
     s += "\n";
