@@ -236,14 +236,14 @@ pub fn start(spec: &SerialSpec, bell: &Doorbell) -> Result<SerialPort, Error> {
             thread::Builder::new()
                 .name("serial-in".into())
                 .spawn(move || {
-                    logchannel::sched::keep_off_vcpu();
+                    logchannel::sched::promote_io_thread();
                     pump_in(std::io::stdin().lock(), 1, &in_tx, &bell)
                 })
                 .map_err(Error::Spawn)?;
             thread::Builder::new()
                 .name("serial-out".into())
                 .spawn(move || {
-                    logchannel::sched::keep_off_vcpu();
+                    logchannel::sched::promote_io_thread();
                     let mut out = std::io::stdout().lock();
                     while let Ok((_, bytes)) = out_rx.recv() {
                         if out.write_all(&bytes).and_then(|_| out.flush()).is_err() {
@@ -269,7 +269,7 @@ pub fn start(spec: &SerialSpec, bell: &Doorbell) -> Result<SerialPort, Error> {
             thread::Builder::new()
                 .name("serial-out".into())
                 .spawn(move || {
-                    logchannel::sched::keep_off_vcpu();
+                    logchannel::sched::promote_io_thread();
                     while out_rx.recv().is_ok() {}
                 })
                 .map_err(Error::Spawn)?
@@ -324,7 +324,7 @@ fn serve_tcp(
     let writer = thread::Builder::new()
         .name("serial-out".into())
         .spawn(move || {
-            logchannel::sched::keep_off_vcpu();
+            logchannel::sched::promote_io_thread();
             while let Ok((conn, bytes)) = out_rx.recv() {
                 let mut clients = writer_clients.lock().unwrap_or_else(|e| e.into_inner());
                 let target = match conn {
@@ -342,7 +342,7 @@ fn serve_tcp(
     thread::Builder::new()
         .name("serial-accept".into())
         .spawn(move || {
-            logchannel::sched::keep_off_vcpu();
+            logchannel::sched::promote_io_thread();
             for (conn, stream) in (1..).zip(listener.incoming()) {
                 let Ok(stream) = stream else { continue };
                 let _ = stream.set_nodelay(true);

@@ -204,7 +204,7 @@ pub fn start(name: &str, config: NetConfig, bell: &Doorbell) -> Result<NetPort, 
         thread::Builder::new()
             .name("tap-in".into())
             .spawn(move || {
-                logchannel::sched::keep_off_vcpu();
+                logchannel::sched::promote_io_thread();
                 pump_in(reader, &in_tx, &bell, &counters)
             })
             .map_err(Error::Spawn)?;
@@ -215,7 +215,7 @@ pub fn start(name: &str, config: NetConfig, bell: &Doorbell) -> Result<NetPort, 
         thread::Builder::new()
             .name("tap-out".into())
             .spawn(move || {
-                logchannel::sched::keep_off_vcpu();
+                logchannel::sched::promote_io_thread();
                 while let Ok(frame) = out_rx.recv() {
                     // A TAP that is down, or whose queue is full, refuses
                     // frames: lost on the wire, as Ethernet allows.
