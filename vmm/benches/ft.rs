@@ -77,7 +77,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -90,7 +90,7 @@ use common::*;
 /// far longer than the run.
 const UNBOUNDED_LAG_MS: &str = "3600000";
 /// Rounds of (solo, FT) per workload.
-const ROUNDS: usize = 2;
+const ROUNDS: usize = 3;
 /// Limit for one guest run or one process exit.
 const RUN_LIMIT: Duration = Duration::from_secs(120);
 /// Limit for the whole `redis-benchmark` run.
@@ -132,6 +132,23 @@ fn median(mut v: Vec<f64>) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
+}
+
+/// `e`, with the last lines each of `procs` printed (they are stopped
+/// first): a workload that failed against a pair says what the pair said.
+fn with_stderr(mut e: anyhow::Error, procs: Vec<Proc>) -> anyhow::Error {
+    for mut p in procs {
+        let _ = p.terminate();
+        let name = p.name().to_string();
+        let text = match p.finish(RUN_LIMIT) {
+            Ok(o) => stderr(&o),
+            Err(why) => format!("{why:#}"),
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+        e = e.context(format!("{name} printed: {tail}"));
+    }
+    e
 }
 
 /// The `compute result=.. rounds=.. elapsed_ns=N` line: N in seconds.
@@ -228,6 +245,12 @@ impl Pair {
         }
     }
 
+    /// A workload against the pair failed with `e`: stops both and adds
+    /// what each printed.
+    fn fail(self, e: anyhow::Error) -> anyhow::Error {
+        with_stderr(e, vec![self.primary, self.backup])
+    }
+
     /// Waits for both to exit (after `stop`, or by themselves) and checks
     /// that both exited 0 with the same final state; the primary's output.
     fn finish(mut self, stop: bool) -> anyhow::Result<Output> {
@@ -298,7 +321,11 @@ fn ft_kv() -> anyhow::Result<FtKvRun> {
     let kv = kv_workload(addr, || {
         both.push((scrape(pair.metrics)?, scrape(pair.backup_metrics)?));
         Ok(())
-    })?;
+    });
+    let kv = match kv {
+        Ok(kv) => kv,
+        Err(e) => return Err(pair.fail(e.context("FT kv"))),
+    };
     let stages = stage_us(&both[0], &both[1]);
     let busy = scrape(pair.metrics)?;
     let (t1, b1) = (Instant::now(), busy.require("duet_log_bytes_total")?);
@@ -322,7 +349,10 @@ fn ft_verify_pings() -> anyhow::Result<Vec<f64>> {
     let addr = free_addr();
     let pair = Pair::start_with("kv", &format!("tcp:{addr}"), &["--verify-outputs"]);
     wait_for_port(addr, Duration::from_secs(10));
-    let pings = ping_round_trips(addr)?;
+    let pings = match ping_round_trips(addr) {
+        Ok(p) => p,
+        Err(e) => return Err(pair.fail(e.context("FT PINGs with --verify-outputs"))),
+    };
     pair.finish(true)?;
     Ok(pings)
 }
@@ -336,17 +366,15 @@ fn pinned_pings() -> anyhow::Result<Option<(Vec<f64>, Vec<f64>)>> {
     }
     let addr = free_addr();
     let solo = {
-        let _vm = Proc::spawn(
-            "kv",
+        let vm = Proc::captured(
+            "pinned solo kv",
             duet()
                 .args(["--vcpu-cpu", "1", "run", "--image", "kv"])
-                .args(["--serial", &format!("tcp:{addr}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit()),
+                .args(["--serial", &format!("tcp:{addr}")]),
+            false,
         )?;
         wait_for_port(addr, Duration::from_secs(10));
-        ping_round_trips(addr)?
+        ping_round_trips(addr).map_err(|e| with_stderr(e.context("pinned solo PINGs"), vec![vm]))?
     };
     let (addr, chan) = (free_addr(), free_addr());
     let mut backup = Command::new("taskset");
@@ -365,7 +393,15 @@ fn pinned_pings() -> anyhow::Result<Option<(Vec<f64>, Vec<f64>)>> {
         false,
     );
     wait_for_port(addr, Duration::from_secs(10));
-    let ft = ping_round_trips(addr)?;
+    let ft = match ping_round_trips(addr) {
+        Ok(ft) => ft,
+        Err(e) => {
+            return Err(with_stderr(
+                e.context("pinned FT PINGs"),
+                vec![primary, backup],
+            ))
+        }
+    };
     let mut primary = primary;
     primary.terminate()?;
     let p = primary.finish(RUN_LIMIT)?;
