@@ -40,11 +40,7 @@
 //! place), unless the backup has said nothing for
 //! [`ChannelConfig::ack_late`]: a flush right behind another message then
 //! costs the primary's channel thread no wake-up, and a vCPU no
-//! preemption. Nor is a batch acked alone while the backup's replay has
-//! not reached the last horizon it received: its vCPU reports when it
-//! passes that horizon, and the report acknowledges the batch. For a
-//! `compute` guest, whose backup runs a flush or so behind, that took
-//! about one message in six off the link.
+//! preemption.
 //!
 //! Flow control follows the VMware FT paper: the backup acknowledges on
 //! receipt, but it reads from the socket only while its bounded queue of
@@ -79,7 +75,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::log::{
-    self, decode_frame, decode_record_frame, encode_frame, frame_len, Event, Record, FRAME_PREFIX,
+    self, decode_frame, decode_record_frame, encode_frame, frame_len, Record, FRAME_PREFIX,
     MAX_FRAME,
 };
 use crate::tls::{self, TlsIdentity};
@@ -2014,10 +2010,6 @@ pub(crate) async fn backup_io(
     let reader = async move {
         let mut next_seq = first_seq;
         let mut decoded = Vec::new();
-        // The last horizon received: while the replay has not reached it,
-        // the backup's vCPU reports when it passes it (which acknowledges
-        // what was received by then), so a batch need not be acked alone.
-        let mut horizon = 0;
         loop {
             let msg = read_message(
                 &mut rd,
@@ -2058,19 +2050,8 @@ pub(crate) async fn backup_io(
                         c.record_bytes += batch.bytes();
                     });
                     received.set(next_seq);
-                    let replayed_exit = reader_state.snapshot().replayed_exit;
-                    let report_coming = replayed_exit < horizon;
-                    if let Some(h) = decoded
-                        .iter()
-                        .filter(|r| r.event == Event::Horizon)
-                        .map(|r| r.pos.exit)
-                        .max()
-                    {
-                        horizon = horizon.max(h);
-                    }
-                    if batch.ack_now
-                        || (!report_coming && wrote_at.get().elapsed() >= config.ack_late)
-                    {
+                    if batch.ack_now || wrote_at.get().elapsed() >= config.ack_late {
+                        let replayed_exit = reader_state.snapshot().replayed_exit;
                         let ack = Message::Ack {
                             received: next_seq.checked_sub(1),
                             replayed_exit,
