@@ -767,34 +767,27 @@ fn ft_section(runs: &[BenchRun], charts: &[ChartFile]) -> String {
             ),
         ]);
     }
-    rows.push(vec![
-        "compute, guest seconds".into(),
-        fmt(g("solo_compute_guest_s"), 3),
-        fmt(g("ft_compute_guest_s"), 3),
-        fmt(g("compute_guest_ratio"), 3),
-        "The CPU-bound guest's own elapsed time; lower is better.".into(),
-    ]);
-    rows.push(vec![
-        "compute, wall seconds".into(),
-        fmt(g("solo_compute_wall_s"), 3),
-        fmt(g("ft_compute_wall_s"), 3),
-        fmt(g("compute_wall_ratio"), 3),
-        "The whole run as the host saw it (boot and pairing included).".into(),
-    ]);
-    rows.push(vec![
-        "compute recorded to a file, guest seconds".into(),
-        fmt(g("solo_compute_guest_s"), 3),
-        fmt(g("record_compute_guest_s"), 3),
-        fmt(g("compute_record_guest_ratio"), 3),
-        "`duet record`, no backup: what logging itself costs.".into(),
-    ]);
-    rows.push(vec![
-        "compute FT without the lag bound, guest seconds".into(),
-        fmt(g("solo_compute_guest_s"), 3),
-        fmt(g("ft_compute_unbounded_guest_s"), 3),
-        fmt(g("compute_unbounded_guest_ratio"), 3),
-        "The pair with `--max-lag-ms` an hour: what pairing costs when the primary never waits; the rest of the FT ratio is the bound's price.".into(),
-    ]);
+    // (label, solo key, FT key, ratio key, what it is)
+    let compute = [
+        ("compute, guest seconds", "solo_compute_guest_s", "ft_compute_guest_s", "compute_guest_ratio",
+         "The CPU-bound guest's own elapsed time; lower is better."),
+        ("compute, wall seconds", "solo_compute_wall_s", "ft_compute_wall_s", "compute_wall_ratio",
+         "The whole run as the host saw it (boot and pairing included)."),
+        ("compute recorded to a file, guest seconds", "solo_compute_guest_s", "record_compute_guest_s",
+         "compute_record_guest_ratio", "`duet record`, no backup: what logging itself costs."),
+        ("compute FT without the lag bound, guest seconds", "solo_compute_guest_s",
+         "ft_compute_unbounded_guest_s", "compute_unbounded_guest_ratio",
+         "The pair with `--max-lag-ms` an hour: what pairing costs when the primary never waits; the rest of the FT ratio is the bound's price."),
+    ];
+    for (label, solo, ft, ratio, what) in compute {
+        rows.push(vec![
+            label.into(),
+            fmt(g(solo), 3),
+            fmt(g(ft), 3),
+            fmt(g(ratio), 3),
+            what.into(),
+        ]);
+    }
     s += &format!("Rounds: {}.\n\n", fmt(g("rounds"), 0));
     s += &table(&["workload", "solo", "FT", "FT/solo", "what it is"], &rows);
     s += "\n";
