@@ -48,6 +48,7 @@ pub const PRIORITY: i32 = 10;
 /// where a core is free. These threads block on a socket, a TAP or a
 /// bounded queue between every chunk, so they never hold a core.
 pub const IO_PRIORITY: i32 = 5;
+const _: () = assert!(IO_PRIORITY < PRIORITY && IO_PRIORITY >= 1);
 
 /// Whether threads that call [`promote_current_thread`] are promoted.
 static REALTIME: AtomicBool = AtomicBool::new(false);
@@ -263,6 +264,17 @@ mod tests {
         assert_eq!(spawned.len(), allowed.len() - 1, "{spawned:?}");
     }
 
+    /// The calling thread's (policy, real-time priority).
+    fn current_scheduling() -> (i32, i32) {
+        let mut param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 names the calling thread; the kernel writes one
+        // sched_param into `param`, which outlives the call.
+        let rc = unsafe { libc::sched_getparam(0, &mut param) };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        (current_policy(), param.sched_priority)
+    }
+
+    /// One test, since both toggle the process-wide switch.
     #[test]
     fn a_promoted_thread_runs_fifo_and_others_do_not() {
         // Unprivileged runs cannot enable it: then nothing is promoted.
@@ -273,10 +285,19 @@ mod tests {
         })
         .join()
         .unwrap();
+        let (io_policy, io_priority) = std::thread::spawn(|| {
+            promote_io_thread();
+            current_scheduling()
+        })
+        .join()
+        .unwrap();
         if enabled {
             assert_eq!(policy, libc::SCHED_FIFO);
+            // Device I/O runs real-time too, below the channel threads.
+            assert_eq!((io_policy, io_priority), (libc::SCHED_FIFO, IO_PRIORITY));
         } else {
             assert_eq!(policy, libc::SCHED_OTHER);
+            assert_eq!(io_policy, libc::SCHED_OTHER);
         }
         assert_eq!(
             current_policy(),
@@ -291,5 +312,12 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(policy, libc::SCHED_OTHER);
+        let io_policy = std::thread::spawn(|| {
+            promote_io_thread();
+            current_policy()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(io_policy, libc::SCHED_OTHER);
     }
 }

@@ -797,6 +797,46 @@ mod tests {
         assert_eq!(c.replayed_exit, 2, "{c:?}");
     }
 
+    /// A backup that is behind reports when its replay passes a horizon
+    /// the primary sent, not at exits between two of them: the primary
+    /// measures lag and waits on its bound from those horizons only.
+    #[test]
+    fn a_backup_behind_reports_on_passing_a_horizon() {
+        let (primary, mut source) = pair(Duration::from_millis(20));
+        send(
+            &primary,
+            &[
+                (0, 3, Event::TimerTick),
+                (1, 5, Event::Horizon),
+                (2, 9, Event::TimerTick),
+                (3, 12, Event::Horizon),
+            ],
+        );
+        // Everything has arrived (so the backup is behind from exit 1 on),
+        // and the rate limit has passed, so only the horizon decides.
+        for _ in 0..2000 {
+            source.drain();
+            if source.known_exit >= 12 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(source.known_exit, 12);
+        std::thread::sleep(PROGRESS_PERIOD * 2);
+        // Behind (exit 12 is known), short of the first horizon (5).
+        assert!(matches!(source.wait_horizon(3).unwrap(), Horizon::Covered));
+        assert!(matches!(source.wait_horizon(5).unwrap(), Horizon::Covered));
+        // Several of the backup's heartbeats later, the primary has heard
+        // of no progress.
+        std::thread::sleep(Duration::from_millis(100));
+        let state = primary.state();
+        assert_eq!(state.snapshot().replayed_exit, 0);
+        // Exit 6 runs: everything through 5, the horizon, is done.
+        assert!(matches!(source.wait_horizon(7).unwrap(), Horizon::Covered));
+        let c = state.wait_until(Duration::from_secs(2), |c| c.replayed_exit >= 6);
+        assert_eq!(c.replayed_exit, 6, "{c:?}");
+    }
+
     #[test]
     fn a_silent_primary_is_lost_after_what_it_sent_is_replayed() {
         let (primary, mut source) = pair(Duration::from_secs(60));
