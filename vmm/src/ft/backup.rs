@@ -155,7 +155,7 @@ impl StreamSource {
     /// Forgets the horizons at or before `done`: the primary has been (or
     /// is about to be) told that the replay passed them.
     fn passed(&mut self, done: u64) {
-        while self.horizons.front().is_some_and(|&h| h <= done) {
+        while self.passed_unreported(done) {
             self.horizons.pop_front();
         }
     }
