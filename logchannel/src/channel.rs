@@ -2258,7 +2258,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(state.snapshot().acked, 0, "acked without being asked");
         report.0.send(()).unwrap();
-        let c = state.wait_until(Duration::from_secs(5), |c| c.acked == 10);
+        // The reader records the ack before the position it carries.
+        let c = state.wait_until(Duration::from_secs(5), |c| {
+            c.acked == 10 && c.replayed_exit == 7
+        });
         assert_eq!((c.acked, c.replayed_exit), (10, 7), "the report acks");
         link.send(frames(10, 5), 5, 0, true).unwrap();
         let c = state.wait_until(Duration::from_secs(5), |c| c.acked == 15);
