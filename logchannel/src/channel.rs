@@ -1951,7 +1951,7 @@ impl BackupLink {
     }
 
     /// Like [`BackupLink::recv`] but waits at most `limit`: `Ok(None)` also
-    /// means "nothing yet"; check [`BackupLink::is_finished`]. Lets the
+    /// means "nothing yet"; check [`BackupLink::finished`]. Lets the
     /// caller look at its stop flag while the primary is quiet.
     pub fn recv_timeout(&mut self, limit: Duration) -> Result<Option<Record>, Error> {
         let next = self
@@ -1965,7 +1965,7 @@ impl BackupLink {
     }
 
     /// Like [`BackupLink::recv`] but never blocks: `Ok(None)` also means
-    /// "nothing yet"; check [`BackupLink::is_finished`].
+    /// "nothing yet"; check [`BackupLink::finished`].
     pub fn try_recv(&mut self) -> Result<Option<Record>, Error> {
         match self.records.try_recv() {
             Ok(r) => Ok(Some(r)),
@@ -1984,9 +1984,17 @@ impl BackupLink {
         }
     }
 
-    /// True once the queue is drained and the link ended (cleanly or not).
-    pub fn is_finished(&self) -> bool {
-        self.records.is_closed() && self.records.is_empty()
+    /// After a receive found nothing: `Ok(true)` once the queue is drained
+    /// and the primary said Bye, `Ok(false)` while the link is open, and
+    /// the failure if it ended without Bye. A drained, closed queue alone
+    /// does not say which: a primary killed between a receive and this
+    /// check closes it too, and taking that for Bye would let a backup
+    /// believe it knew every event there would ever be.
+    pub fn finished(&self) -> Result<bool, Error> {
+        if !(self.records.is_closed() && self.records.is_empty()) {
+            return Ok(false);
+        }
+        self.end().map(|_| true)
     }
 }
 
@@ -2875,8 +2883,9 @@ mod tests {
     /// A backup link fed by a fake primary that, after the handshake,
     /// writes `then`; returns the records the backup received and its
     /// error.
-    fn backup_fed(then: Option<Vec<u8>>) -> (Vec<u64>, Error) {
-        use std::io::Write;
+    /// A backup link paired with a fake primary: the link, and the
+    /// primary's socket.
+    fn backup_paired() -> (BackupLink, std::net::TcpStream) {
         let addr = free_addr();
         let backup = std::thread::spawn(move || {
             BackupLink::accept(addr, hello(Role::Backup), ChannelConfig::default(), |_| {}).unwrap()
@@ -2888,7 +2897,48 @@ mod tests {
             }
         };
         fake_peer(Role::Primary, &mut s);
-        let mut link = backup.join().unwrap();
+        (backup.join().unwrap(), s)
+    }
+
+    /// A primary that vanishes leaves a drained, closed queue, just as one
+    /// that says Bye does: `finished` must tell them apart, or a backup
+    /// that checks between its receive and the close takes a dead primary
+    /// for one that ended, and believes the log covers every exit.
+    #[test]
+    fn a_vanished_primary_is_a_failure_never_a_finish() {
+        use std::io::Write;
+        let (link, s) = backup_paired();
+        assert!(matches!(link.finished(), Ok(false)));
+        drop(s);
+        let c = link
+            .state()
+            .wait_until(Duration::from_secs(5), |c| c.failure.is_some());
+        assert!(c.failure.is_some(), "{c:?}");
+        let end = Instant::now() + Duration::from_secs(5);
+        while !link.records.is_closed() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let err = link.finished().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Failed(LinkFailure::PeerClosed {
+                    peer: Role::Primary
+                })
+            ),
+            "{err:?}"
+        );
+
+        // One that says Bye has finished.
+        let (mut link, mut s) = backup_paired();
+        s.write_all(&control(&Message::Bye)).unwrap();
+        assert!(matches!(link.recv(), Ok(None)));
+        assert!(matches!(link.finished(), Ok(true)));
+    }
+
+    fn backup_fed(then: Option<Vec<u8>>) -> (Vec<u64>, Error) {
+        use std::io::Write;
+        let (mut link, mut s) = backup_paired();
         match then {
             Some(bytes) => s.write_all(&bytes).unwrap(),
             None => drop(s.shutdown(std::net::Shutdown::Write)),

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use logchannel::channel::BackupLink;
+use logchannel::channel::{self, BackupLink};
 use logchannel::{Event, Record};
 
 use super::arbiter::Arbiter;
@@ -193,6 +193,18 @@ impl StreamSource {
         }
     }
 
+    /// A receive that found nothing: if the primary said Bye, everything
+    /// is known; if the link failed instead, the failure.
+    fn finished_if_none(
+        &mut self,
+        received: Option<Record>,
+    ) -> Result<Option<Record>, channel::Error> {
+        if received.is_none() && self.link.finished()? {
+            self.known_exit = u64::MAX;
+        }
+        Ok(received)
+    }
+
     /// Moves whatever has arrived into the buffer, without blocking. A
     /// failed link is remembered, not reported: what arrived before the
     /// failure is still replayed first.
@@ -201,13 +213,8 @@ impl StreamSource {
             return;
         }
         loop {
-            match self.link.try_recv() {
+            match self.link.try_recv().and_then(|r| self.finished_if_none(r)) {
                 Ok(Some(rec)) => self.take(rec),
-                Ok(None) if self.link.is_finished() => {
-                    // The primary said goodbye: everything is known.
-                    self.known_exit = u64::MAX;
-                    return;
-                }
                 Ok(None) => return,
                 Err(e) => {
                     self.failed = Some(super::failure_of(&e, Role::Primary));
@@ -285,9 +292,13 @@ impl RecordSource for StreamSource {
                 return Err(Error::Interrupted);
             }
             let slice = if reported { stop::SLICE } else { REPORT_AFTER };
-            match self.link.recv_timeout(slice) {
+            match self
+                .link
+                .recv_timeout(slice)
+                .and_then(|r| self.finished_if_none(r))
+            {
                 Ok(Some(rec)) => self.take(rec),
-                Ok(None) if self.link.is_finished() => self.known_exit = u64::MAX,
+                Ok(None) if self.known_exit >= exit => {}
                 Ok(None) if !reported => {
                     self.report(exit - 1);
                     reported = true;
