@@ -1,6 +1,9 @@
 //! The log channel: a framed binary protocol over TCP between a primary and
 //! its backup, run on tokio in a thread of its own so that the vCPU thread
-//! only ever touches plain blocking handles.
+//! only ever touches plain blocking handles. The vCPU threads write the
+//! primary's batches and the backup's progress reports themselves, through
+//! a lock shared with the channel thread (see the `writer` module); the
+//! channel thread reads, and writes everything else.
 //!
 //! ```text
 //! message = len: u32 LE | word: u32 LE | body: `len` bytes
@@ -44,9 +47,8 @@
 //!
 //! Flow control follows the VMware FT paper: the backup acknowledges on
 //! receipt, but it reads from the socket only while its bounded queue of
-//! records has room. When it lags, TCP pushes back, the primary's bounded
-//! send queue fills, and the primary's vCPU blocks instead of growing
-//! memory. The primary also never has more than `max_unacked` records
+//! records has room. When it lags, TCP pushes back, the socket fills, and
+//! the primary's vCPU blocks in its write instead of growing memory. The primary also never has more than `max_unacked` records
 //! unacknowledged.
 //!
 //! Any failure (a bad checksum, a sequence gap, a silent peer, a closed
@@ -60,11 +62,10 @@
 //! from a failed handshake by the first bytes, and every connection's
 //! whole handshake is bounded by [`HANDSHAKE_TIMEOUT`].
 
-use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -79,6 +80,7 @@ use crate::log::{
     MAX_FRAME,
 };
 use crate::tls::{self, TlsIdentity};
+use crate::writer::SharedWriter;
 
 /// The reading half of a link's stream: a TCP socket's, or a TLS session's
 /// over one. Boxed so that the link's code is the same for both.
@@ -125,8 +127,9 @@ pub const PROTOCOL_VERSION: u16 = 5;
 /// The longest description a [`Message::Diverged`] carries; longer ones are
 /// cut (at a character boundary) by the sender and by the receiver.
 pub const MAX_DIVERGED_TEXT: usize = 1024;
-/// Once a batch on the wire holds this many bytes of record frames, the
-/// primary stops merging queued batches into it.
+/// Room a backup keeps in a batch message beyond one send's
+/// [`MAX_SEND`]: primaries before the vCPU thread wrote its own batches
+/// merged queued sends up to this many bytes.
 const MAX_BATCH: usize = 1 << 20;
 /// The most record-frame bytes one [`PrimaryLink::send`] may hand over: room
 /// for a record of [`MAX_FRAME`] and more.
@@ -892,7 +895,7 @@ pub(crate) async fn write_message(
 
 /// Writes `bytes` and flushes them: a TLS session buffers what it is
 /// given, and a message must leave when written (a no-op on a socket).
-async fn write_bytes(
+pub(crate) async fn write_bytes(
     w: &mut (impl AsyncWrite + Unpin),
     bytes: &[u8],
     peer: Role,
@@ -1474,11 +1477,14 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 
 /// A batch of record frames on its way to the channel thread, with its
 /// record count and whether it asks for its ack at once.
-type Frames = (Vec<u8>, u64, bool);
-
-/// The primary's end: a blocking handle for the vCPU thread.
+/// The primary's end: a blocking handle for the vCPU thread, which writes
+/// its batches to the socket itself (see the `writer` module); the channel
+/// thread reads acks and reports, and heartbeats.
 pub struct PrimaryLink {
-    batches: Option<mpsc::Sender<Frames>>,
+    writer: Arc<SharedWriter>,
+    /// Dropped (by [`PrimaryLink::close`]) once the last batch is written:
+    /// the channel thread then says Bye.
+    closing: Option<tokio::sync::oneshot::Sender<()>>,
     state: Arc<LinkState>,
     config: ChannelConfig,
     thread: Option<JoinHandle<()>>,
@@ -1542,8 +1548,9 @@ impl PrimaryLink {
             c.records = first_seq;
             c.acked = first_seq;
         });
-        let (tx, rx) = mpsc::channel(64);
-        let st = state.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let writer = SharedWriter::new(wr, Role::Backup);
+        let (st, wr) = (state.clone(), writer.clone());
         let thread = std::thread::Builder::new()
             .name("logchannel-primary".into())
             .spawn(move || {
@@ -1551,7 +1558,8 @@ impl PrimaryLink {
                 rt.block_on(primary_io(rd, wr, rx, st, config, offset))
             })?;
         Ok(PrimaryLink {
-            batches: Some(tx),
+            writer,
+            closing: Some(tx),
             state,
             config,
             thread: Some(thread),
@@ -1614,18 +1622,54 @@ impl PrimaryLink {
                 return Err(Error::Interrupted);
             }
         }
-        let tx = self
-            .batches
-            .as_ref()
-            .ok_or(Error::Failed(LinkFailure::Closed))?;
-        tx.blocking_send((frames, records, ack_now))
-            .map_err(|_| Error::Failed(self.state.failure().unwrap_or(LinkFailure::Closed)))
+        if let Some(why) = self.ended() {
+            return Err(Error::Failed(why));
+        }
+        let mut msg = Vec::with_capacity(FRAME_PREFIX + 1 + frames.len());
+        start_batch(&mut msg);
+        msg.extend_from_slice(&frames);
+        finish_batch(&mut msg, records as u32, ack_now);
+        match self.writer.write_blocking(&msg, || self.ended()) {
+            Ok(()) => {
+                self.state.batch_written(sent, Instant::now());
+                Ok(())
+            }
+            Err(why) => Err(Error::Failed(self.write_failed(why))),
+        }
+    }
+
+    /// Why no batch can be written any more, if none can: the link failed,
+    /// or it closed (at our end, or by the backup's Bye).
+    fn ended(&self) -> Option<LinkFailure> {
+        if self.closing.is_none() {
+            return Some(LinkFailure::Closed);
+        }
+        let c = self.state.snapshot();
+        c.failure.or(c.closed.then_some(LinkFailure::Closed))
+    }
+
+    /// A batch could not be written: the channel thread's reader decides
+    /// why if it can (a backup that diverged said so just before closing
+    /// its end, and that must win, since a verifying primary halts on it
+    /// instead of going on alone); otherwise the write's own failure.
+    fn write_failed(&self, why: LinkFailure) -> LinkFailure {
+        let c = self
+            .state
+            .wait_until(LAST_WORDS * 2, |c| c.failure.is_some() || c.closed);
+        match c.failure {
+            Some(f) => f,
+            None if c.closed => LinkFailure::Closed,
+            None => {
+                self.state.fail(why.clone());
+                self.state.failure().unwrap_or(why)
+            }
+        }
     }
 
     /// Sends Bye after the last batch and waits (up to `timeout`) until the
     /// backup has acknowledged everything, so that it can finish its replay.
     pub fn close(mut self, timeout: Duration) -> Result<(), Error> {
-        self.batches.take();
+        self.closing.take();
         let c = self.state.wait_until(timeout, |c| c.acked >= c.records);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -1643,8 +1687,8 @@ impl PrimaryLink {
 
 pub(crate) async fn primary_io(
     mut rd: Reader,
-    mut wr: Writer,
-    mut batches: mpsc::Receiver<Frames>,
+    wr: Arc<SharedWriter>,
+    mut closing: tokio::sync::oneshot::Receiver<()>,
     state: Arc<LinkState>,
     config: ChannelConfig,
     mut offset: u64,
@@ -1697,50 +1741,28 @@ pub(crate) async fn primary_io(
             }
         }
     };
-    let writer_state = state.clone();
     let writer = async move {
         let mut buf = Vec::new();
         let mut tick = tokio::time::interval(config.heartbeat);
-        let mut written = 0u64;
+        let mut send = |m: Message| {
+            let bytes = control_message(&m, &mut buf).map(|()| buf.clone());
+            let wr = &wr;
+            async move { wr.write(&bytes?).await }
+        };
+        // The vCPU thread writes the batches; until it is done, only
+        // heartbeats come from here.
         loop {
             tokio::select! {
-                batch = batches.recv() => {
-                    let Some((frames, mut count, mut ack_now)) = batch else { break };
-                    start_batch(&mut buf);
-                    buf.extend_from_slice(&frames);
-                    while buf.len() < MAX_BATCH {
-                        match batches.try_recv() {
-                            Ok((more, n, now)) => {
-                                buf.extend_from_slice(&more);
-                                count += n;
-                                ack_now |= now;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    finish_batch(&mut buf, count as u32, ack_now);
-                    write_bytes(&mut wr, &buf, PEER).await?;
-                    written += count;
-                    writer_state.batch_written(written, Instant::now());
-                    tick.reset();
-                }
-                _ = tick.tick() => {
-                    write_message(&mut wr, &Message::Heartbeat { replayed_exit: 0 }, &mut buf, PEER).await?;
-                }
+                _ = &mut closing => break,
+                _ = tick.tick() => send(Message::Heartbeat { replayed_exit: 0 }).await?,
             }
         }
-        write_message(&mut wr, &Message::Bye, &mut buf, PEER).await?;
+        send(Message::Bye).await?;
         // Keep heartbeating until the backup has acked everything and said
         // Bye, which ends the reader and so this whole task.
         loop {
             tick.tick().await;
-            write_message(
-                &mut wr,
-                &Message::Heartbeat { replayed_exit: 0 },
-                &mut buf,
-                PEER,
-            )
-            .await?;
+            send(Message::Heartbeat { replayed_exit: 0 }).await?;
         }
     };
     tokio::pin!(reader);
@@ -1774,6 +1796,80 @@ const LAST_WORDS: Duration = Duration::from_millis(200);
 /// was read (for [`LinkState::on_ack_sent`]).
 type Report = (Message, Option<Instant>);
 
+/// What the backup's two writers share: the channel thread (acks asked
+/// for, heartbeats, Bye, Diverged) and the vCPU thread, which writes its
+/// progress reports itself (see the `writer` module: a report handed to the
+/// channel thread was a wake-up, so a vCPU preempted, per report).
+pub(crate) struct BackupOut {
+    writer: Arc<SharedWriter>,
+    /// Records received and checked (the next sequence number), set by
+    /// the reader.
+    received: AtomicU64,
+    /// The next sequence number the primary was told we received; changed
+    /// only under the writer's lock.
+    acked: AtomicU64,
+    /// When a message was last written, in µs since `epoch`.
+    wrote_us: AtomicU64,
+    epoch: Instant,
+}
+
+impl BackupOut {
+    fn new(writer: Arc<SharedWriter>, first_seq: u64) -> Arc<Self> {
+        Arc::new(BackupOut {
+            writer,
+            received: AtomicU64::new(first_seq),
+            acked: AtomicU64::new(first_seq),
+            wrote_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// Encodes what `msg` becomes, given the records not acknowledged yet
+    /// (called under the writer's lock, so that acks only count up): a
+    /// report or heartbeat becomes their Ack (which says as much), and a
+    /// Bye goes behind one. `replayed_exit`: the position a Bye's Ack says.
+    fn encode(&self, mut msg: Message, replayed_exit: u64) -> Result<Vec<u8>, LinkFailure> {
+        let (through, acked) = (
+            self.received.load(Ordering::SeqCst),
+            self.acked.load(Ordering::SeqCst),
+        );
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        if through > acked {
+            let ack = |replayed_exit| Message::Ack {
+                received: through.checked_sub(1),
+                replayed_exit,
+            };
+            if let Message::Heartbeat { replayed_exit } = msg {
+                msg = ack(replayed_exit);
+            } else if msg == Message::Bye {
+                control_message(&ack(replayed_exit), &mut buf)?;
+                out.extend_from_slice(&buf);
+                self.acked.store(through, Ordering::SeqCst);
+            }
+        }
+        if let Message::Ack {
+            received: Some(r), ..
+        } = msg
+        {
+            self.acked.fetch_max(r + 1, Ordering::SeqCst);
+        }
+        control_message(&msg, &mut buf)?;
+        out.extend_from_slice(&buf);
+        Ok(out)
+    }
+
+    fn wrote(&self) {
+        let us = self.epoch.elapsed().as_micros() as u64;
+        self.wrote_us.store(us, Ordering::SeqCst);
+    }
+
+    fn since_write(&self) -> Duration {
+        let us = self.epoch.elapsed().as_micros() as u64;
+        Duration::from_micros(us.saturating_sub(self.wrote_us.load(Ordering::SeqCst)))
+    }
+}
+
 /// The backup's end: records arrive on a bounded queue; the vCPU thread
 /// takes them with [`BackupLink::recv`].
 pub struct BackupLink {
@@ -1783,6 +1879,7 @@ pub struct BackupLink {
     waiter: tokio::runtime::Runtime,
     state: Arc<LinkState>,
     reports: mpsc::Sender<Report>,
+    out: Arc<BackupOut>,
     peer: Hello,
     _thread: JoinHandle<()>,
 }
@@ -1872,18 +1969,20 @@ impl BackupLink {
         let (out_tx, out_rx) = mpsc::channel::<Report>(64);
         let st = state.clone();
         let reports = out_tx.clone();
+        let out = BackupOut::new(SharedWriter::new(wr, Role::Primary), first_seq);
+        let io_out = out.clone();
         let thread = std::thread::Builder::new()
             .name("logchannel-backup".into())
             .spawn(move || {
                 crate::sched::promote_current_thread();
                 rt.block_on(backup_io(
                     rd,
-                    wr,
+                    io_out,
                     tx,
                     (out_tx, out_rx),
                     st,
                     config,
-                    (offset, first_seq),
+                    offset,
                 ))
             })?;
         Ok(BackupLink {
@@ -1891,6 +1990,7 @@ impl BackupLink {
             waiter: runtime()?,
             state,
             reports,
+            out,
             peer,
             _thread: thread,
         })
@@ -1908,14 +2008,30 @@ impl BackupLink {
     /// Tells the primary at once how far this backup has executed (used
     /// when it catches up and is about to wait, so that lag is measured at
     /// that moment rather than at the next heartbeat).
+    ///
+    /// Written here, by the calling thread, not handed to the channel
+    /// thread (see [`BackupOut`]). A write that fails is not reported: the
+    /// channel thread's reader finds the link's failure.
     pub fn report_progress(&self, exit: u64) {
         self.state.set_replayed_exit(exit);
-        let _ = self.reports.try_send((
-            Message::Heartbeat {
-                replayed_exit: exit,
-            },
-            None,
-        ));
+        let msg = Message::Heartbeat {
+            replayed_exit: exit,
+        };
+        let out = &self.out;
+        let ended = || {
+            let c = self.state.snapshot();
+            c.failure.or(c.closed.then_some(LinkFailure::Closed))
+        };
+        if ended().is_some() {
+            return;
+        }
+        if out
+            .writer
+            .write_made_blocking(|| out.encode(msg, exit), ended)
+            .is_ok()
+        {
+            out.wrote();
+        }
     }
 
     /// Tells the primary that this backup's replay diverged at `exit`
@@ -2000,23 +2116,18 @@ impl BackupLink {
 
 pub(crate) async fn backup_io(
     mut rd: Reader,
-    mut wr: Writer,
+    out: Arc<BackupOut>,
     records: mpsc::Sender<Record>,
     (out_tx, mut out_rx): (mpsc::Sender<Report>, mpsc::Receiver<Report>),
     state: Arc<LinkState>,
     config: ChannelConfig,
-    (mut offset, first_seq): (u64, u64),
+    mut offset: u64,
 ) {
     const PEER: Role = Role::Primary;
-    // Records received and checked (the next sequence number), for the
-    // writer to acknowledge the batches not acknowledged at once; and when
-    // the writer last wrote. Reader and writer are futures of this one
-    // task, so plain cells do.
-    let (received, wrote_at) = (Cell::new(first_seq), Cell::new(Instant::now()));
-    let (received, wrote_at) = (&received, &wrote_at);
     let reader_state = state.clone();
+    let reader_out = out.clone();
     let reader = async move {
-        let mut next_seq = first_seq;
+        let mut next_seq = reader_out.received.load(Ordering::SeqCst);
         let mut decoded = Vec::new();
         loop {
             let msg = read_message(
@@ -2057,8 +2168,8 @@ pub(crate) async fn backup_io(
                         c.records += decoded.len() as u64;
                         c.record_bytes += batch.bytes();
                     });
-                    received.set(next_seq);
-                    if batch.ack_now || wrote_at.get().elapsed() >= config.ack_late {
+                    reader_out.received.store(next_seq, Ordering::SeqCst);
+                    if batch.ack_now || reader_out.since_write() >= config.ack_late {
                         let replayed_exit = reader_state.snapshot().replayed_exit;
                         let ack = Message::Ack {
                             received: next_seq.checked_sub(1),
@@ -2095,43 +2206,22 @@ pub(crate) async fn backup_io(
     };
     let writer_state = state.clone();
     let writer = async move {
-        let mut buf = Vec::new();
         // The first heartbeat one period from now, not at once: it would
         // acknowledge whatever batch came first, asked or not.
         let start = tokio::time::Instant::now() + config.heartbeat;
         let mut tick = tokio::time::interval_at(start, config.heartbeat);
-        // The next sequence number the primary was told we received.
-        let mut acked = first_seq;
         loop {
-            let (mut msg, read_at) = tokio::select! {
+            let (msg, read_at) = tokio::select! {
                 m = out_rx.recv() => match m { Some(m) => m, None => return Ok(()) },
                 _ = tick.tick() => (Message::Heartbeat { replayed_exit: writer_state.snapshot().replayed_exit }, None),
             };
-            // Records not acknowledged yet: a report or heartbeat becomes
-            // their Ack (which says as much), and a Bye waits behind one.
-            let through = received.get();
-            if through > acked {
-                let ack = |replayed_exit| Message::Ack {
-                    received: through.checked_sub(1),
-                    replayed_exit,
-                };
-                if let Message::Heartbeat { replayed_exit } = msg {
-                    msg = ack(replayed_exit);
-                } else if msg == Message::Bye {
-                    let last = ack(writer_state.snapshot().replayed_exit);
-                    write_message(&mut wr, &last, &mut buf, PEER).await?;
-                }
-            }
-            if let Message::Ack {
-                received: Some(r), ..
-            } = msg
-            {
-                acked = acked.max(r + 1);
-            }
             let bye = msg == Message::Bye;
             let diverged = matches!(msg, Message::Diverged { .. });
-            write_message(&mut wr, &msg, &mut buf, PEER).await?;
-            wrote_at.set(Instant::now());
+            let replayed_exit = writer_state.snapshot().replayed_exit;
+            out.writer
+                .write_made(|| out.encode(msg, replayed_exit))
+                .await?;
+            out.wrote();
             if diverged {
                 writer_state.told_diverged.store(true, Ordering::SeqCst);
                 // Wakes report_divergence, which waits on the counters.
@@ -2141,7 +2231,7 @@ pub(crate) async fn backup_io(
                 writer_state.ack_sent(at.elapsed());
             }
             if bye {
-                let _ = wr.shutdown().await;
+                out.writer.shutdown().await;
                 return Ok(());
             }
         }

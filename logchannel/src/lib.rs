@@ -9,12 +9,15 @@
 //!   channel and the arbiter share, and the issuing of certificates.
 //! - [`sched`]: real-time scheduling of the channel threads, which carry
 //!   liveness and acknowledgements.
+//! - `writer`: the link's writing half, shared between the channel thread
+//!   and the primary's vCPU thread, which writes its batches itself.
 
 pub mod channel;
 pub mod join;
 pub mod log;
 pub mod sched;
 pub mod tls;
+mod writer;
 
 pub use log::{
     decode_frame, decode_header_frame, decode_record_frame, encode_frame, frame_len, image_hash,
