@@ -437,3 +437,31 @@ fn echo_is_the_ticker_output_less_its_report_lines() {
     assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
     assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
 }
+
+/// A solo run stopped by SIGTERM ends at the guest's next exit, exits 0 and
+/// says where it ended, as `duet record` does: an operator (or a benchmark)
+/// can count the exits a run made without recording it.
+#[test]
+fn a_solo_run_stopped_by_sigterm_prints_its_final_state() {
+    if !kvm_available("a_solo_run_stopped_by_sigterm_prints_its_final_state") {
+        return;
+    }
+    let addr: SocketAddr = free_addr();
+    let mut run = launch(
+        duet()
+            .args(["run", "--image", "kv", "--serial"])
+            .arg(format!("tcp:{addr}")),
+        false,
+    );
+    wait_for_port(addr, Duration::from_secs(10));
+    run.terminate().unwrap();
+    let out = finish(run, Duration::from_secs(30));
+    assert_ok(&out, "duet run --image kv, stopped by SIGTERM");
+    let err = stderr(&out);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("duet: final state exits="))
+        .unwrap_or_else(|| panic!("no final state: {err}"));
+    let exits: u64 = field(line, "final state", "exits").parse().unwrap();
+    assert!(exits > 0, "{line}");
+}

@@ -122,11 +122,16 @@ pub fn load_image(spec: &str) -> anyhow::Result<Vec<u8>> {
 /// `duet run`: boots the image solo and returns the process exit code.
 pub fn run(opts: &RunOptions) -> anyhow::Result<u8> {
     let config = machine_config(opts)?;
+    // SIGINT/SIGTERM stop the guest at its next exit, so that the run
+    // still says where it ended (as `duet record` does); installed before
+    // the serial address opens, which is what a caller waits for.
+    stop::install()?;
     let world = open_world(opts)?;
     let mut vcpu = machine::build(&config, Box::new(Live::new(world)))
         .with_context(|| format!("cannot boot {:?}", opts.image))?;
     let outcome = vcpu.run()?;
     tracing::info!("stats: {:?}", vcpu.stats());
+    print_final_state(&vcpu.stats());
     Ok(report(&outcome))
 }
 
@@ -152,8 +157,8 @@ pub fn record(opts: &RecordOptions) -> anyhow::Result<u8> {
     );
     let writer = LogWriter::new(BufWriter::new(file), &header)
         .with_context(|| format!("cannot write log {}", opts.log.display()))?;
-    let world = open_world(&opts.run)?;
     stop::install()?;
+    let world = open_world(&opts.run)?;
     let every = (opts.digest_interval_ms > 0)
         .then(|| std::time::Duration::from_millis(opts.digest_interval_ms));
     let timeline = Record::new(world, FileSink::new(writer), every);
@@ -407,9 +412,9 @@ pub fn primary(opts: &PrimaryOptions) -> anyhow::Result<u8> {
         opts.backup
     );
     metrics.event(Event::Paired { epoch });
+    stop::install()?;
     let world = open_world(&opts.run)?;
     let outlet = world.outlet()?;
-    stop::install()?;
     let every =
         (opts.digest_interval_ms > 0).then(|| Duration::from_millis(opts.digest_interval_ms));
     let arbiter = opts.pair.arbiter(epoch, node, &tls);
