@@ -11,9 +11,11 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::str::FromStr;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SendError, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::thread;
 
 use crate::doorbell::Doorbell;
@@ -134,12 +136,145 @@ impl Pending {
     }
 }
 
+/// The clients of a TCP backend, shared by its writer thread and every
+/// [`SerialSender`], which may write to them at once.
+struct Clients {
+    list: Mutex<Vec<(u64, TcpStream)>>,
+    /// Chunks handed to the writer thread and not yet written: while there
+    /// are any, nobody writes at once (output leaves in order).
+    queued: AtomicUsize,
+}
+
+/// What became of a chunk written at once.
+enum Written {
+    /// All of it left (or it had nowhere to go, and was dropped as the
+    /// writer thread drops it).
+    Done,
+    /// The client's socket is full: the rest goes through the writer.
+    Rest(Chunk),
+}
+
+impl Clients {
+    /// Which client `conn` means: the newest for 0.
+    fn target(list: &[(u64, TcpStream)], conn: u64) -> Option<usize> {
+        match conn {
+            0 => list.len().checked_sub(1),
+            c => list.iter().position(|(id, _)| *id == c),
+        }
+    }
+
+    /// Writes what the client's socket takes now, without blocking.
+    fn write_now(list: &mut Vec<(u64, TcpStream)>, (conn, bytes): Chunk) -> Written {
+        let Some(i) = Self::target(list, conn) else {
+            return Written::Done;
+        };
+        let fd = list[i].1.as_raw_fd();
+        let mut off = 0;
+        while off < bytes.len() {
+            let rest = &bytes[off..];
+            // SAFETY: `fd` is the open socket of `list[i]`, which the lock
+            // keeps open, and `rest` is valid for `rest.len()` bytes.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                off += n as usize;
+                continue;
+            }
+            match std::io::Error::last_os_error().kind() {
+                std::io::ErrorKind::Interrupted => {}
+                std::io::ErrorKind::WouldBlock => {
+                    return Written::Rest((conn, bytes[off..].to_vec()));
+                }
+                _ => {
+                    // Gone: as the writer thread does, forget the client.
+                    list.remove(i);
+                    return Written::Done;
+                }
+            }
+        }
+        Written::Done
+    }
+}
+
+/// The sending end of COM1's output, for the vCPU thread and for whoever
+/// releases held output (the Output Rule's gate, from the log channel's
+/// thread). A TCP backend's chunk is written to its client at once when
+/// nothing is queued before it and the socket takes it: handing every
+/// reply to the writer thread was one more wake-up, and so on a busy
+/// two-core host one more preempted vCPU, on the path of every output.
+#[derive(Clone)]
+pub struct SerialSender {
+    queue: SyncSender<Chunk>,
+    direct: Option<Arc<Clients>>,
+}
+
+impl SerialSender {
+    fn queued(queue: SyncSender<Chunk>) -> Self {
+        SerialSender {
+            queue,
+            direct: None,
+        }
+    }
+
+    /// Writes `chunk` at once if it can, else hands it to the writer
+    /// thread; `hand` does that (blocking or not). On a hand-over that
+    /// fails, what is handed back is what was not written.
+    fn deliver<E>(
+        &self,
+        chunk: Chunk,
+        hand: impl FnOnce(&SyncSender<Chunk>, Chunk) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let Some(c) = &self.direct else {
+            return hand(&self.queue, chunk);
+        };
+        let chunk = match c.list.try_lock() {
+            Ok(mut list) if c.queued.load(Ordering::SeqCst) == 0 => {
+                match Clients::write_now(&mut list, chunk) {
+                    Written::Done => return Ok(()),
+                    // Counted while the lock is held, so that nobody
+                    // writes at once behind it.
+                    Written::Rest(rest) => {
+                        c.queued.fetch_add(1, Ordering::SeqCst);
+                        drop(list);
+                        return hand(&self.queue, rest).inspect_err(|_| {
+                            c.queued.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    }
+                }
+            }
+            // The writer thread is writing, or chunks wait for it.
+            Ok(_) | Err(TryLockError::WouldBlock) | Err(TryLockError::Poisoned(_)) => chunk,
+        };
+        c.queued.fetch_add(1, Ordering::SeqCst);
+        hand(&self.queue, chunk).inspect_err(|_| {
+            c.queued.fetch_sub(1, Ordering::SeqCst);
+        })
+    }
+
+    /// Blocks while the writer's queue is full (back-pressure).
+    pub fn send(&self, chunk: Chunk) -> Result<(), SendError<Chunk>> {
+        self.deliver(chunk, |q, c| q.send(c))
+    }
+
+    /// Never blocks: a full queue hands the chunk (what is left of it)
+    /// back.
+    pub fn try_send(&self, chunk: Chunk) -> Result<(), TrySendError<Chunk>> {
+        self.deliver(chunk, |q, c| q.try_send(c))
+    }
+}
+
 /// The host side of COM1 as the vCPU thread sees it: bounded channels to and
 /// from the backend's threads (bounded, so that a full receive FIFO pushes
 /// back on the client instead of dropping bytes), and the serial policy.
 pub struct SerialPort {
     input: Pending,
-    output: Option<SyncSender<Chunk>>,
+    output: Option<SerialSender>,
     /// The thread writing output to the world, joined by [`SerialPort::close`].
     writer: Option<thread::JoinHandle<()>>,
     /// The bound address of a TCP listener (so a caller can ask for port 0).
@@ -149,7 +284,7 @@ pub struct SerialPort {
 impl SerialPort {
     fn new(
         input: Receiver<Chunk>,
-        output: SyncSender<Chunk>,
+        output: SerialSender,
         writer: Option<thread::JoinHandle<()>>,
     ) -> Self {
         SerialPort {
@@ -177,7 +312,11 @@ impl SerialPort {
     pub fn detached() -> (SerialPort, SyncSender<Chunk>, Receiver<Chunk>) {
         let (in_tx, in_rx) = sync_channel(CHANNEL_DEPTH);
         let (out_tx, out_rx) = sync_channel(CHANNEL_DEPTH);
-        (SerialPort::new(in_rx, out_tx, None), in_tx, out_rx)
+        (
+            SerialPort::new(in_rx, SerialSender::queued(out_tx), None),
+            in_tx,
+            out_rx,
+        )
     }
 
     /// The next input for the guest, without blocking: up to `demand.room`
@@ -203,7 +342,7 @@ impl SerialPort {
 
     /// A sender for addressed output, for a thread that releases held
     /// output later (the Output Rule).
-    pub fn sender(&self) -> Option<SyncSender<Chunk>> {
+    pub fn sender(&self) -> Option<SerialSender> {
         self.output.clone()
     }
 
@@ -230,6 +369,7 @@ pub fn start(spec: &SerialSpec, bell: &Doorbell) -> Result<SerialPort, Error> {
     let (in_tx, in_rx) = sync_channel(CHANNEL_DEPTH);
     let (out_tx, out_rx) = sync_channel::<Chunk>(CHANNEL_DEPTH);
     let mut local_addr = None;
+    let mut direct = None;
     let writer = match spec {
         SerialSpec::Stdio => {
             let bell = bell.clone();
@@ -262,7 +402,9 @@ pub fn start(spec: &SerialSpec, bell: &Doorbell) -> Result<SerialPort, Error> {
             let bound = listener.local_addr().unwrap_or(*addr);
             local_addr = Some(bound);
             tracing::info!("serial: listening on {bound}");
-            serve_tcp(listener, in_tx, out_rx, bell.clone())?
+            let (writer, clients) = serve_tcp(listener, in_tx, out_rx, bell.clone())?;
+            direct = Some(clients);
+            writer
         }
         SerialSpec::None => {
             drop(in_tx);
@@ -275,7 +417,11 @@ pub fn start(spec: &SerialSpec, bell: &Doorbell) -> Result<SerialPort, Error> {
                 .map_err(Error::Spawn)?
         }
     };
-    let mut port = SerialPort::new(in_rx, out_tx, Some(writer));
+    let out = SerialSender {
+        queue: out_tx,
+        direct,
+    };
+    let mut port = SerialPort::new(in_rx, out, Some(writer));
     port.local_addr = local_addr;
     Ok(port)
 }
@@ -318,27 +464,31 @@ fn serve_tcp(
     in_tx: SyncSender<Chunk>,
     out_rx: Receiver<Chunk>,
     bell: Doorbell,
-) -> Result<thread::JoinHandle<()>, Error> {
-    let clients: Arc<Mutex<Vec<(u64, TcpStream)>>> = Arc::new(Mutex::new(Vec::new()));
-    let writer_clients = clients.clone();
+) -> Result<(thread::JoinHandle<()>, Arc<Clients>), Error> {
+    let shared = Arc::new(Clients {
+        list: Mutex::new(Vec::new()),
+        queued: AtomicUsize::new(0),
+    });
+    let writer_clients = shared.clone();
     let writer = thread::Builder::new()
         .name("serial-out".into())
         .spawn(move || {
             logchannel::sched::promote_io_thread();
+            let c = writer_clients;
             while let Ok((conn, bytes)) = out_rx.recv() {
-                let mut clients = writer_clients.lock().unwrap_or_else(|e| e.into_inner());
-                let target = match conn {
-                    0 => clients.len().checked_sub(1),
-                    c => clients.iter().position(|(id, _)| *id == c),
-                };
-                if let Some(i) = target {
+                let mut clients = c.list.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(i) = Clients::target(&clients, conn) {
                     if clients[i].1.write_all(&bytes).is_err() {
                         clients.remove(i);
                     }
                 }
+                // Written (or dropped) while the lock is held: a sender
+                // that sees no chunk queued may write at once after it.
+                c.queued.fetch_sub(1, Ordering::SeqCst);
             }
         })
         .map_err(Error::Spawn)?;
+    let clients = shared.clone();
     thread::Builder::new()
         .name("serial-accept".into())
         .spawn(move || {
@@ -352,7 +502,7 @@ fn serve_tcp(
                     continue;
                 };
                 {
-                    let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut clients = clients.list.lock().unwrap_or_else(|e| e.into_inner());
                     if clients.len() == RECENT_CLIENTS {
                         clients.remove(0);
                     }
@@ -366,7 +516,7 @@ fn serve_tcp(
             }
         })
         .map_err(Error::Spawn)?;
-    Ok(writer)
+    Ok((writer, shared))
 }
 
 #[cfg(test)]
@@ -499,5 +649,57 @@ mod tests {
         let mut buf = [0u8; 2];
         second.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"a2");
+    }
+
+    /// Chunks written at once and chunks the writer thread writes (the
+    /// client's socket was full, or chunks were queued) reach the client
+    /// whole and in order, and a sender that must not block never does.
+    #[test]
+    fn written_at_once_or_queued_output_arrives_in_order() {
+        let bell = Doorbell::new();
+        let any = "127.0.0.1:0".parse().unwrap();
+        let mut port = start(&SerialSpec::Tcp(any), &bell).unwrap();
+        let addr = port.local_addr().unwrap();
+        let out = port.sender().unwrap();
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.write_all(b"q").unwrap();
+        assert!(next(&mut port, &bell, true).is_some());
+        // 4 MiB in chunks of 1000 bytes, each chunk its own number's byte:
+        // far more than the socket buffers hold, so the client's reader,
+        // which starts late, forces every path.
+        let chunks: Vec<Vec<u8>> = (0..4200u32).map(|i| vec![(i % 251) as u8; 1000]).collect();
+        let expected: Vec<u8> = chunks.concat();
+        let reader = thread::spawn(move || {
+            thread::sleep(std::time::Duration::from_millis(200));
+            let mut got = vec![0u8; 4200 * 1000];
+            client.read_exact(&mut got).unwrap();
+            got
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        for (i, c) in chunks.into_iter().enumerate() {
+            let mut chunk = port.address(c);
+            if i % 3 == 0 {
+                out.send(chunk).unwrap();
+                continue;
+            }
+            // As the Output Rule's gate does: what comes back is kept and
+            // offered again, first in line.
+            loop {
+                let started = std::time::Instant::now();
+                let r = out.try_send(chunk);
+                assert!(started.elapsed() < std::time::Duration::from_secs(1));
+                match r {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(back)) => {
+                        chunk = back;
+                        assert!(std::time::Instant::now() < deadline);
+                        thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Err(TrySendError::Disconnected(_)) => panic!("writer gone"),
+                }
+            }
+        }
+        let got = reader.join().unwrap();
+        assert!(got == expected, "output reordered or lost");
     }
 }

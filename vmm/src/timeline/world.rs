@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{Demand, Error, Input, Output};
 use crate::doorbell::Doorbell;
-use crate::serial_backend::{Chunk, SerialPort};
+use crate::serial_backend::{Chunk, SerialPort, SerialSender};
 use crate::stop;
 use crate::tap_backend::NetPort;
 
@@ -99,7 +99,7 @@ enum Addressed {
 /// Where held outputs are released to, from any thread.
 #[derive(Clone)]
 pub struct Outlet {
-    serial: SyncSender<Chunk>,
+    serial: SerialSender,
     /// None when the world has no TAP: frames are lost, as on a NIC with
     /// no cable.
     net: Option<SyncSender<Vec<u8>>>,
