@@ -707,6 +707,13 @@ impl LinkState {
         });
     }
 
+    /// Why nothing more can be written, if nothing can: the link failed,
+    /// or it closed (a Bye).
+    fn ended(&self) -> Option<LinkFailure> {
+        let c = self.snapshot();
+        c.failure.or(c.closed.then_some(LinkFailure::Closed))
+    }
+
     /// A copy of the counters.
     pub fn snapshot(&self) -> LinkCounters {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -1644,8 +1651,7 @@ impl PrimaryLink {
         if self.closing.is_none() {
             return Some(LinkFailure::Closed);
         }
-        let c = self.state.snapshot();
-        c.failure.or(c.closed.then_some(LinkFailure::Closed))
+        self.state.ended()
     }
 
     /// A batch could not be written: the channel thread's reader decides
@@ -2018,16 +2024,12 @@ impl BackupLink {
             replayed_exit: exit,
         };
         let out = &self.out;
-        let ended = || {
-            let c = self.state.snapshot();
-            c.failure.or(c.closed.then_some(LinkFailure::Closed))
-        };
-        if ended().is_some() {
+        if self.state.ended().is_some() {
             return;
         }
         if out
             .writer
-            .write_made_blocking(|| out.encode(msg, exit), ended)
+            .write_made_blocking(|| out.encode(msg, exit), || self.state.ended())
             .is_ok()
         {
             out.wrote();
