@@ -1393,9 +1393,9 @@ const READ_BUFFER: usize = 64 * 1024;
 /// The default [`ChannelConfig::read_quiet`]. A busy guest's flushes
 /// (every millisecond) and the backup's reports then wake each channel
 /// thread about half as often. Longer made the primary's lag bound act on
-/// older reports, and wait on the backup more often (3 ms: about 0.2 s
-/// of throttling per FT `compute` run against 0.12 s). Figures in
-/// docs/ARCHITECTURE.md, under Replication, Channel.
+/// older reports, and wait on the backup more often. Measured with FT
+/// `compute` (see the closing figures in docs/ARCHITECTURE.md, "Reading
+/// the socket").
 const READ_QUIET: Duration = Duration::from_millis(2);
 
 /// The link's reading half, buffered (see [`READ_BUFFER`]).
