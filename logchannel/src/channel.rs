@@ -79,36 +79,12 @@ use crate::log::{
     self, decode_frame, decode_record_frame, encode_frame, frame_len, Record, FRAME_PREFIX,
     MAX_FRAME,
 };
-use crate::pace::ReadPace;
 use crate::tls::{self, TlsIdentity};
 use crate::writer::SharedWriter;
 
 /// The reading half of a link's stream: a TCP socket's, or a TLS session's
-/// over one. Boxed so that the link's code is the same for both; buffered
-/// (see [`READ_BUFFER`]), and with the socket's descriptor, which the
-/// reader's pace sets options on (see the `pace` module).
-pub(crate) struct Reader {
-    inner: tokio::io::BufReader<Box<dyn AsyncRead + Unpin + Send>>,
-    /// The TCP socket underneath; it lives as long as `inner` does.
-    fd: std::os::fd::RawFd,
-}
-
-impl Reader {
-    /// Nothing read from the stream waits in the buffer.
-    fn drained(&self) -> bool {
-        self.inner.buffer().is_empty()
-    }
-}
-
-impl AsyncRead for Reader {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
+/// over one. Boxed so that the link's code is the same for both.
+pub(crate) type Reader = Box<dyn AsyncRead + Unpin + Send>;
 /// The writing half; see [`Reader`].
 pub(crate) type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
@@ -636,10 +612,6 @@ pub struct ChannelConfig {
     /// another message (the flush when a guest idles just after its reply
     /// went out, say).
     pub ack_late: Duration,
-    /// How long a channel thread that woke to read leaves its socket
-    /// alone before it reads again, while nobody waits on what it reads
-    /// (see the `pace` module); zero reads every message as it arrives.
-    pub read_quiet: Duration,
 }
 
 impl Default for ChannelConfig {
@@ -650,7 +622,6 @@ impl Default for ChannelConfig {
             max_unacked: 200_000,
             backup_queue: 65_536,
             ack_late: Duration::from_micros(500),
-            read_quiet: READ_QUIET,
         }
     }
 }
@@ -679,8 +650,6 @@ pub struct LinkState {
     watch: Liveness,
     /// The backup's writer has written its [`Message::Diverged`].
     told_diverged: AtomicBool,
-    /// When the channel thread reads (see the `pace` module).
-    pace: ReadPace,
 }
 
 /// See [`LinkState::on_progress`].
@@ -777,10 +746,7 @@ impl LinkState {
     ) -> LinkCounters {
         let deadline = Instant::now() + timeout;
         let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        // Only a caller that blocks makes the channel thread read at once.
-        let mut _waiting = None;
         while !pred(&c) && c.failure.is_none() {
-            _waiting.get_or_insert_with(|| self.pace.waiting());
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -1390,29 +1356,15 @@ fn tls_alert(e: Error, peer: Role) -> Error {
 /// each time it wakes. Buffered, one read takes whatever has arrived.
 const READ_BUFFER: usize = 64 * 1024;
 
-/// The default [`ChannelConfig::read_quiet`]. A busy guest's flushes
-/// (every millisecond) and the backup's reports then wake each channel
-/// thread about half as often. Longer made the primary's lag bound act on
-/// older reports, and wait on the backup more often. Measured with FT
-/// `compute` (see the closing figures in docs/ARCHITECTURE.md, "Reading
-/// the socket").
-const READ_QUIET: Duration = Duration::from_millis(2);
-
 /// The link's reading half, buffered (see [`READ_BUFFER`]).
-fn buffered(r: impl AsyncRead + Unpin + Send + 'static, fd: std::os::fd::RawFd) -> Reader {
-    Reader {
-        inner: tokio::io::BufReader::with_capacity(READ_BUFFER, Box::new(r)),
-        fd,
-    }
+fn buffered(r: impl AsyncRead + Unpin + Send + 'static) -> Reader {
+    Box::new(tokio::io::BufReader::with_capacity(READ_BUFFER, r))
 }
 
-/// Splits a stream over the socket `fd` into the link's boxed halves.
-fn halves<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-    s: S,
-    fd: std::os::fd::RawFd,
-) -> (Reader, Writer) {
+/// Splits a stream into the link's boxed halves.
+fn halves<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(s: S) -> (Reader, Writer) {
     let (r, w) = tokio::io::split(s);
-    (buffered(r, fd), Box::new(w))
+    (buffered(r), Box::new(w))
 }
 
 /// A connected socket, made a link: TLS if `security` says so (the
@@ -1426,7 +1378,6 @@ pub(crate) async fn establish(
 ) -> Result<(Reader, Writer, u64, Hello), Error> {
     let peer = hello.role.peer();
     stream.set_nodelay(true)?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let backup = hello.role == Role::Backup;
     if backup {
         let tls = peer_opens_with_tls(&stream, peer).await?;
@@ -1457,7 +1408,7 @@ pub(crate) async fn establish(
     let (mut rd, mut wr) = match security {
         Security::Plaintext => {
             let (r, w) = stream.into_split();
-            (buffered(r, fd), Box::new(w) as Writer)
+            (buffered(r), Box::new(w) as Writer)
         }
         Security::Tls(id) => {
             let name = tls::vm_name(&hello.vm_id);
@@ -1468,7 +1419,6 @@ pub(crate) async fn establish(
                         .accept(stream)
                         .await
                         .map_err(|e| tls_failure(e, peer))?,
-                    fd,
                 )
             } else {
                 let connector = tokio_rustls::TlsConnector::from(id.client_config()?);
@@ -1477,7 +1427,6 @@ pub(crate) async fn establish(
                         .connect(tls::server_name(&name)?, stream)
                         .await
                         .map_err(|e| tls_failure(e, peer))?,
-                    fd,
                 )
             }
         }
@@ -1602,7 +1551,6 @@ impl PrimaryLink {
         first_seq: u64,
     ) -> Result<PrimaryLink, Error> {
         let state = Arc::new(LinkState::default());
-        state.pace.set_quiet(config.read_quiet);
         state.update(|c| {
             c.records = first_seq;
             c.acked = first_seq;
@@ -1684,9 +1632,6 @@ impl PrimaryLink {
         if let Some(why) = self.ended() {
             return Err(Error::Failed(why));
         }
-        if ack_now {
-            self.state.pace.asked();
-        }
         let mut msg = Vec::with_capacity(FRAME_PREFIX + 1 + frames.len());
         start_batch(&mut msg);
         msg.extend_from_slice(&frames);
@@ -1757,11 +1702,7 @@ pub(crate) async fn primary_io(
     const PEER: Role = Role::Backup;
     let reader_state = state.clone();
     let reader = async move {
-        let mut turn = None;
         loop {
-            if rd.drained() {
-                reader_state.pace.turn(&mut turn, rd.fd).await;
-            }
             let msg = read_message(
                 &mut rd,
                 &mut offset,
@@ -2030,7 +1971,6 @@ impl BackupLink {
         // The backup's counters count this link's records (they are its
         // metrics); only the sequence check starts at `first_seq`.
         let state = Arc::new(LinkState::default());
-        state.pace.set_quiet(config.read_quiet);
         let (tx, rx) = mpsc::channel(config.backup_queue);
         let (out_tx, out_rx) = mpsc::channel::<Report>(64);
         let st = state.clone();
@@ -2122,10 +2062,6 @@ impl BackupLink {
     /// every record that arrived intact before the failure was delivered
     /// first.
     pub fn recv(&mut self) -> Result<Option<Record>, Error> {
-        if let Ok(r) = self.records.try_recv() {
-            return Ok(Some(r));
-        }
-        let _waiting = self.state.pace.waiting();
         match self.records.blocking_recv() {
             Some(r) => Ok(Some(r)),
             None => self.end(),
@@ -2136,10 +2072,6 @@ impl BackupLink {
     /// means "nothing yet"; check [`BackupLink::finished`]. Lets the
     /// caller look at its stop flag while the primary is quiet.
     pub fn recv_timeout(&mut self, limit: Duration) -> Result<Option<Record>, Error> {
-        if let Ok(r) = self.records.try_recv() {
-            return Ok(Some(r));
-        }
-        let _waiting = self.state.pace.waiting();
         let next = self
             .waiter
             .block_on(async { tokio::time::timeout(limit, self.records.recv()).await });
@@ -2199,11 +2131,7 @@ pub(crate) async fn backup_io(
     let reader = async move {
         let mut next_seq = reader_out.received.load(Ordering::SeqCst);
         let mut decoded = Vec::new();
-        let mut turn = None;
         loop {
-            if rd.drained() {
-                reader_state.pace.turn(&mut turn, rd.fd).await;
-            }
             let msg = read_message(
                 &mut rd,
                 &mut offset,
@@ -2215,9 +2143,6 @@ pub(crate) async fn backup_io(
             let msg = match msg {
                 Incoming::Batch(mut batch) => {
                     let read_at = Instant::now();
-                    if batch.ack_now {
-                        reader_state.pace.asked();
-                    }
                     // Every record is checked before any is acknowledged;
                     // then the ack goes out at once, before the records
                     // join the replay queue: they are received (in this

@@ -9,15 +9,12 @@
 //!   channel and the arbiter share, and the issuing of certificates.
 //! - [`sched`]: real-time scheduling of the channel threads, which carry
 //!   liveness and acknowledgements.
-//! - `pace`: when a channel thread reads, so that reports nobody waits
-//!   on do not each preempt a vCPU.
 //! - `writer`: the link's writing half, shared between the channel thread
 //!   and the primary's vCPU thread, which writes its batches itself.
 
 pub mod channel;
 pub mod join;
 pub mod log;
-mod pace;
 pub mod sched;
 pub mod tls;
 mod writer;

@@ -46,18 +46,6 @@ const PROGRESS_PERIOD: Duration = Duration::from_micros(500);
 /// reports its progress in a message of its own (see
 /// [`StreamSource::wait_horizon`]); about one timer tick here.
 const REPORT_AFTER: Duration = Duration::from_millis(1);
-/// A backup that caught up with the primary, once the horizon it waited
-/// for arrives, still waits for the next one, or this long, before it
-/// replays on. Caught up, it stopped at every flush (every millisecond
-/// of a busy guest) to wait for the next: each wait is a context switch
-/// away from the guest, which costs it about 90 µs on this platform, so
-/// the backup replayed a few percent slower than the primary ran and the
-/// lag bound made the primary wait for it. A flush behind, the next
-/// horizon is there when it gets to the last one, and replay runs on.
-/// It costs about one flush of execution lag; outputs do not wait on
-/// replay (acks say receipt), except verified ones, for which it does
-/// not wait.
-const GATHER: Duration = Duration::from_millis(2);
 /// Most horizons [`StreamSource::horizons`] keeps: with one per flush
 /// (every millisecond or so), far more than a backup within the lag bound
 /// is ever behind by.
@@ -127,16 +115,6 @@ impl StreamSource {
             verified: false,
             horizons: VecDeque::new(),
         }
-    }
-
-    /// The primary verifies outputs (the log has output checks): its held
-    /// outputs wait on this replay, which then never gathers.
-    fn verifies(&self) -> bool {
-        self.verified
-            || self
-                .buffered
-                .iter()
-                .any(|r| matches!(r.event, Event::OutputCheck { .. }))
     }
 
     /// For a backup that joined a running VM: the log starts at record
@@ -306,30 +284,14 @@ impl RecordSource for StreamSource {
         if urgent {
             self.report(exit - 1);
         }
-        // Once the horizon comes, replay waits for the next one too (see
-        // GATHER): from when it came, and up to where it was.
-        let mut gathering: Option<(Instant, u64)> = None;
-        loop {
-            if self.known_exit >= exit {
-                if urgent || self.verifies() || self.failed.is_some() {
-                    break;
-                }
-                let (since, first) = *gathering.get_or_insert((Instant::now(), self.known_exit));
-                if self.known_exit > first || since.elapsed() >= GATHER {
-                    break;
-                }
-            }
+        while self.known_exit < exit {
             if let Some(failure) = &self.failed {
                 return Ok(Horizon::PeerLost(failure.clone()));
             }
             if stop::requested() {
                 return Err(Error::Interrupted);
             }
-            let slice = match gathering {
-                Some((since, _)) => GATHER.saturating_sub(since.elapsed()),
-                None if reported => stop::SLICE,
-                None => REPORT_AFTER,
-            };
+            let slice = if reported { stop::SLICE } else { REPORT_AFTER };
             match self
                 .link
                 .recv_timeout(slice)
