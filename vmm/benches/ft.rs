@@ -15,6 +15,8 @@
 //!  "solo_compute_guest_s":..,"ft_compute_guest_s":..,"compute_guest_ratio":..,
 //!  "ft_compute_digest50_wall_s":..,"compute_digest50_wall_ratio":..,  (also guest)
 //!  "record_compute_wall_s":..,"compute_record_wall_ratio":..,  (also guest)
+//!  "woken_compute_guest_s":..,"woken_compute_guest_ratio":..,
+//!  "wakeups_per_cpu_s":..,"preemption_cost_us":..,
 //!  "ft_compute_unbounded_wall_s":..,"compute_unbounded_wall_ratio":..,  (also guest)
 //!  "compute_unbounded_throttle_ms":..,"compute_unbounded_lag_p99_ms":..,
 //!  "kv_lag_p50_ms":..,"kv_lag_p99_ms":..,"compute_lag_p50_ms":..,..,"idle_lag_p99_ms":..,
@@ -47,6 +49,13 @@
 //!   `compute_unbounded_*_ratio` is what pairing costs without the
 //!   primary ever waiting, and the rest of `compute_*_ratio` the bound's
 //!   price (its waits plus their side effects);
+//! - `woken_compute_*`: `compute` solo beside one thread per CPU, pinned
+//!   there, that wakes every millisecond (`wakeups_per_cpu_s`) to do
+//!   nothing; `preemption_cost_us` is the guest time lost per wake-up on
+//!   the vCPU's CPU. A pair on one host exchanges messages while both
+//!   guests run, and each wake-up they cause preempts one of them: this
+//!   is what each costs, and so what no change to Duet's own work can
+//!   win back;
 //! - `*_lag_*_ms`: the primary's execution lag percentiles (how far the
 //!   backup runs behind), scraped from `--metrics` at the end of each FT
 //!   workload: kv after redis-benchmark and the PINGs, compute just before
@@ -453,6 +462,72 @@ fn record_compute() -> anyhow::Result<(f64, f64)> {
     Ok((wall, compute_guest_s(&stdout(&o))?))
 }
 
+/// How often each [`Wakers`] thread wakes.
+const WAKE_EVERY: Duration = Duration::from_millis(1);
+
+/// One thread per CPU, pinned there, that wakes every [`WAKE_EVERY`] to
+/// do almost nothing: run beside a solo guest, what the guest loses is
+/// what a wake-up that preempts a vCPU costs on this host, the price of
+/// every message a pair on one host exchanges while both guests run.
+struct Wakers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+    started: Instant,
+}
+
+impl Wakers {
+    fn start() -> Wakers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = (0..cpus)
+            .map(|cpu| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    // SAFETY: a zeroed cpu_set_t is a valid empty set;
+                    // CPU_SET and sched_setaffinity(0) act on this thread.
+                    unsafe {
+                        let mut set: libc::cpu_set_t = std::mem::zeroed();
+                        libc::CPU_SET(cpu, &mut set);
+                        libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+                    }
+                    let mut wakes = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(WAKE_EVERY);
+                        wakes += 1;
+                    }
+                    wakes
+                })
+            })
+            .collect();
+        Wakers {
+            stop,
+            threads,
+            started: Instant::now(),
+        }
+    }
+
+    /// Stops them; wake-ups per CPU per second.
+    fn stop(self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let secs = self.started.elapsed().as_secs_f64();
+        let n = self.threads.len() as f64;
+        let wakes: u64 = self
+            .threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or(0))
+            .sum();
+        wakes as f64 / n / secs
+    }
+}
+
+/// `compute` solo beside [`Wakers`]: (guest s, wake-ups per CPU per s).
+fn woken_compute() -> anyhow::Result<(f64, f64)> {
+    let wakers = Wakers::start();
+    let run = solo_compute();
+    let rate = wakers.stop();
+    Ok((run?.1, rate))
+}
+
 /// What one FT `compute` run measured.
 struct FtCompute {
     wall_s: f64,
@@ -585,6 +660,12 @@ fn main() -> anyhow::Result<()> {
         let (wall, guest) = solo_compute()?;
         s.add("solo_compute_wall_s", wall);
         s.add("solo_compute_guest_s", guest);
+        eprintln!("ft bench: round {round}/{ROUNDS}: solo compute beside a waking thread per CPU");
+        let (woken, rate) = woken_compute()?;
+        s.add("woken_compute_guest_s", woken);
+        s.add("wakeups_per_cpu_s", rate);
+        // Each wake-up on the vCPU's CPU preempts it.
+        s.add("preemption_cost_us", (woken - guest) / (rate * woken) * 1e6);
         eprintln!("ft bench: round {round}/{ROUNDS}: FT compute");
         let c = ft_compute(&[])?;
         s.add("ft_compute_wall_s", c.wall_s);
@@ -663,7 +744,15 @@ fn main() -> anyhow::Result<()> {
         pairs.push((format!("ft_compute_unbounded_{what}_s"), free));
         pairs.push((format!("compute_unbounded_{what}_ratio"), free / solo));
     }
+    let woken = m("woken_compute_guest_s");
+    pairs.push(("woken_compute_guest_s".into(), woken));
+    pairs.push((
+        "woken_compute_guest_ratio".into(),
+        woken / m("solo_compute_guest_s"),
+    ));
     for k in [
+        "wakeups_per_cpu_s",
+        "preemption_cost_us",
         "kv_lag_p50_ms",
         "kv_lag_p99_ms",
         "compute_lag_p50_ms",
