@@ -108,10 +108,17 @@ pub fn pin_vcpu_thread() -> io::Result<()> {
     let Some(cpu) = vcpu_cpu() else {
         return Ok(());
     };
+    pin_current_thread(cpu)
+}
+
+/// Pins the calling thread to `cpu` alone.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     // SAFETY: an all-zero cpu_set_t is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes within the set: dedicate_cpu only accepted a
-    // CPU below CPU_SETSIZE.
+    // SAFETY: CPU_SET writes within the set: `cpu` is below CPU_SETSIZE.
     unsafe { libc::CPU_SET(cpu, &mut set) };
     set_affinity(&set)
 }

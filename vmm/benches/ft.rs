@@ -483,13 +483,7 @@ impl Wakers {
             .map(|cpu| {
                 let stop = stop.clone();
                 std::thread::spawn(move || {
-                    // SAFETY: a zeroed cpu_set_t is a valid empty set;
-                    // CPU_SET and sched_setaffinity(0) act on this thread.
-                    unsafe {
-                        let mut set: libc::cpu_set_t = std::mem::zeroed();
-                        libc::CPU_SET(cpu, &mut set);
-                        libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
-                    }
+                    let _ = logchannel::sched::pin_current_thread(cpu);
                     let mut wakes = 0u64;
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(WAKE_EVERY);
